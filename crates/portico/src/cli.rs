@@ -1,0 +1,250 @@
+//! The command line: one `Args` struct per subcommand. Values are parsed to
+//! their types here (durations, addresses); cross-field checks live in
+//! `config`.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portico",
+    version,
+    about = "A dynamic HTTP ingress that finds its backends in a service registry (the Tower)"
+)]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a tracing filter;
+    /// RUST_LOG wins when set.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the reverse proxy, finding backends in a Tower.
+    Ingress(IngressArgs),
+    /// Run the registry daemon (UDP).
+    Tower(TowerArgs),
+    /// Run a Tower and an ingress in one process: the zero-setup default.
+    Up(UpArgs),
+    /// Keep one registration alive, optionally while a command runs.
+    Register(RegisterArgs),
+    /// Show what a Tower has registered.
+    Services(ServicesArgs),
+}
+
+/// Options every ingress has, whether it stands alone or runs in `up`.
+#[derive(Debug, Args, Clone)]
+pub struct ProxyArgs {
+    /// Where to accept client connections: a port, or ADDR:PORT.
+    #[arg(long, default_value = "0.0.0.0:80")]
+    pub listen: String,
+
+    /// Route PREFIX:SERVICE or HOST/PREFIX:SERVICE; repeatable. Longest prefix
+    /// wins, matching on path segment boundaries.
+    #[arg(long = "route", value_name = "[HOST]PREFIX:SERVICE", required = true)]
+    pub routes: Vec<String>,
+
+    /// Most client connections served at once; past it a client gets
+    /// `503 At capacity.` (the seed's --workers).
+    #[arg(long = "max-connections", visible_alias = "workers", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Attempts per request on different replicas when connecting fails.
+    #[arg(long, default_value_t = 3)]
+    pub attempts: u32,
+
+    /// Time allowed to connect to a backend.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+
+    /// Time allowed for a client to send a request's headers.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub header_timeout: Duration,
+
+    /// A client connection with no traffic for this long is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub idle_timeout: Duration,
+
+    /// Time allowed for a backend to start its response (answered with 504).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub backend_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
+
+    /// Largest request head (request line and headers) in bytes; past it
+    /// the client gets 431 (or 414 for the request line).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Most request headers; past it the client gets 431.
+    #[arg(long, default_value_t = 100)]
+    pub max_headers: usize,
+
+    /// Idle keep-alive connections kept per backend replica.
+    #[arg(long, default_value_t = 256)]
+    pub pool_max_idle: usize,
+
+    /// An idle pooled backend connection is closed after this long.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub pool_idle_timeout: Duration,
+
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct IngressArgs {
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+
+    /// The Tower: HOST or HOST:PORT (port 7772 when left out).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub tower: String,
+
+    /// How long to wait for the Tower's answer to a LOOKUP before asking again.
+    #[arg(long, value_parser = parse_duration, default_value = "250ms")]
+    pub tower_timeout: Duration,
+}
+
+/// Options of the registry daemon, alone or in `up`.
+#[derive(Debug, Args, Clone)]
+pub struct RegistryArgs {
+    /// Registration lifetime after the last REGISTER.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub ttl: Duration,
+
+    /// Most replicas in total; past it REGISTER gets `ERR|registry full`.
+    #[arg(long, default_value_t = 65_536)]
+    pub max_entries: usize,
+
+    /// Most replicas under one name.
+    #[arg(long, default_value_t = 1024)]
+    pub max_per_name: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TowerArgs {
+    /// UDP address to serve the Tower protocol on: a port, or ADDR:PORT.
+    #[arg(long, default_value = "0.0.0.0:7772")]
+    pub listen: String,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+
+    /// UDP address of the embedded Tower.
+    #[arg(long, default_value = "0.0.0.0:7772")]
+    pub tower_listen: String,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Service name to register under.
+    #[arg(long)]
+    pub name: String,
+
+    /// Port the replica listens on.
+    #[arg(long)]
+    pub port: u16,
+
+    /// Address the replica is reached at.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub ip: String,
+
+    /// The Tower: HOST or HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub tower: String,
+
+    /// The Tower's TTL; heartbeats go out every third of it.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub ttl: Duration,
+
+    /// With a command: how long to wait for it to accept connections on
+    /// --port before registering anyway.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub ready_timeout: Duration,
+
+    /// Command to run; registered while it lives, its exit status is ours.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    /// The Tower: HOST or HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub tower: String,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Only this service (LOOKUP-free: filters the LIST).
+    pub name: Option<String>,
+}
+
+/// `30s`, `250ms`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 30s, 250ms, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_seed_command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "portico",
+            "ingress",
+            "--listen",
+            "9090",
+            "--tower",
+            "127.0.0.1",
+            "--route",
+            "/api:api-service",
+            "--route",
+            "/:frontend",
+            "--workers",
+            "64",
+        ])
+        .unwrap();
+        let Command::Ingress(a) = cli.command else {
+            panic!("not ingress")
+        };
+        assert_eq!(a.proxy.routes, ["/api:api-service", "/:frontend"]);
+        assert_eq!(a.proxy.max_connections, 64);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,53 @@
+//! `portico ingress`: the reverse proxy against a Tower reached over UDP.
+
+use std::sync::Arc;
+
+use portico_wire::{Reply, Request};
+use tokio::sync::watch;
+
+use crate::cli::IngressArgs;
+use crate::config::{resolve_tower, ProxyConfig, StartupError};
+use crate::discovery::{Discovery, Source};
+use crate::ingress::{self, handler::Proxy, upstream::Pool};
+use crate::registry::client::TowerClient;
+
+pub async fn run(args: IngressArgs, shutdown: watch::Receiver<bool>) -> Result<(), StartupError> {
+    let config = ProxyConfig::from_args(&args.proxy)?;
+    let tower = resolve_tower(&args.tower)?;
+    let client = TowerClient::new(tower, args.tower_timeout, 2);
+    // The Tower may start after us, so silence is a warning, not an error.
+    match client.call(&Request::Ping).await {
+        Ok(Reply::Pong) => tracing::info!("tower at {tower} answers"),
+        Ok(other) => tracing::warn!("tower at {tower} answered PING with {other:?}"),
+        Err(e) => tracing::warn!("{e}; requests get 503 until it answers"),
+    }
+    serve(config, Discovery::new(Source::Lookup(client)), shutdown).await
+}
+
+/// Bind, then proxy until shutdown (shared with `portico up`).
+pub async fn serve(
+    config: ProxyConfig,
+    discovery: Arc<Discovery>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StartupError> {
+    let listener = ingress::bind(config.listen).map_err(|source| StartupError::Bind {
+        what: "HTTP",
+        addr: config.listen,
+        source,
+    })?;
+    let local = listener.local_addr().unwrap_or(config.listen);
+    for route in config.routes.routes() {
+        tracing::info!("route {route}");
+    }
+    tracing::info!("ingress listening on {local}");
+    let proxy = Arc::new(Proxy {
+        routes: config.routes,
+        discovery,
+        pool: Pool::new(config.pool),
+        attempts: config.attempts,
+        backend_timeout: config.backend_timeout,
+        max_uri_bytes: config.max_uri_bytes,
+    });
+    ingress::serve(listener, proxy, config.serve, shutdown).await;
+    Ok(())
+}

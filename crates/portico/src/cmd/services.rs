@@ -1,0 +1,57 @@
+//! `portico services`: what a Tower has registered, as a table or JSON.
+
+use portico_wire::{Reply, Request};
+use serde::Serialize;
+
+use crate::cli::ServicesArgs;
+use crate::config::{resolve_tower, StartupError};
+use crate::registry::client::TowerClient;
+
+#[derive(Serialize)]
+struct Row {
+    name: String,
+    ip: String,
+    port: u16,
+    ttl_left_secs: u64,
+}
+
+pub async fn run(a: ServicesArgs) -> Result<(), StartupError> {
+    let tower = resolve_tower(&a.tower)?;
+    let client = TowerClient::new(tower, std::time::Duration::from_secs(1), 3);
+    let entries = match client.call(&Request::List).await? {
+        Reply::List(entries) => entries,
+        Reply::Error(e) => return Err(StartupError::TowerRefused(e)),
+        other => {
+            return Err(StartupError::TowerRefused(portico_wire::ErrorReply::Other(format!(
+                "unexpected reply {other:?}"
+            ))))
+        }
+    };
+    let entries: Vec<_> = entries
+        .into_iter()
+        .filter(|e| a.name.as_deref().is_none_or(|n| e.name.as_str() == n))
+        .collect();
+    if a.json {
+        let rows: Vec<Row> = entries
+            .iter()
+            .map(|e| Row {
+                name: e.name.to_string(),
+                ip: e.addr.ip().to_string(),
+                port: e.addr.port(),
+                ttl_left_secs: e.ttl_left_secs,
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into());
+        println!("{text}");
+        return Ok(());
+    }
+    let width = entries.iter().map(|e| e.name.as_str().len()).max().unwrap_or(0).max(7);
+    println!("{:<width$}  {:<40}  TTL", "SERVICE", "ENDPOINT");
+    for e in &entries {
+        println!("{:<width$}  {:<40}  {}s", e.name.as_str(), e.addr.to_string(), e.ttl_left_secs);
+    }
+    if entries.is_empty() {
+        println!("(no live registrations)");
+    }
+    Ok(())
+}

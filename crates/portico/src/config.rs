@@ -1,0 +1,227 @@
+//! Command-line values -> validated, typed settings. Every check that spans
+//! more than one flag, or needs the system (name resolution), is here.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::cli::{ProxyArgs, RegistryArgs};
+use crate::ingress::conn::ConnTimeouts;
+use crate::ingress::route::{RouteError, RouteTable};
+use crate::ingress::upstream::PoolSettings;
+use crate::ingress::ServeSettings;
+use crate::registry::Limits;
+
+pub const TOWER_PORT: u16 = 7772;
+
+/// Everything that stops Portico from starting, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid {flag} {value:?}: {why}")]
+    Flag {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("cannot resolve the Tower address {0:?}; give HOST or HOST:PORT, e.g. 127.0.0.1 or tower.local:7772")]
+    TowerAddress(String, #[source] io::Error),
+    #[error("{}", bind_advice(.what, .addr, .source))]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] io::Error),
+    #[error("cannot run {command:?}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tower(#[from] crate::registry::client::TowerError),
+    #[error("the Tower refused: {0}")]
+    TowerRefused(portico_wire::ErrorReply),
+}
+
+fn bind_advice(what: &str, addr: &SocketAddr, e: &io::Error) -> String {
+    let advice = match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            "another process is listening there; stop it or choose another address".to_owned()
+        }
+        io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE; run with that, or listen on e.g. {}",
+            SocketAddr::new(addr.ip(), 9090)
+        ),
+        io::ErrorKind::AddrNotAvailable => {
+            "that address is not on this machine; use 0.0.0.0 or one of its own".to_owned()
+        }
+        _ => "check the address".to_owned(),
+    };
+    format!("cannot listen for {what} on {addr}: {e} ({advice})")
+}
+
+/// `--listen` takes a port (all IPv4 interfaces) or ADDR:PORT.
+pub fn parse_listen(flag: &'static str, value: &str) -> Result<SocketAddr, StartupError> {
+    if let Ok(port) = value.parse::<u16>() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    value.parse().map_err(|_| StartupError::Flag {
+        flag,
+        value: value.to_owned(),
+        why: "expected a port (9090) or ADDR:PORT (127.0.0.1:9090, [::]:9090)".into(),
+    })
+}
+
+/// `--tower` takes HOST or HOST:PORT, the port being 7772 when left out.
+pub fn resolve_tower(value: &str) -> Result<SocketAddr, StartupError> {
+    // A bare address, IPv6 included ("::1").
+    if let Ok(ip) = value.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, TOWER_PORT));
+    }
+    let has_port = value
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+    let with_port = if has_port {
+        value.to_owned()
+    } else {
+        format!("{value}:{TOWER_PORT}")
+    };
+    let mut addrs = with_port
+        .to_socket_addrs()
+        .map_err(|e| StartupError::TowerAddress(value.to_owned(), e))?;
+    addrs.next().ok_or_else(|| {
+        StartupError::TowerAddress(value.to_owned(), io::Error::other("no address found"))
+    })
+}
+
+/// The validated form of an ingress's flags.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub routes: RouteTable,
+    pub serve: ServeSettings,
+    pub pool: PoolSettings,
+    pub attempts: u32,
+    pub backend_timeout: Duration,
+    pub max_uri_bytes: usize,
+}
+
+impl ProxyConfig {
+    pub fn from_args(a: &ProxyArgs) -> Result<Self, StartupError> {
+        let listen = parse_listen("--listen", &a.listen)?;
+        let routes = RouteTable::parse(&a.routes)?;
+        let positive = |flag: &'static str, v: usize| {
+            if v == 0 {
+                Err(StartupError::Flag {
+                    flag,
+                    value: "0".into(),
+                    why: "must be at least 1".into(),
+                })
+            } else {
+                Ok(v)
+            }
+        };
+        positive("--max-connections", a.max_connections)?;
+        positive("--attempts", a.attempts as usize)?;
+        positive("--max-headers", a.max_headers)?;
+        if a.max_header_bytes < 1024 {
+            return Err(StartupError::Flag {
+                flag: "--max-header-bytes",
+                value: a.max_header_bytes.to_string(),
+                why: "must be at least 1024".into(),
+            });
+        }
+        for (flag, d) in [
+            ("--connect-timeout", a.connect_timeout),
+            ("--header-timeout", a.header_timeout),
+            ("--idle-timeout", a.idle_timeout),
+            ("--backend-timeout", a.backend_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(StartupError::Flag {
+                    flag,
+                    value: "0".into(),
+                    why: "a timeout must be longer than zero".into(),
+                });
+            }
+        }
+        Ok(Self {
+            listen,
+            routes,
+            serve: ServeSettings {
+                max_connections: a.max_connections,
+                timeouts: ConnTimeouts {
+                    header: a.header_timeout,
+                    idle: a.idle_timeout,
+                    backend: a.backend_timeout,
+                },
+                drain_timeout: a.drain_timeout,
+                max_header_bytes: a.max_header_bytes,
+                max_headers: a.max_headers,
+            },
+            pool: PoolSettings {
+                connect_timeout: a.connect_timeout,
+                max_idle_per_backend: a.pool_max_idle,
+                idle_timeout: a.pool_idle_timeout,
+            },
+            attempts: a.attempts,
+            backend_timeout: a.backend_timeout,
+            // The request line must fit in the head, and a little headroom.
+            max_uri_bytes: a.max_header_bytes.min(16 * 1024),
+        })
+    }
+}
+
+pub fn registry_limits(a: &RegistryArgs) -> Result<Limits, StartupError> {
+    if a.ttl < Duration::from_millis(100) {
+        return Err(StartupError::Flag {
+            flag: "--ttl",
+            value: format!("{:?}", a.ttl),
+            why: "must be at least 100ms".into(),
+        });
+    }
+    Ok(Limits {
+        ttl: a.ttl,
+        max_per_name: a.max_per_name.max(1),
+        max_total: a.max_entries.max(1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(parse_listen("--listen", "9090").unwrap(), "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(parse_listen("--listen", "127.0.0.1:0").unwrap(), "127.0.0.1:0".parse().unwrap());
+        assert_eq!(parse_listen("--listen", "[::1]:80").unwrap(), "[::1]:80".parse().unwrap());
+        assert!(parse_listen("--listen", "nine").is_err());
+    }
+
+    #[test]
+    fn tower_forms() {
+        assert_eq!(resolve_tower("127.0.0.1").unwrap(), "127.0.0.1:7772".parse().unwrap());
+        assert_eq!(resolve_tower("127.0.0.1:9").unwrap(), "127.0.0.1:9".parse().unwrap());
+        assert_eq!(resolve_tower("::1").unwrap(), "[::1]:7772".parse().unwrap());
+        assert_eq!(resolve_tower("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
+        assert_eq!(resolve_tower("localhost:9").unwrap().port(), 9);
+        assert!(resolve_tower("no such host.invalid").is_err());
+    }
+
+    #[test]
+    fn bind_errors_say_what_to_do() {
+        let e = StartupError::Bind {
+            what: "HTTP",
+            addr: "0.0.0.0:80".parse().unwrap(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        };
+        assert!(e.to_string().contains("CAP_NET_BIND_SERVICE"), "{e}");
+    }
+}

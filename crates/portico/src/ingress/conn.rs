@@ -1,0 +1,234 @@
+//! One client connection: HTTP/1.1 or h2c (prior knowledge) on the same
+//! port, and a watchdog for the timeouts hyper does not express the way we
+//! need them. hyper's own header timeout also runs while a keep-alive
+//! connection waits for its next request, so it cannot give "10 s for
+//! headers, 30 s idle": the watchdog below does, from byte activity and the
+//! number of requests in flight.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// Timeouts a client connection lives under.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnTimeouts {
+    pub header: Duration,
+    pub idle: Duration,
+    /// How long a request may wait on its backend with no client traffic.
+    pub backend: Duration,
+}
+
+/// Shared between the connection's IO, its requests and its watchdog.
+#[derive(Debug)]
+pub struct ConnState {
+    base: Instant,
+    in_flight: AtomicU32,
+    /// Milliseconds since `base` of the last byte read or written.
+    last_io: AtomicU64,
+    /// Milliseconds since `base` (plus one, 0 meaning none) at which bytes of
+    /// a request head arrived with no request in flight.
+    head_started: AtomicU64,
+}
+
+impl ConnState {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            base: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            last_io: AtomicU64::new(0),
+            // A new connection owes its first request head at once.
+            head_started: AtomicU64::new(1),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self, read: bool) {
+        let now = self.now_ms();
+        self.last_io.store(now, Ordering::Relaxed);
+        if read
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+        {
+            self.head_started.store(now + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Mark a request as begun; the guard ends it when dropped (with the
+    /// response body, once it has been written out).
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// When the watchdog must look again, or `None` if a timeout has passed.
+    fn next_deadline(&self, t: &ConnTimeouts) -> Option<Duration> {
+        let now = self.now_ms();
+        let idle_for = |limit: Duration| (self.last_io.load(Ordering::Relaxed) + limit.as_millis() as u64).checked_sub(now);
+        let left_ms = if self.in_flight.load(Ordering::Relaxed) > 0 {
+            idle_for(t.idle.max(t.backend))?
+        } else {
+            let idle_left = idle_for(t.idle)?;
+            match self.head_started.load(Ordering::Relaxed) {
+                0 => idle_left,
+                started => {
+                    let head_left = (started - 1 + t.header.as_millis() as u64).checked_sub(now)?;
+                    idle_left.min(head_left)
+                }
+            }
+        };
+        if left_ms == 0 {
+            return None;
+        }
+        Some(Duration::from_millis(left_ms))
+    }
+}
+
+/// A request in flight on a connection.
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let state = &self.0;
+        state.last_io.store(state.now_ms(), Ordering::Relaxed);
+        state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The client socket, noting every byte that moves.
+    pub struct Tracked {
+        #[pin]
+        inner: TcpStream,
+        state: Arc<ConnState>,
+    }
+}
+
+impl Tracked {
+    pub fn new(inner: TcpStream, state: Arc<ConnState>) -> Self {
+        Self { inner, state }
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.state.touch(true);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.state.touch(false);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.state.touch(false);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Drive one connection future until it ends, a timeout passes, or shutdown
+/// is asked (then it is closed gracefully: in-flight requests finish).
+pub async fn supervise<F>(
+    conn: F,
+    graceful: impl FnOnce(Pin<&mut F>),
+    state: &ConnState,
+    timeouts: ConnTimeouts,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    F: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+{
+    tokio::pin!(conn);
+    let mut graceful = Some(graceful);
+    loop {
+        let Some(wait) = state.next_deadline(&timeouts) else {
+            tracing::debug!(%peer, "closing connection: header or idle timeout");
+            return;
+        };
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|stop| *stop), if graceful.is_some() => {
+                if let Some(g) = graceful.take() {
+                    g(conn.as_mut());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_follow_activity_and_requests() {
+        let t = ConnTimeouts {
+            header: Duration::from_secs(10),
+            idle: Duration::from_secs(30),
+            backend: Duration::from_secs(60),
+        };
+        let s = ConnState::new();
+        // Fresh connection: owes its head within the header timeout.
+        let d = s.next_deadline(&t).unwrap_or_default();
+        assert!(d <= Duration::from_secs(10) && d > Duration::from_secs(9));
+        let g = s.begin_request();
+        let d = s.next_deadline(&t).unwrap_or_default();
+        assert!(d > Duration::from_secs(59), "in flight waits for the backend");
+        drop(g);
+        let d = s.next_deadline(&t).unwrap_or_default();
+        assert!(d > Duration::from_secs(29), "idle keep-alive gets the idle timeout");
+        s.touch(true);
+        let d = s.next_deadline(&t).unwrap_or_default();
+        assert!(d <= Duration::from_secs(10), "a started head gets the header timeout");
+    }
+}

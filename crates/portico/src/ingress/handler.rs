@@ -1,0 +1,305 @@
+//! THE request path, in order: `handle` (timing, log, error -> response)
+//! -> `proxy`: route -> pick a replica -> rewrite headers -> send upstream
+//! (retrying only when the error says it is safe) -> rewrite headers ->
+//! response.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Incoming};
+
+use super::body::ResponseBody;
+use super::conn::ConnState;
+use super::error::{ProxyError, UpstreamError};
+use super::headers;
+use super::route::{self, RouteTable};
+use super::upstream::{Pool, Sender, UpstreamBody, UpstreamRequestBody};
+use crate::discovery::{Discovery, DiscoveryError};
+
+/// Everything the request path reads; immutable once built.
+#[derive(Debug)]
+pub struct Proxy {
+    pub routes: RouteTable,
+    pub discovery: Arc<Discovery>,
+    pub pool: Arc<Pool>,
+    pub attempts: u32,
+    pub backend_timeout: Duration,
+    /// Longest request target accepted; longer gets 414.
+    pub max_uri_bytes: usize,
+}
+
+/// What the request path knows of the client connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub addr: SocketAddr,
+    pub state: Arc<ConnState>,
+}
+
+/// Answer one request. Never fails: every error becomes a response here.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    client: Client,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let in_flight = client.state.begin_request();
+    let started = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let response = match proxy_request(&proxy, &client, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let (status, text) = e.response_parts();
+            if status.is_server_error() {
+                tracing::warn!(client = %client.addr, %method, %uri, %status, error = %super::error::chain(&e), "request failed");
+            } else {
+                tracing::debug!(client = %client.addr, %method, %uri, %status, error = %e, "request refused");
+            }
+            local_response(status, text)
+        }
+    };
+    tracing::debug!(
+        target: "portico::access",
+        client = %client.addr,
+        %method,
+        %uri,
+        status = response.status().as_u16(),
+        micros = started.elapsed().as_micros() as u64,
+    );
+    Ok(response.map(|b| b.with_in_flight(in_flight)))
+}
+
+pub fn local_response(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::text(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn proxy_request(
+    proxy: &Proxy,
+    client: &Client,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    if let Some(pq) = req.uri().path_and_query() {
+        if pq.as_str().len() > proxy.max_uri_bytes {
+            return Ok(local_response(
+                StatusCode::URI_TOO_LONG,
+                "Request target too long.\n",
+            ));
+        }
+    }
+    let (mut parts, body) = req.into_parts();
+    let client_version = parts.version;
+
+    // Route on the host the client addressed and the normalised path.
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host_header = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("Bad request: more than one Host header.\n"));
+    }
+    if host_header.is_none() && parts.version == Version::HTTP_11 {
+        // RFC 9112 section 3.2: a server must answer 400 to such a request.
+        return Err(ProxyError::BadRequest("Bad request: HTTP/1.1 requires a Host header.\n"));
+    }
+    let host = request_host(&parts.uri, host_header.as_ref())?;
+    let raw_path = parts.uri.path();
+    let path: Cow<'_, str> = if route::is_normal(raw_path) {
+        Cow::Borrowed(raw_path)
+    } else {
+        Cow::Owned(route::normalise_path(raw_path).ok_or(ProxyError::BadRequest(
+            "Bad request: the request target must be an absolute path.\n",
+        ))?)
+    };
+    let route = proxy
+        .routes
+        .find(host.as_deref(), &path)
+        .ok_or(ProxyError::NoRoute)?;
+    let service = &route.service;
+
+    // The backend sees what we routed on: the normalised path, the query as sent.
+    let target = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    parts.uri = Uri::try_from(target).map_err(|_| {
+        ProxyError::BadRequest("Bad request: the request target is malformed.\n")
+    })?;
+    parts.version = Version::HTTP_11;
+    headers::remove_hop_by_hop(&mut parts.headers);
+    let host_value = match host_header {
+        Some(h) => Some(h),
+        // An HTTP/2 client names the host in :authority only.
+        None => host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+    };
+    if let Some(h) = &host_value {
+        parts.headers.insert(header::HOST, h.clone());
+    }
+    headers::add_forwarding(&mut parts.headers, client.addr.ip(), "http", host_value.as_ref());
+
+    // A bodiless idempotent request may be sent again after bytes went out.
+    let replay = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
+        let mut r = Request::new(());
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = parts.uri.clone();
+        *r.version_mut() = parts.version;
+        *r.headers_mut() = parts.headers.clone();
+        r
+    });
+    let request = Request::from_parts(parts, Either::Left(body));
+    let mut response = send_with_failover(proxy, service, request, replay).await?;
+    // Our framing towards the client is ours, whatever the backend spoke.
+    *response.version_mut() = client_version;
+    Ok(response)
+}
+
+/// Up to `attempts` replicas. A connect failure always moves on (nothing was
+/// sent); a failure after sending moves on only for a replayable request.
+async fn send_with_failover(
+    proxy: &Proxy,
+    service: &portico_wire::ServiceName,
+    request: Request<UpstreamRequestBody>,
+    replay: Option<Request<()>>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let mut request = Some(request);
+    let mut tried: Vec<SocketAddr> = Vec::with_capacity(proxy.attempts as usize);
+    let mut last: Option<(SocketAddr, UpstreamError)> = None;
+    let health = proxy.discovery.health();
+
+    for _ in 0..proxy.attempts {
+        let addr = match proxy.discovery.pick(service, &tried).await {
+            Ok(a) => a,
+            Err(e @ (DiscoveryError::Exhausted(_) | DiscoveryError::NotFound(_))) => match last {
+                Some((last_addr, source)) => {
+                    return Err(ProxyError::Unreachable {
+                        service: service.clone(),
+                        attempts: tried.len() as u32,
+                        last_addr,
+                        source,
+                    })
+                }
+                None => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        tried.push(addr);
+
+        // A pooled connection may have been closed by the backend just now;
+        // when that is all that failed, a fresh connection to the same
+        // replica is tried before counting the replica as failed.
+        let mut pooled = proxy.pool.checkout(addr).await;
+        loop {
+            let reused = pooled.is_some();
+            let mut sender: Sender = match pooled.take() {
+                Some(s) => s,
+                None => match proxy.pool.connect(addr).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        health.record_failure(addr, Instant::now());
+                        tracing::debug!(backend = %addr, %service, error = %e, "connect failed; trying another replica");
+                        last = Some((addr, e));
+                        break;
+                    }
+                },
+            };
+            let Some(req) = request.take() else {
+                break;
+            };
+            let sent = tokio::time::timeout(proxy.backend_timeout, sender.try_send_request(req)).await;
+            match sent {
+                Err(_elapsed) => {
+                    return Err(ProxyError::Timeout {
+                        service: service.clone(),
+                        addr,
+                        timeout: proxy.backend_timeout,
+                    })
+                }
+                Ok(Ok(mut resp)) => {
+                    health.record_success(addr);
+                    headers::remove_hop_by_hop(resp.headers_mut());
+                    let pool = proxy.pool.clone();
+                    return Ok(resp.map(|body| ResponseBody::upstream(UpstreamBody::new(body, pool, addr, sender))));
+                }
+                Ok(Err(mut e)) => {
+                    let unsent = e.take_message();
+                    let error = UpstreamError::Request(e.into_error());
+                    request = unsent.or_else(|| replay.as_ref().map(rebuild));
+                    if request.is_none() {
+                        return Err(ProxyError::Backend {
+                            service: service.clone(),
+                            addr,
+                            source: error,
+                        });
+                    }
+                    tracing::debug!(backend = %addr, %service, reused, error = %super::error::chain(&error), "request failed before an answer; retrying");
+                    last = Some((addr, error));
+                    if !reused {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    match last {
+        Some((last_addr, source)) => Err(ProxyError::Unreachable {
+            service: service.clone(),
+            attempts: tried.len() as u32,
+            last_addr,
+            source,
+        }),
+        None => Err(DiscoveryError::Exhausted(service.clone()).into()),
+    }
+}
+
+fn rebuild(template: &Request<()>) -> Request<UpstreamRequestBody> {
+    let mut r = Request::new(Either::Right(Empty::<Bytes>::new()));
+    *r.method_mut() = template.method().clone();
+    *r.uri_mut() = template.uri().clone();
+    *r.version_mut() = template.version();
+    *r.headers_mut() = template.headers().clone();
+    r
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The host the client addressed, lower-case and without port: from an
+/// absolute-form target or :authority if present, else the Host header. An
+/// absolute-form target whose host differs from the Host header is refused
+/// (RFC 9112 section 3.2.2 lets a proxy pick either; a mismatch is a classic
+/// routing-confusion probe).
+fn request_host(uri: &Uri, host_header: Option<&HeaderValue>) -> Result<Option<String>, ProxyError> {
+    let from_header = match host_header {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<http::uri::Authority>().ok())
+                .ok_or(ProxyError::BadRequest("Bad request: malformed Host header.\n"))?,
+        ),
+        None => None,
+    };
+    let host = match (uri.authority(), &from_header) {
+        (Some(a), Some(h)) if !a.host().eq_ignore_ascii_case(h.host()) => {
+            return Err(ProxyError::BadRequest(
+                "Bad request: the request target and Host name different hosts.\n",
+            ))
+        }
+        (Some(a), _) => Some(a.host()),
+        (None, Some(h)) => Some(h.host()),
+        (None, None) => None,
+    };
+    Ok(host.map(|h| h.to_ascii_lowercase()))
+}

@@ -1,0 +1,213 @@
+//! The data plane: the accept loop, connection limits and draining. The
+//! request path itself is `handler`.
+
+pub mod body;
+pub mod conn;
+pub mod error;
+pub mod handler;
+pub mod headers;
+pub mod route;
+pub mod upstream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use conn::{ConnState, ConnTimeouts, Tracked};
+use handler::{Client, Proxy};
+
+/// How client connections are served.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub max_connections: usize,
+    pub timeouts: ConnTimeouts,
+    pub drain_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
+const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 13\r\nconnection: close\r\n\r\nAt capacity.\n";
+
+/// Connections past the limit that may be getting their 503 at once; beyond
+/// this they are closed without one, so a flood costs bounded memory.
+const MAX_REFUSING: usize = 1024;
+
+/// Serve clients from `listener` until `shutdown` flips to true, then stop
+/// accepting and give open connections up to the drain timeout to finish.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    settings: ServeSettings,
+    shutdown: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(http_builder(&settings));
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let sweeper = tokio::spawn(sweep_pool(proxy.pool.clone()));
+    let mut accept_shutdown = shutdown.clone();
+    let mut backoff = Duration::from_millis(5);
+
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = accept_shutdown.wait_for(|stop| *stop) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(5);
+                x
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                // Out of descriptors or memory: wait for connections to end
+                // instead of spinning; the loop itself never ends on an error.
+                tracing::warn!(error = %e, retry_in = ?backoff, "accept failed: out of resources");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed; continuing");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let builder = builder.clone();
+                let proxy = proxy.clone();
+                let timeouts = settings.timeouts;
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    serve_connection(stream, peer, &builder, proxy, timeouts, shutdown).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse_at_capacity(stream).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+    drop(listener);
+    sweeper.abort();
+
+    let open = settings.max_connections - slots.available_permits();
+    if open > 0 {
+        tracing::info!(open, timeout = ?settings.drain_timeout, "draining connections");
+    }
+    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(settings.drain_timeout, slots.acquire_many(all)).await;
+    match drained {
+        Ok(_) => tracing::info!("drained"),
+        Err(_) => tracing::warn!(
+            left = settings.max_connections - slots.available_permits(),
+            "drain timeout passed; closing the remaining connections"
+        ),
+    }
+}
+
+fn http_builder(settings: &ServeSettings) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // The connection watchdog keeps the header and idle timeouts.
+        .header_read_timeout(None)
+        .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_headers(settings.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    b
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    proxy: Arc<Proxy>,
+    timeouts: ConnTimeouts,
+    shutdown: watch::Receiver<bool>,
+) {
+    let state = ConnState::new();
+    let client = Client {
+        addr: peer,
+        state: state.clone(),
+    };
+    let service = service_fn(move |req| handler::handle(proxy.clone(), client.clone(), req));
+    let io = TokioIo::new(Tracked::new(stream, state.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    conn::supervise(
+        conn,
+        |c| c.graceful_shutdown(),
+        &state,
+        timeouts,
+        peer,
+        shutdown,
+    )
+    .await;
+}
+
+/// Tell a client over the limit why it is refused, then close. Its request
+/// is read and dropped for a moment so that the close does not turn into a
+/// reset that would destroy the answer before the client reads it.
+async fn refuse_at_capacity(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        if stream.write_all(AT_CAPACITY).await.is_err() {
+            return;
+        }
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while let Ok(n) = stream.read(&mut sink).await {
+            total += n;
+            if n == 0 || total > 64 * 1024 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
+    )
+}
+
+async fn sweep_pool(pool: Arc<upstream::Pool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        pool.sweep();
+    }
+}
+
+/// Bind a client listener with a deep accept queue (bursts of new
+/// connections must not be dropped by the kernel).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}

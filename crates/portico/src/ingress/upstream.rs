@@ -1,0 +1,191 @@
+//! Connections to backends: a pool of keep-alive HTTP/1.1 connections per
+//! replica. Connecting is apart from sending, so a replica that refuses the
+//! connection costs nothing of the request: its body is still unsent and the
+//! next replica can take it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::error::UpstreamError;
+
+/// What we send to a backend: the client's streamed body, or nothing (a
+/// replayed bodiless request).
+pub type UpstreamRequestBody = Either<Incoming, Empty<Bytes>>;
+pub type Sender = http1::SendRequest<UpstreamRequestBody>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub max_idle_per_backend: usize,
+    pub idle_timeout: Duration,
+}
+
+struct IdleConn {
+    sender: Sender,
+    since: Instant,
+}
+
+pub struct Pool {
+    settings: PoolSettings,
+    idle: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("settings", &self.settings).finish()
+    }
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            idle: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<IdleConn>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A pooled connection that is ready for a request, if there is one.
+    pub async fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
+        loop {
+            let conn = self.idle().get_mut(&addr).and_then(Vec::pop)?;
+            if conn.sender.is_closed() || conn.since.elapsed() >= self.settings.idle_timeout {
+                continue;
+            }
+            let mut sender = conn.sender;
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            // Put back the moment its last response ended: the connection
+            // task may not have caught up yet. It does so at once, or closes.
+            match tokio::time::timeout(self.settings.connect_timeout, sender.ready()).await {
+                Ok(Ok(())) => return Some(sender),
+                _ => continue,
+            }
+        }
+    }
+
+    /// A new connection to `addr`.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Sender, UpstreamError> {
+        let timeout = self.settings.connect_timeout;
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Err(_) => return Err(UpstreamError::ConnectTimeout(timeout)),
+            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Ok(Ok(s)) => s,
+        };
+        // Small requests and responses must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(backend = %addr, error = %e, "backend connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Keep a connection whose exchange finished, for the next request.
+    pub fn put(&self, addr: SocketAddr, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle();
+        let conns = idle.entry(addr).or_default();
+        if conns.len() < self.settings.max_idle_per_backend {
+            conns.push(IdleConn {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Drop connections that closed or idled too long, and empty entries.
+    pub fn sweep(&self) {
+        let max_idle = self.settings.idle_timeout;
+        self.idle().retain(|_, conns| {
+            conns.retain(|c| !c.sender.is_closed() && c.since.elapsed() < max_idle);
+            !conns.is_empty()
+        });
+    }
+
+    /// Idle connections held, for tests and metrics.
+    pub fn idle_count(&self) -> usize {
+        self.idle().values().map(Vec::len).sum()
+    }
+}
+
+/// A backend's response body, streamed to the client. When it ends cleanly
+/// its connection goes back to the pool; dropped early, the connection is
+/// closed (its state is unknown).
+pub struct UpstreamBody {
+    inner: Incoming,
+    release: Option<(Arc<Pool>, SocketAddr, Sender)>,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, pool: Arc<Pool>, addr: SocketAddr, sender: Sender) -> Self {
+        Self {
+            inner,
+            release: Some((pool, addr, sender)),
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some((pool, addr, sender)) = self.release.take() {
+            pool.put(addr, sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.release = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Bodiless responses (HEAD, 204, 304) may never be polled.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Portico: an HTTP ingress that finds its backends in a service registry,
+//! the Tower, at run time.
+//!
+//! # Layout
+//! - `cli`, `config`: flags -> validated settings.
+//! - `cmd`: one composition root per subcommand (`ingress`, `tower`, `up`,
+//!   `register`, `services`).
+//! - `ingress`: the data plane. `ingress::serve` accepts, `ingress::conn`
+//!   supervises a connection, `ingress::handler` is the request path.
+//! - `discovery`: where replicas come from (UDP LOOKUP or the local table)
+//!   and passive health.
+//! - `registry`: the Tower: a pure table, its UDP server, a client.
+//!
+//! The wire protocol itself is the `portico-wire` crate. ARCHITECTURE.md
+//! walks the request and Tower paths in order.
+
+pub mod cli;
+pub mod cmd;
+pub mod config;
+pub mod discovery;
+pub mod ingress;
+pub mod registry;

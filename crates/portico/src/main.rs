@@ -1,0 +1,62 @@
+//! The `portico` binary: parse flags, set up logging and the runtime, run
+//! the subcommand, and turn a startup error into one line and exit code 1.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use portico::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_level);
+    raise_fd_limit();
+
+    let threads = match &cli.command {
+        Command::Ingress(a) => a.proxy.threads,
+        Command::Up(a) => a.proxy.threads,
+        // The Tower and the small clients need no more than one.
+        Command::Tower(_) | Command::Register(_) | Command::Services(_) => Some(1),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portico: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(portico::cmd::run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portico: {}", portico::ingress::error::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Every proxied connection holds two descriptors; the usual soft limit of
+/// 1024 would cap us near 500 clients. Raise it to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}

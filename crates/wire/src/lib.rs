@@ -1,0 +1,581 @@
+//! The Tower wire protocol, byte-compatible with the seed's C Tower: one text
+//! datagram each way, fields separated by `|`.
+//!
+//! Pure on purpose: no sockets, no clock, no panics, so the decoder can be
+//! fuzzed directly and the registry can be tested without a network.
+//!
+//! | request                      | success reply                         |
+//! |------------------------------|---------------------------------------|
+//! | `REGISTER\|name\|ip\|port`   | `OK\|REGISTERED\|name`                |
+//! | `LOOKUP\|name`               | `OK\|LOOKUP\|name\|ip\|port`          |
+//! | `DEREGISTER\|name\|ip\|port` | `OK\|DEREGISTERED\|name`              |
+//! | `LIST`                       | `OK\|LIST\|n\|name:ip:port:ttl,...`   |
+//! | `PING`                       | `OK\|PONG\|tower`                     |
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// Longest service name the seed accepts (its buffers hold 128 bytes with the NUL).
+pub const MAX_NAME_LEN: usize = 127;
+
+/// Longest request datagram we decode. The longest valid one (REGISTER with a
+/// 127-byte name and a full IPv6 address) is well under this; anything longer
+/// is refused rather than parsed.
+pub const MAX_REQUEST_LEN: usize = 512;
+
+/// Largest reply we put in one datagram. The UDP payload limit over IPv4 is
+/// 65,507 bytes; replies longer than this are refused with an error reply
+/// instead of being cut (the caller should use the HTTP API).
+pub const MAX_REPLY_LEN: usize = 65_000;
+
+/// A validated service name: 1..=127 bytes of visible ASCII, none of which is
+/// `|`, `:` or `,` (those delimit fields of REGISTER and of the LIST reply).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        if s.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if s.len() > MAX_NAME_LEN {
+            return Err(NameError::TooLong(s.len()));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !c.is_ascii_graphic() || matches!(c, '|' | ':' | ','))
+        {
+            return Err(NameError::BadChar(c));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for ServiceName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("service name is empty")]
+    Empty,
+    #[error("service name is {0} bytes long; the limit is {MAX_NAME_LEN}")]
+    TooLong(usize),
+    #[error("service name contains {0:?}; use visible ASCII other than '|', ':' and ','")]
+    BadChar(char),
+}
+
+/// One replica of a service: its name and where it listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Registration {
+    pub name: ServiceName,
+    pub addr: SocketAddr,
+}
+
+/// A request datagram, as sent by workloads, ingresses and operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Register(Registration),
+    Lookup(ServiceName),
+    Deregister(Registration),
+    List,
+    Ping,
+}
+
+/// One line of a LIST reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    pub name: ServiceName,
+    pub addr: SocketAddr,
+    /// Whole seconds until the entry expires unless refreshed.
+    pub ttl_left_secs: u64,
+}
+
+/// A reply datagram from the Tower.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Registered(ServiceName),
+    Lookup(Registration),
+    Deregistered(ServiceName),
+    List(Vec<ListEntry>),
+    Pong,
+    Error(ErrorReply),
+}
+
+/// The `ERR|...` replies. The first four carry the seed's exact wording.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorReply {
+    /// `ERR|REGISTER syntax: name|ip|port`
+    RegisterSyntax,
+    /// `ERR|DEREGISTER syntax: name|ip|port`
+    DeregisterSyntax,
+    /// `ERR|registry full`
+    RegistryFull,
+    /// `ERR|NOT_FOUND|<name>`; the name is kept verbatim (it may not be a
+    /// valid service name: LOOKUP of a malformed name is simply not found).
+    NotFound(String),
+    /// `ERR|unknown command`
+    UnknownCommand,
+    /// `ERR|LOOKUP syntax: name`
+    LookupSyntax,
+    /// `ERR|request too long: limit <n> bytes`
+    RequestTooLong,
+    /// `ERR|request is not UTF-8 text`
+    NotText,
+    /// `ERR|reply too large for one datagram: <n> entries; use the HTTP API`
+    ReplyTooLarge { entries: usize },
+    /// Any other `ERR|...` text, kept so that a client can show it.
+    Other(String),
+}
+
+impl fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorReply::RegisterSyntax => f.write_str("REGISTER syntax: name|ip|port"),
+            ErrorReply::DeregisterSyntax => f.write_str("DEREGISTER syntax: name|ip|port"),
+            ErrorReply::RegistryFull => f.write_str("registry full"),
+            ErrorReply::NotFound(name) => write!(f, "NOT_FOUND|{name}"),
+            ErrorReply::UnknownCommand => f.write_str("unknown command"),
+            ErrorReply::LookupSyntax => f.write_str("LOOKUP syntax: name"),
+            ErrorReply::RequestTooLong => {
+                write!(f, "request too long: limit {MAX_REQUEST_LEN} bytes")
+            }
+            ErrorReply::NotText => f.write_str("request is not UTF-8 text"),
+            ErrorReply::ReplyTooLarge { entries } => write!(
+                f,
+                "reply too large for one datagram: {entries} entries; use the HTTP API"
+            ),
+            ErrorReply::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+/// Why a request datagram could not be decoded. Each maps to the `ERR|...`
+/// reply the Tower sends back (see [`DecodeError::reply`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("datagram of {0} bytes exceeds the {MAX_REQUEST_LEN}-byte limit")]
+    TooLong(usize),
+    #[error("datagram is not UTF-8 text")]
+    NotText,
+    #[error("unknown command")]
+    UnknownCommand,
+    #[error("malformed REGISTER; expected REGISTER|name|ip|port")]
+    Register,
+    #[error("malformed DEREGISTER; expected DEREGISTER|name|ip|port")]
+    Deregister,
+    #[error("malformed LOOKUP; expected LOOKUP|name")]
+    Lookup,
+}
+
+impl DecodeError {
+    /// The reply the Tower sends for this error.
+    pub fn reply(&self) -> ErrorReply {
+        match self {
+            DecodeError::TooLong(_) => ErrorReply::RequestTooLong,
+            DecodeError::NotText => ErrorReply::NotText,
+            DecodeError::UnknownCommand => ErrorReply::UnknownCommand,
+            DecodeError::Register => ErrorReply::RegisterSyntax,
+            DecodeError::Deregister => ErrorReply::DeregisterSyntax,
+            DecodeError::Lookup => ErrorReply::LookupSyntax,
+        }
+    }
+}
+
+/// Why a reply datagram could not be decoded (client side).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyDecodeError {
+    #[error("reply is not UTF-8 text")]
+    NotText,
+    #[error("reply is not of the Tower protocol: {0:?}")]
+    Malformed(String),
+}
+
+/// Workloads often send with `echo`, which appends a newline; the seed's
+/// `printf` does not. Both are accepted.
+fn trim_line_end(bytes: &[u8]) -> &[u8] {
+    let mut end = bytes.len();
+    while end > 0 && matches!(bytes[end - 1], b'\n' | b'\r') {
+        end -= 1;
+    }
+    &bytes[..end]
+}
+
+fn parse_endpoint(ip: &str, port: &str) -> Option<SocketAddr> {
+    // The seed writes IPv4 dotted quads; IPv6 may come bare or in brackets.
+    let ip = ip
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(ip);
+    let ip: IpAddr = ip.parse().ok()?;
+    // Digits only: u16::from_str would accept a leading '+'.
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    if port == 0 {
+        return None;
+    }
+    Some(SocketAddr::new(ip, port))
+}
+
+fn parse_registration(fields: &[&str]) -> Option<Registration> {
+    match fields {
+        [name, ip, port] => Some(Registration {
+            name: ServiceName::parse(name).ok()?,
+            addr: parse_endpoint(ip, port)?,
+        }),
+        _ => None,
+    }
+}
+
+/// Decode one request datagram.
+pub fn decode_request(datagram: &[u8]) -> Result<Request, DecodeError> {
+    if datagram.len() > MAX_REQUEST_LEN {
+        return Err(DecodeError::TooLong(datagram.len()));
+    }
+    let text = std::str::from_utf8(trim_line_end(datagram)).map_err(|_| DecodeError::NotText)?;
+    let mut fields = text.split('|');
+    let command = fields.next().unwrap_or_default();
+    let rest: Vec<&str> = fields.collect();
+    match command {
+        "REGISTER" => parse_registration(&rest)
+            .map(Request::Register)
+            .ok_or(DecodeError::Register),
+        "DEREGISTER" => parse_registration(&rest)
+            .map(Request::Deregister)
+            .ok_or(DecodeError::Deregister),
+        "LOOKUP" => match rest.as_slice() {
+            [name] => ServiceName::parse(name)
+                .map(Request::Lookup)
+                .map_err(|_| DecodeError::Lookup),
+            _ => Err(DecodeError::Lookup),
+        },
+        "LIST" if rest.is_empty() => Ok(Request::List),
+        "PING" if rest.is_empty() => Ok(Request::Ping),
+        _ => Err(DecodeError::UnknownCommand),
+    }
+}
+
+/// Encode a request datagram.
+pub fn encode_request(request: &Request) -> Vec<u8> {
+    match request {
+        Request::Register(r) => format!("REGISTER|{}|{}|{}", r.name, r.addr.ip(), r.addr.port()),
+        Request::Deregister(r) => {
+            format!("DEREGISTER|{}|{}|{}", r.name, r.addr.ip(), r.addr.port())
+        }
+        Request::Lookup(name) => format!("LOOKUP|{name}"),
+        Request::List => "LIST".to_owned(),
+        Request::Ping => "PING".to_owned(),
+    }
+    .into_bytes()
+}
+
+/// Encode a reply datagram. A LIST reply that would exceed [`MAX_REPLY_LEN`]
+/// becomes `ERR|reply too large ...` instead of being cut.
+pub fn encode_reply(reply: &Reply) -> Vec<u8> {
+    let text = match reply {
+        Reply::Registered(name) => format!("OK|REGISTERED|{name}"),
+        Reply::Deregistered(name) => format!("OK|DEREGISTERED|{name}"),
+        Reply::Lookup(r) => format!("OK|LOOKUP|{}|{}|{}", r.name, r.addr.ip(), r.addr.port()),
+        Reply::Pong => "OK|PONG|tower".to_owned(),
+        Reply::List(entries) => {
+            let mut out = format!("OK|LIST|{}|", entries.len());
+            for (i, e) in entries.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&format!(
+                    "{}:{}:{}:{}",
+                    e.name,
+                    e.addr.ip(),
+                    e.addr.port(),
+                    e.ttl_left_secs
+                ));
+                if out.len() > MAX_REPLY_LEN {
+                    let too_large = ErrorReply::ReplyTooLarge {
+                        entries: entries.len(),
+                    };
+                    return format!("ERR|{too_large}").into_bytes();
+                }
+            }
+            out
+        }
+        Reply::Error(e) => format!("ERR|{e}"),
+    };
+    text.into_bytes()
+}
+
+fn malformed(text: &str) -> ReplyDecodeError {
+    ReplyDecodeError::Malformed(text.chars().take(200).collect())
+}
+
+fn parse_list_entry(item: &str) -> Option<ListEntry> {
+    // name:ip:port:ttl, where an IPv6 ip itself contains ':'; the name has none.
+    let (name, rest) = item.split_once(':')?;
+    let (rest, ttl) = rest.rsplit_once(':')?;
+    let (ip, port) = rest.rsplit_once(':')?;
+    Some(ListEntry {
+        name: ServiceName::parse(name).ok()?,
+        addr: parse_endpoint(ip, port)?,
+        ttl_left_secs: ttl.parse().ok()?,
+    })
+}
+
+/// Decode one reply datagram (what the Tower sends back).
+pub fn decode_reply(datagram: &[u8]) -> Result<Reply, ReplyDecodeError> {
+    let text =
+        std::str::from_utf8(trim_line_end(datagram)).map_err(|_| ReplyDecodeError::NotText)?;
+    if let Some(err) = text.strip_prefix("ERR|") {
+        let reply = match err {
+            "REGISTER syntax: name|ip|port" => ErrorReply::RegisterSyntax,
+            "DEREGISTER syntax: name|ip|port" => ErrorReply::DeregisterSyntax,
+            "registry full" => ErrorReply::RegistryFull,
+            "unknown command" => ErrorReply::UnknownCommand,
+            "LOOKUP syntax: name" => ErrorReply::LookupSyntax,
+            "request is not UTF-8 text" => ErrorReply::NotText,
+            other => match other.strip_prefix("NOT_FOUND|") {
+                Some(name) => ErrorReply::NotFound(name.to_owned()),
+                None => ErrorReply::Other(other.to_owned()),
+            },
+        };
+        return Ok(Reply::Error(reply));
+    }
+    let fields: Vec<&str> = text.split('|').collect();
+    let name = |s: &str| ServiceName::parse(s).map_err(|_| malformed(text));
+    match fields.as_slice() {
+        ["OK", "REGISTERED", n] => Ok(Reply::Registered(name(n)?)),
+        ["OK", "DEREGISTERED", n] => Ok(Reply::Deregistered(name(n)?)),
+        ["OK", "PONG", "tower"] => Ok(Reply::Pong),
+        ["OK", "LOOKUP", n, ip, port] => Ok(Reply::Lookup(Registration {
+            name: name(n)?,
+            addr: parse_endpoint(ip, port).ok_or_else(|| malformed(text))?,
+        })),
+        ["OK", "LIST", count, rest @ ..] if rest.len() <= 1 => {
+            let count: usize = count.parse().map_err(|_| malformed(text))?;
+            let items = rest.first().copied().unwrap_or("");
+            let entries = items
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|item| parse_list_entry(item).ok_or_else(|| malformed(text)))
+                .collect::<Result<Vec<_>, _>>()?;
+            if entries.len() != count {
+                return Err(malformed(text));
+            }
+            Ok(Reply::List(entries))
+        }
+        _ => Err(malformed(text)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::parse(s).unwrap()
+    }
+
+    fn reg(n: &str, addr: &str) -> Registration {
+        Registration {
+            name: name(n),
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn decodes_the_seed_commands() {
+        assert_eq!(
+            decode_request(b"REGISTER|my-server|127.0.0.1|8181").unwrap(),
+            Request::Register(reg("my-server", "127.0.0.1:8181"))
+        );
+        assert_eq!(
+            decode_request(b"LOOKUP|api-service").unwrap(),
+            Request::Lookup(name("api-service"))
+        );
+        assert_eq!(
+            decode_request(b"DEREGISTER|a|10.0.0.1|80").unwrap(),
+            Request::Deregister(reg("a", "10.0.0.1:80"))
+        );
+        assert_eq!(decode_request(b"LIST").unwrap(), Request::List);
+        assert_eq!(decode_request(b"PING").unwrap(), Request::Ping);
+    }
+
+    #[test]
+    fn accepts_ipv6_bare_and_bracketed_and_trailing_newline() {
+        let want = Request::Register(reg("a", "[::1]:8080"));
+        assert_eq!(decode_request(b"REGISTER|a|::1|8080").unwrap(), want);
+        assert_eq!(decode_request(b"REGISTER|a|[::1]|8080\n").unwrap(), want);
+        assert_eq!(decode_request(b"PING\r\n").unwrap(), Request::Ping);
+    }
+
+    #[test]
+    fn malformed_requests_name_their_reply() {
+        let cases: &[(&[u8], ErrorReply)] = &[
+            (b"", ErrorReply::UnknownCommand),
+            (b"HELLO", ErrorReply::UnknownCommand),
+            (b"register|a|1.2.3.4|80", ErrorReply::UnknownCommand),
+            (b"PING|x", ErrorReply::UnknownCommand),
+            (b"LIST|", ErrorReply::UnknownCommand),
+            (b"REGISTER", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a|1.2.3.4", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a|1.2.3.4|80|x", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a|1.2.3|80", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a|1.2.3.4|0", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a|1.2.3.4|65536", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a|1.2.3.4|+80", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a|1.2.3.4| 80", ErrorReply::RegisterSyntax),
+            (b"REGISTER||1.2.3.4|80", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a b|1.2.3.4|80", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a:b|1.2.3.4|80", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a,b|1.2.3.4|80", ErrorReply::RegisterSyntax),
+            (b"REGISTER|a|host.example|80", ErrorReply::RegisterSyntax),
+            (b"DEREGISTER|a|1.2.3.4", ErrorReply::DeregisterSyntax),
+            (b"LOOKUP", ErrorReply::LookupSyntax),
+            (b"LOOKUP|", ErrorReply::LookupSyntax),
+            (b"LOOKUP|a|b", ErrorReply::LookupSyntax),
+            (b"PING\xff", ErrorReply::NotText),
+        ];
+        for (input, want) in cases {
+            let got = decode_request(input).map_err(|e| e.reply());
+            assert_eq!(got, Err(want.clone()), "{:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn name_limits() {
+        let ok = "n".repeat(MAX_NAME_LEN);
+        assert!(ServiceName::parse(&ok).is_ok());
+        let long = "n".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(
+            ServiceName::parse(&long),
+            Err(NameError::TooLong(MAX_NAME_LEN + 1))
+        );
+        let dgram = format!("REGISTER|{long}|1.2.3.4|80");
+        assert_eq!(decode_request(dgram.as_bytes()), Err(DecodeError::Register));
+    }
+
+    #[test]
+    fn oversized_datagram_is_refused_before_parsing() {
+        let big = vec![b'A'; MAX_REQUEST_LEN + 1];
+        assert_eq!(
+            decode_request(&big),
+            Err(DecodeError::TooLong(MAX_REQUEST_LEN + 1))
+        );
+    }
+
+    #[test]
+    fn replies_are_byte_exact() {
+        let cases = [
+            (Reply::Registered(name("a")), "OK|REGISTERED|a"),
+            (Reply::Deregistered(name("a")), "OK|DEREGISTERED|a"),
+            (
+                Reply::Lookup(reg("a", "127.0.0.1:8181")),
+                "OK|LOOKUP|a|127.0.0.1|8181",
+            ),
+            (Reply::Lookup(reg("a", "[::1]:80")), "OK|LOOKUP|a|::1|80"),
+            (Reply::Pong, "OK|PONG|tower"),
+            (Reply::List(vec![]), "OK|LIST|0|"),
+            (
+                Reply::List(vec![
+                    ListEntry {
+                        name: name("a"),
+                        addr: "127.0.0.1:1".parse().unwrap(),
+                        ttl_left_secs: 29,
+                    },
+                    ListEntry {
+                        name: name("b"),
+                        addr: "[::1]:2".parse().unwrap(),
+                        ttl_left_secs: 3,
+                    },
+                ]),
+                "OK|LIST|2|a:127.0.0.1:1:29,b:::1:2:3",
+            ),
+            (
+                Reply::Error(ErrorReply::RegisterSyntax),
+                "ERR|REGISTER syntax: name|ip|port",
+            ),
+            (
+                Reply::Error(ErrorReply::DeregisterSyntax),
+                "ERR|DEREGISTER syntax: name|ip|port",
+            ),
+            (Reply::Error(ErrorReply::RegistryFull), "ERR|registry full"),
+            (
+                Reply::Error(ErrorReply::NotFound("x".into())),
+                "ERR|NOT_FOUND|x",
+            ),
+            (
+                Reply::Error(ErrorReply::UnknownCommand),
+                "ERR|unknown command",
+            ),
+        ];
+        for (reply, want) in cases {
+            let bytes = encode_reply(&reply);
+            assert_eq!(String::from_utf8(bytes.clone()).unwrap(), want);
+            assert_eq!(decode_reply(&bytes).unwrap(), reply, "round trip {want}");
+        }
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        for req in [
+            Request::Register(reg("a", "127.0.0.1:1")),
+            Request::Register(reg("a", "[fe80::1]:65535")),
+            Request::Deregister(reg("b", "10.1.2.3:443")),
+            Request::Lookup(name("svc")),
+            Request::List,
+            Request::Ping,
+        ] {
+            assert_eq!(decode_request(&encode_request(&req)).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn oversized_list_says_so_instead_of_cutting() {
+        let entries: Vec<ListEntry> = (0..2000)
+            .map(|i| ListEntry {
+                name: name(&"x".repeat(100)),
+                addr: SocketAddr::new("10.0.0.1".parse().unwrap(), 1 + i as u16),
+                ttl_left_secs: 30,
+            })
+            .collect();
+        let bytes = encode_reply(&Reply::List(entries));
+        assert!(bytes.len() <= MAX_REPLY_LEN);
+        assert_eq!(
+            decode_reply(&bytes).unwrap(),
+            Reply::Error(ErrorReply::Other(
+                "reply too large for one datagram: 2000 entries; use the HTTP API".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        for input in [
+            &b""[..],
+            b"OK",
+            b"OK|LOOKUP|a|1.2.3.4",
+            b"OK|LOOKUP|a|1.2.3.4|x",
+            b"OK|LIST|2|a:1.2.3.4:1:1",
+            b"OK|LIST|x|",
+            b"OK|LIST|1|a:1.2.3.4",
+            b"\xff",
+        ] {
+            assert!(decode_reply(input).is_err(), "{input:?}");
+        }
+    }
+}
