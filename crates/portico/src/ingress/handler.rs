@@ -52,6 +52,7 @@ pub async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
+    let version = req.version();
     let response = match proxy_request(&proxy, &client, req).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -61,7 +62,14 @@ pub async fn handle(
             } else {
                 tracing::debug!(client = %client.addr, %method, %uri, %status, error = %e, "request refused");
             }
-            local_response(status, text)
+            let mut resp = local_response(status, text);
+            if status == StatusCode::BAD_REQUEST && version < Version::HTTP_2 {
+                // After a malformed request the rest of the byte stream
+                // cannot be trusted to be framed as the client meant.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     };
     tracing::debug!(

@@ -1,0 +1,409 @@
+//! Test fixtures: the real `portico` binary as a child process, a real echo
+//! backend (hyper), and small real clients. Everything binds 127.0.0.1:0;
+//! waits are on conditions with deadlines, never fixed sleeps.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running `portico` process; killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Start `portico ARGS` and wait for its "<marker> <addr>" log line.
+    pub fn start(args: &[&str], marker: &str) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn portico");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        let wanted = marker.to_owned();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(pos) = line.find(&wanted) {
+                    let rest = &line[pos + wanted.len()..];
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(DEADLINE) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("portico {args:?} did not log {marker:?}: {:?}", log.lock().unwrap());
+            }
+        };
+        Proc { child, addr, log }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Wait for the process to exit, with a deadline.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn tower(ttl: &str) -> Proc {
+    Proc::start(
+        &["tower", "--listen", "127.0.0.1:0", "--ttl", ttl],
+        "tower listening on udp ",
+    )
+}
+
+pub fn ingress(tower: SocketAddr, routes: &[&str], extra: &[&str]) -> Proc {
+    let tower = tower.to_string();
+    let mut args = vec!["ingress", "--listen", "127.0.0.1:0", "--tower", &tower];
+    for r in routes {
+        args.push("--route");
+        args.push(r);
+    }
+    args.extend_from_slice(extra);
+    Proc::start(&args, "ingress listening on ")
+}
+
+/// One datagram to the Tower, its reply as text.
+pub fn udp(tower: SocketAddr, msg: &[u8]) -> String {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.send_to(msg, tower).unwrap();
+    let mut buf = [0u8; 65536];
+    let (n, _) = s.recv_from(&mut buf).expect("tower reply");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+pub fn register(tower: SocketAddr, name: &str, addr: SocketAddr) {
+    let reply = udp(tower, format!("REGISTER|{name}|{}|{}", addr.ip(), addr.port()).as_bytes());
+    assert_eq!(reply, format!("OK|REGISTERED|{name}"));
+}
+
+/// A port on which nothing listens (bound, then released).
+pub fn dead_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// What the echo backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, Vec<String>>,
+    pub body_len: usize,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.first()).map(String::as_str)
+    }
+}
+
+/// A real HTTP/1.1 server answering:
+/// - `/slow?ms=N`: after N ms;
+/// - `/gate`: only once `release` is notified (arrival reported on `arrived`);
+/// - `/download?bytes=N`: N bytes in 64 KiB chunks; the first chunk, then
+///   the rest only after `release` (proving the proxy streams);
+/// - `/upload`: counts the body, reporting arrival of its first bytes;
+/// - anything else: `backend=<id>` and the request line.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub id: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub hits: Arc<AtomicUsize>,
+    pub release: Arc<Notify>,
+    pub arrived: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start(id: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(Notify::new());
+        let arrived = Arc::new(Notify::new());
+        let ctx = Ctx {
+            id: id.to_owned(),
+            seen: seen.clone(),
+            hits: hits.clone(),
+            release: release.clone(),
+            arrived: arrived.clone(),
+        };
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| answer(ctx.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            id: id.to_owned(),
+            seen,
+            hits,
+            release,
+            arrived,
+            task,
+        }
+    }
+
+    pub fn last_seen(&self) -> Seen {
+        self.seen.lock().unwrap().last().cloned().expect("backend saw a request")
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    id: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    hits: Arc<AtomicUsize>,
+    release: Arc<Notify>,
+    arrived: Arc<Notify>,
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn query_num(req: &Request<Incoming>, key: &str) -> u64 {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn answer(ctx: Ctx, req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
+    ctx.hits.fetch_add(1, Ordering::SeqCst);
+    let mut headers: HashMap<String, Vec<String>> = HashMap::new();
+    for (k, v) in req.headers() {
+        headers
+            .entry(k.as_str().to_owned())
+            .or_default()
+            .push(v.to_str().unwrap_or("").to_owned());
+    }
+    let method = req.method().to_string();
+    let path = req.uri().to_string();
+    let text = |s: String| -> BoxBody { Full::new(Bytes::from(s)).boxed() };
+    let record = |body_len| {
+        ctx.seen.lock().unwrap().push(Seen {
+            method: method.clone(),
+            path: path.clone(),
+            headers: headers.clone(),
+            body_len,
+        })
+    };
+    let resp = match req.uri().path() {
+        "/slow" => {
+            record(0);
+            tokio::time::sleep(Duration::from_millis(query_num(&req, "ms"))).await;
+            text(format!("backend={} slow\n", ctx.id))
+        }
+        "/gate" => {
+            record(0);
+            ctx.arrived.notify_one();
+            ctx.release.notified().await;
+            text(format!("backend={} gate\n", ctx.id))
+        }
+        "/download" => {
+            record(0);
+            let total = query_num(&req, "bytes") as usize;
+            let (tx, rx) = mpsc::channel::<Bytes>(4);
+            let release = ctx.release.clone();
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                let mut sent = 0;
+                let mut first = true;
+                while sent < total {
+                    let n = chunk.len().min(total - sent);
+                    if tx.send(chunk.slice(..n)).await.is_err() {
+                        return;
+                    }
+                    sent += n;
+                    if first {
+                        first = false;
+                        release.notified().await;
+                    }
+                }
+            });
+            let mut r = Response::new(ChannelBody(rx).boxed());
+            r.headers_mut().insert("content-length", total.into());
+            return Ok(r);
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut n = 0usize;
+            let mut first = true;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Some(d) = frame.data_ref() {
+                    n += d.len();
+                    if first && n > 0 {
+                        first = false;
+                        ctx.arrived.notify_one();
+                    }
+                }
+            }
+            record(n);
+            text(format!("received={n}\n"))
+        }
+        _ => {
+            let len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+            record(len);
+            text(format!("backend={} {} {}\n", ctx.id, method, path))
+        }
+    };
+    let mut r = Response::new(resp);
+    r.headers_mut().insert("x-backend", ctx.id.parse().unwrap());
+    Ok(r)
+}
+
+/// A response body fed from a channel, so the test controls its pace.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A plain HTTP/1.1 client connection (keep-alive: several requests on it).
+pub struct Client {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        Client { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>) -> Answer {
+        self.sender.ready().await.unwrap();
+        let resp = self.sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Answer {
+        self.send(get_req(path, &[])).await
+    }
+}
+
+pub fn empty() -> http_body_util::combinators::BoxBody<Bytes, std::io::Error> {
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn get_req(path: &str, headers: &[(&str, &str)]) -> Request<http_body_util::combinators::BoxBody<Bytes, std::io::Error>> {
+    let mut b = Request::get(path).header("host", "test.local");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(empty()).unwrap()
+}
+
+/// GET on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Answer {
+    Client::connect(addr).await.get(path).await
+}
+
+/// Send raw bytes, read until the server closes (or `within` passes).
+pub async fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Poll `cond` until true, failing after `within`.
+pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut cond: F) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
