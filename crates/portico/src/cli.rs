@@ -50,7 +50,11 @@ pub struct ProxyArgs {
 
     /// Most client connections served at once; past it a client gets
     /// `503 At capacity.` (the seed's --workers).
-    #[arg(long = "max-connections", visible_alias = "workers", default_value_t = 10_000)]
+    #[arg(
+        long = "max-connections",
+        visible_alias = "workers",
+        default_value_t = 10_000
+    )]
     pub max_connections: usize,
 
     /// Attempts per request on different replicas when connecting fails.

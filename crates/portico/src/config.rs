@@ -199,18 +199,36 @@ mod tests {
 
     #[test]
     fn listen_forms() {
-        assert_eq!(parse_listen("--listen", "9090").unwrap(), "0.0.0.0:9090".parse().unwrap());
-        assert_eq!(parse_listen("--listen", "127.0.0.1:0").unwrap(), "127.0.0.1:0".parse().unwrap());
-        assert_eq!(parse_listen("--listen", "[::1]:80").unwrap(), "[::1]:80".parse().unwrap());
+        assert_eq!(
+            parse_listen("--listen", "9090").unwrap(),
+            "0.0.0.0:9090".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen("--listen", "127.0.0.1:0").unwrap(),
+            "127.0.0.1:0".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen("--listen", "[::1]:80").unwrap(),
+            "[::1]:80".parse().unwrap()
+        );
         assert!(parse_listen("--listen", "nine").is_err());
     }
 
     #[test]
     fn tower_forms() {
-        assert_eq!(resolve_tower("127.0.0.1").unwrap(), "127.0.0.1:7772".parse().unwrap());
-        assert_eq!(resolve_tower("127.0.0.1:9").unwrap(), "127.0.0.1:9".parse().unwrap());
+        assert_eq!(
+            resolve_tower("127.0.0.1").unwrap(),
+            "127.0.0.1:7772".parse().unwrap()
+        );
+        assert_eq!(
+            resolve_tower("127.0.0.1:9").unwrap(),
+            "127.0.0.1:9".parse().unwrap()
+        );
         assert_eq!(resolve_tower("::1").unwrap(), "[::1]:7772".parse().unwrap());
-        assert_eq!(resolve_tower("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
+        assert_eq!(
+            resolve_tower("[::1]:9").unwrap(),
+            "[::1]:9".parse().unwrap()
+        );
         assert_eq!(resolve_tower("localhost:9").unwrap().port(), 9);
         assert!(resolve_tower("no such host.invalid").is_err());
     }

@@ -22,7 +22,13 @@ async fn keep_alive_routes_every_request_on_its_own() {
     let ing = ingress(t.addr, &["/api:api-service", "/:frontend"], &[]);
 
     let mut c = Client::connect(ing.addr).await;
-    for (path, want) in [("/api", "api"), ("/", "web"), ("/api/x?q=1", "api"), ("/apiary", "web"), ("/api/../", "web")] {
+    for (path, want) in [
+        ("/api", "api"),
+        ("/", "web"),
+        ("/api/x?q=1", "api"),
+        ("/apiary", "web"),
+        ("/api/../", "web"),
+    ] {
         let a = c.get(path).await;
         assert_eq!(a.status, 200, "{path}");
         assert_eq!(a.headers["x-backend"], want, "{path}");
@@ -46,7 +52,10 @@ async fn pipelined_requests_are_routed_separately() {
         DEADLINE,
     )
     .await;
-    let order: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("x-backend: ")).collect();
+    let order: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("x-backend: "))
+        .collect();
     assert_eq!(order, ["a", "b", "a"], "{out}");
 }
 
@@ -64,8 +73,13 @@ async fn failover_past_a_dead_replica_loses_no_request() {
     // POST with a body fails over too: nothing was sent to the dead replica.
     let mut c = Client::connect(ing.addr).await;
     for _ in 0..4 {
-        let body = http_body_util::Full::new(Bytes::from_static(b"payload")).map_err(|n| match n {}).boxed();
-        let req = Request::post("/submit").header("host", "x").body(body).unwrap();
+        let body = http_body_util::Full::new(Bytes::from_static(b"payload"))
+            .map_err(|n| match n {})
+            .boxed();
+        let req = Request::post("/submit")
+            .header("host", "x")
+            .body(body)
+            .unwrap();
         let a = c.send(req).await;
         assert_eq!(a.status, 200);
     }
@@ -84,9 +98,15 @@ async fn own_answers_404_503_502_504() {
         &["--backend-timeout", "300ms"],
     );
     let a = get(ing.addr, "/elsewhere").await;
-    assert_eq!((a.status, a.body.as_str()), (404, "No route for this path.\n"));
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (404, "No route for this path.\n")
+    );
     let a = get(ing.addr, "/missing").await;
-    assert_eq!((a.status, a.body.as_str()), (503, "Service not found in Tower\n"));
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (503, "Service not found in Tower\n")
+    );
     let a = get(ing.addr, "/dead").await;
     assert_eq!(a.status, 502, "{}", a.body);
     let a = get(ing.addr, "/slow?ms=3000").await;
@@ -116,7 +136,10 @@ async fn forwarding_headers() {
     );
     assert_eq!(c.send(req).await.status, 200);
     let seen = b.last_seen();
-    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.7, 10.0.0.1, 127.0.0.1"));
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.7, 10.0.0.1, 127.0.0.1")
+    );
     assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     assert_eq!(seen.header("x-forwarded-host"), Some("test.local"));
@@ -140,7 +163,10 @@ async fn ten_megabytes_stream_both_ways() {
     let resp = {
         let req = get_req(&format!("/download?bytes={TEN_MB}"), &[]);
         let s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+                .await
+                .unwrap();
         tokio::spawn(conn);
         sender.send_request(req).await.unwrap()
     };
@@ -148,7 +174,10 @@ async fn ten_megabytes_stream_both_ways() {
     let mut body = resp.into_body();
     let mut got = 0usize;
     let mut released = false;
-    while let Some(frame) = tokio::time::timeout(DEADLINE, body.frame()).await.expect("download stalled") {
+    while let Some(frame) = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("download stalled")
+    {
         got += frame.unwrap().data_ref().map_or(0, |d| d.len());
         if !released && got > 0 {
             released = true;
@@ -161,12 +190,17 @@ async fn ten_megabytes_stream_both_ways() {
     // backend has seen it.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let body = ChannelReqBody(rx).boxed();
-    let req = Request::post("/upload").header("host", "x").body(body).unwrap();
+    let req = Request::post("/upload")
+        .header("host", "x")
+        .body(body)
+        .unwrap();
     let arrived = b.arrived.clone();
     let feeder = tokio::spawn(async move {
         let chunk = Bytes::from(vec![b'u'; 64 * 1024]);
         tx.send(chunk.clone()).await.unwrap();
-        tokio::time::timeout(DEADLINE, arrived.notified()).await.expect("first upload chunk never reached the backend");
+        tokio::time::timeout(DEADLINE, arrived.notified())
+            .await
+            .expect("first upload chunk never reached the backend");
         for _ in 1..(TEN_MB / chunk.len()) {
             tx.send(chunk.clone()).await.unwrap();
         }
@@ -186,7 +220,9 @@ impl hyper::body::Body for ChannelReqBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
     }
 }
 
@@ -247,7 +283,12 @@ async fn past_the_connection_limit_clients_get_503_at_capacity() {
 }
 
 async fn get_status_raw(addr: std::net::SocketAddr) -> u16 {
-    let out = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", DEADLINE).await;
+    let out = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        DEADLINE,
+    )
+    .await;
     out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
@@ -263,18 +304,38 @@ async fn malformed_and_oversized_requests() {
     assert_eq!(status(out), "400", "HTTP/1.1 without Host (RFC 9112 3.2)");
     let out = raw(ing.addr, b"HELLO THERE\r\n\r\n", DEADLINE).await;
     assert_eq!(status(out), "400", "not HTTP");
-    let out = raw(ing.addr, b"GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n", DEADLINE).await;
+    let out = raw(
+        ing.addr,
+        b"GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n",
+        DEADLINE,
+    )
+    .await;
     assert_eq!(status(out), "400", "absolute-form naming another host");
-    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "a".repeat(20_000));
+    let long_uri = format!(
+        "GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(20_000)
+    );
     let out = raw(ing.addr, long_uri.as_bytes(), DEADLINE).await;
     assert_eq!(status(out), "414");
-    let big_header = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(100_000));
+    let big_header = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
     let out = raw(ing.addr, big_header.as_bytes(), DEADLINE).await;
     assert_eq!(status(out), "431");
     let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let out = raw(ing.addr, format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(), DEADLINE).await;
+    let out = raw(
+        ing.addr,
+        format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+        DEADLINE,
+    )
+    .await;
     assert_eq!(status(out), "431");
-    assert_eq!(b.hits.load(Ordering::SeqCst), 0, "nothing reached the backend");
+    assert_eq!(
+        b.hits.load(Ordering::SeqCst),
+        0,
+        "nothing reached the backend"
+    );
 }
 
 #[tokio::test]
@@ -283,27 +344,43 @@ async fn header_and_idle_timeouts_close_connections() {
     let t = tower("30s");
     let b = Backend::start("b").await;
     register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &["--header-timeout", "300ms", "--idle-timeout", "600ms"]);
+    let ing = ingress(
+        t.addr,
+        &["/:svc"],
+        &["--header-timeout", "300ms", "--idle-timeout", "600ms"],
+    );
 
     // A head trickled in and never finished is cut at the header timeout.
     let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await.expect("not closed").ok();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("not closed")
+        .ok();
     assert!(started.elapsed() >= Duration::from_millis(250));
 
     // A keep-alive connection with nothing to do is closed at the idle timeout,
     // and not at the (shorter) header timeout.
     let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut first = [0u8; 12];
     s.read_exact(&mut first).await.unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
     let idle_from = std::time::Instant::now();
     let mut rest = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await.expect("idle connection never closed").ok();
-    assert!(idle_from.elapsed() >= Duration::from_millis(500), "closed after {:?}", idle_from.elapsed());
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .expect("idle connection never closed")
+        .ok();
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(500),
+        "closed after {:?}",
+        idle_from.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -314,12 +391,17 @@ async fn sigterm_drains_in_flight_requests() {
     let mut ing = ingress(t.addr, &["/:svc"], &["--drain-timeout", "10s"]);
     let addr = ing.addr;
     let in_flight = tokio::spawn(async move { get(addr, "/gate").await });
-    tokio::time::timeout(DEADLINE, b.arrived.notified()).await.expect("request never reached the backend");
+    tokio::time::timeout(DEADLINE, b.arrived.notified())
+        .await
+        .expect("request never reached the backend");
     ing.signal(nix::sys::signal::Signal::SIGTERM);
     // Stops accepting promptly...
     let deadline = std::time::Instant::now() + DEADLINE;
     while tokio::net::TcpStream::connect(addr).await.is_ok() {
-        assert!(std::time::Instant::now() < deadline, "still accepting after SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepting after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // ...but the accepted request still gets its answer.
@@ -340,12 +422,17 @@ async fn http2_prior_knowledge_clients_are_routed_per_stream() {
     register(t.addr, "w", w.addr);
     let ing = ingress(t.addr, &["/a:a", "/:w"], &[]);
     let s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(s))
-        .await
-        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
     for (path, want) in [("/a/1", "a"), ("/x", "w"), ("/a", "a")] {
-        let req = Request::get(format!("http://h2.local{path}")).body(empty()).unwrap();
+        let req = Request::get(format!("http://h2.local{path}"))
+            .body(empty())
+            .unwrap();
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["x-backend"], want);

@@ -17,7 +17,13 @@ fn every_command_byte_for_byte() {
     let second = udp(a, b"LOOKUP|web");
     let mut both = [first.clone(), second];
     both.sort();
-    assert_eq!(both, ["OK|LOOKUP|web|127.0.0.1|8181", "OK|LOOKUP|web|127.0.0.1|8182"]);
+    assert_eq!(
+        both,
+        [
+            "OK|LOOKUP|web|127.0.0.1|8181",
+            "OK|LOOKUP|web|127.0.0.1|8182"
+        ]
+    );
     assert_eq!(udp(a, b"LOOKUP|web"), first);
     assert_eq!(udp(a, b"LOOKUP|nope"), "ERR|NOT_FOUND|nope");
     let list = udp(a, b"LIST");
@@ -27,8 +33,14 @@ fn every_command_byte_for_byte() {
             || list.starts_with("OK|LIST|2|web:127.0.0.1:8181:2"),
         "{list}"
     );
-    assert_eq!(udp(a, b"DEREGISTER|web|127.0.0.1|8181"), "OK|DEREGISTERED|web");
-    assert_eq!(udp(a, b"DEREGISTER|web|127.0.0.1|8181"), "ERR|NOT_FOUND|web");
+    assert_eq!(
+        udp(a, b"DEREGISTER|web|127.0.0.1|8181"),
+        "OK|DEREGISTERED|web"
+    );
+    assert_eq!(
+        udp(a, b"DEREGISTER|web|127.0.0.1|8181"),
+        "ERR|NOT_FOUND|web"
+    );
     for _ in 0..3 {
         assert_eq!(udp(a, b"LOOKUP|web"), "OK|LOOKUP|web|127.0.0.1|8182");
     }
@@ -39,7 +51,15 @@ fn ipv6_endpoints() {
     let t = tower("30s");
     assert_eq!(udp(t.addr, b"REGISTER|v6|::1|9000"), "OK|REGISTERED|v6");
     assert_eq!(udp(t.addr, b"LOOKUP|v6"), "OK|LOOKUP|v6|::1|9000");
-    assert_eq!(udp(t.addr, b"LIST").split('|').nth(3).unwrap().split(':').next(), Some("v6"));
+    assert_eq!(
+        udp(t.addr, b"LIST")
+            .split('|')
+            .nth(3)
+            .unwrap()
+            .split(':')
+            .next(),
+        Some("v6")
+    );
 }
 
 #[test]
@@ -51,8 +71,14 @@ fn malformed_datagrams_get_err_and_change_nothing() {
         (b"HELLO", "ERR|unknown command"),
         (b"", "ERR|unknown command"),
         (b"REGISTER|x|127.0.0.1", "ERR|REGISTER syntax: name|ip|port"),
-        (b"REGISTER|x|not-an-ip|80", "ERR|REGISTER syntax: name|ip|port"),
-        (b"REGISTER|x|127.0.0.1|99999", "ERR|REGISTER syntax: name|ip|port"),
+        (
+            b"REGISTER|x|not-an-ip|80",
+            "ERR|REGISTER syntax: name|ip|port",
+        ),
+        (
+            b"REGISTER|x|127.0.0.1|99999",
+            "ERR|REGISTER syntax: name|ip|port",
+        ),
         (b"DEREGISTER|keep", "ERR|DEREGISTER syntax: name|ip|port"),
         (b"\xff\xfe\x00", "ERR|request is not UTF-8 text"),
     ];
@@ -60,7 +86,10 @@ fn malformed_datagrams_get_err_and_change_nothing() {
         assert_eq!(udp(a, input), *want, "{:?}", String::from_utf8_lossy(input));
     }
     let long_name = format!("REGISTER|{}|127.0.0.1|1", "n".repeat(128));
-    assert_eq!(udp(a, long_name.as_bytes()), "ERR|REGISTER syntax: name|ip|port");
+    assert_eq!(
+        udp(a, long_name.as_bytes()),
+        "ERR|REGISTER syntax: name|ip|port"
+    );
     let huge = vec![b'A'; 4000];
     assert!(udp(a, &huge).starts_with("ERR|request too long"));
     // Still serving, registration intact.
@@ -71,21 +100,30 @@ fn malformed_datagrams_get_err_and_change_nothing() {
 #[test]
 fn echo_style_trailing_newline_is_accepted() {
     let t = tower("30s");
-    assert_eq!(udp(t.addr, b"REGISTER|nl|127.0.0.1|5\n"), "OK|REGISTERED|nl");
+    assert_eq!(
+        udp(t.addr, b"REGISTER|nl|127.0.0.1|5\n"),
+        "OK|REGISTERED|nl"
+    );
 }
 
 #[test]
 fn registrations_expire_after_ttl() {
     let t = tower("400ms");
     let start = Instant::now();
-    assert_eq!(udp(t.addr, b"REGISTER|brief|127.0.0.1|7"), "OK|REGISTERED|brief");
+    assert_eq!(
+        udp(t.addr, b"REGISTER|brief|127.0.0.1|7"),
+        "OK|REGISTERED|brief"
+    );
     assert_eq!(udp(t.addr, b"LOOKUP|brief"), "OK|LOOKUP|brief|127.0.0.1|7");
     let deadline = Instant::now() + Duration::from_secs(5);
     while udp(t.addr, b"LOOKUP|brief") != "ERR|NOT_FOUND|brief" {
         assert!(Instant::now() < deadline, "never expired");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(start.elapsed() >= Duration::from_millis(400), "expired early");
+    assert!(
+        start.elapsed() >= Duration::from_millis(400),
+        "expired early"
+    );
     assert_eq!(udp(t.addr, b"LIST"), "OK|LIST|0|");
 }
 

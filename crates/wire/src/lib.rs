@@ -452,7 +452,12 @@ mod tests {
         ];
         for (input, want) in cases {
             let got = decode_request(input).map_err(|e| e.reply());
-            assert_eq!(got, Err(want.clone()), "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                got,
+                Err(want.clone()),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 

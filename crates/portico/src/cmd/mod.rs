@@ -16,9 +16,15 @@ use crate::config::StartupError;
 
 pub async fn run(command: Command) -> Result<ExitCode, StartupError> {
     match command {
-        Command::Ingress(a) => ingress::run(a, shutdown_signal()).await.map(|()| ExitCode::SUCCESS),
-        Command::Tower(a) => tower::run(a, shutdown_signal()).await.map(|()| ExitCode::SUCCESS),
-        Command::Up(a) => up::run(a, shutdown_signal()).await.map(|()| ExitCode::SUCCESS),
+        Command::Ingress(a) => ingress::run(a, shutdown_signal())
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Tower(a) => tower::run(a, shutdown_signal())
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Up(a) => up::run(a, shutdown_signal())
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Register(a) => register::run(a).await,
         Command::Services(a) => services::run(a).await.map(|()| ExitCode::SUCCESS),
     }
@@ -29,7 +35,9 @@ pub async fn run(command: Command) -> Result<ExitCode, StartupError> {
 pub fn shutdown_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
             tracing::error!("cannot install the SIGTERM handler; stop with SIGKILL");
             return;
         };

@@ -40,19 +40,19 @@ pub async fn run(a: RegisterArgs) -> Result<ExitCode, StartupError> {
     let mut term = signal(SignalKind::terminate()).map_err(StartupError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Runtime)?;
 
-    let mut child = match a.command.split_first() {
-        Some((program, args)) => {
-            let child = Command::new(program)
-                .args(args)
-                .spawn()
-                .map_err(|source| StartupError::Spawn {
-                    command: a.command.join(" "),
-                    source,
+    let mut child =
+        match a.command.split_first() {
+            Some((program, args)) => {
+                let child = Command::new(program).args(args).spawn().map_err(|source| {
+                    StartupError::Spawn {
+                        command: a.command.join(" "),
+                        source,
+                    }
                 })?;
-            Some(child)
-        }
-        None => None,
-    };
+                Some(child)
+            }
+            None => None,
+        };
     if let Some(c) = child.as_mut() {
         // Register only once the replica can take traffic.
         tokio::select! {
@@ -83,7 +83,10 @@ pub async fn run(a: RegisterArgs) -> Result<ExitCode, StartupError> {
             },
         }
     };
-    match client.call(&Request::Deregister(registration.clone())).await {
+    match client
+        .call(&Request::Deregister(registration.clone()))
+        .await
+    {
         Ok(Reply::Deregistered(_)) | Ok(Reply::Error(ErrorReply::NotFound(_))) => {
             tracing::info!(name = %registration.name, addr = %registration.addr, "deregistered");
         }
@@ -129,7 +132,10 @@ async fn wait_child(child: &mut Option<Child>) -> Option<std::process::ExitStatu
 /// Pass SIGTERM on and wait for the command; SIGKILL after 30 s.
 async fn stop_child(child: &mut Child) -> ExitCode {
     if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
         Ok(status) => exit_code(status.ok()),

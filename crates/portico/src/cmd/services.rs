@@ -22,9 +22,9 @@ pub async fn run(a: ServicesArgs) -> Result<(), StartupError> {
         Reply::List(entries) => entries,
         Reply::Error(e) => return Err(StartupError::TowerRefused(e)),
         other => {
-            return Err(StartupError::TowerRefused(portico_wire::ErrorReply::Other(format!(
-                "unexpected reply {other:?}"
-            ))))
+            return Err(StartupError::TowerRefused(portico_wire::ErrorReply::Other(
+                format!("unexpected reply {other:?}"),
+            )))
         }
     };
     let entries: Vec<_> = entries
@@ -45,10 +45,20 @@ pub async fn run(a: ServicesArgs) -> Result<(), StartupError> {
         println!("{text}");
         return Ok(());
     }
-    let width = entries.iter().map(|e| e.name.as_str().len()).max().unwrap_or(0).max(7);
+    let width = entries
+        .iter()
+        .map(|e| e.name.as_str().len())
+        .max()
+        .unwrap_or(0)
+        .max(7);
     println!("{:<width$}  {:<40}  TTL", "SERVICE", "ENDPOINT");
     for e in &entries {
-        println!("{:<width$}  {:<40}  {}s", e.name.as_str(), e.addr.to_string(), e.ttl_left_secs);
+        println!(
+            "{:<width$}  {:<40}  {}s",
+            e.name.as_str(),
+            e.addr.to_string(),
+            e.ttl_left_secs
+        );
     }
     if entries.is_empty() {
         println!("(no live registrations)");

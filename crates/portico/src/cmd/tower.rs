@@ -19,11 +19,13 @@ pub async fn run(args: TowerArgs, shutdown: watch::Receiver<bool>) -> Result<(),
 }
 
 pub async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, StartupError> {
-    let socket = UdpSocket::bind(addr).await.map_err(|source| StartupError::Bind {
-        what: "the Tower (UDP)",
-        addr,
-        source,
-    })?;
+    let socket = UdpSocket::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind {
+            what: "the Tower (UDP)",
+            addr,
+            source,
+        })?;
     let local = socket.local_addr().unwrap_or(addr);
     tracing::info!("tower listening on udp {local}");
     Ok(socket)

@@ -88,7 +88,9 @@ impl Discovery {
                 .ok_or_else(|| DiscoveryError::NotFound(service.clone())),
             Source::Lookup(client) => match client.call(&Request::Lookup(service.clone())).await? {
                 Reply::Lookup(r) => Ok(r.addr),
-                Reply::Error(ErrorReply::NotFound(_)) => Err(DiscoveryError::NotFound(service.clone())),
+                Reply::Error(ErrorReply::NotFound(_)) => {
+                    Err(DiscoveryError::NotFound(service.clone()))
+                }
                 Reply::Error(e) => Err(DiscoveryError::TowerRefused(e)),
                 other => Err(DiscoveryError::TowerRefused(ErrorReply::Other(format!(
                     "unexpected reply {other:?}"

@@ -75,7 +75,9 @@ impl ConnState {
     /// When the watchdog must look again, or `None` if a timeout has passed.
     fn next_deadline(&self, t: &ConnTimeouts) -> Option<Duration> {
         let now = self.now_ms();
-        let idle_for = |limit: Duration| (self.last_io.load(Ordering::Relaxed) + limit.as_millis() as u64).checked_sub(now);
+        let idle_for = |limit: Duration| {
+            (self.last_io.load(Ordering::Relaxed) + limit.as_millis() as u64).checked_sub(now)
+        };
         let left_ms = if self.in_flight.load(Ordering::Relaxed) > 0 {
             idle_for(t.idle.max(t.backend))?
         } else {
@@ -123,7 +125,11 @@ impl Tracked {
 }
 
 impl AsyncRead for Tracked {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
@@ -135,7 +141,11 @@ impl AsyncRead for Tracked {
 }
 
 impl AsyncWrite for Tracked {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let polled = this.inner.poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
@@ -223,12 +233,21 @@ mod tests {
         assert!(d <= Duration::from_secs(10) && d > Duration::from_secs(9));
         let g = s.begin_request();
         let d = s.next_deadline(&t).unwrap_or_default();
-        assert!(d > Duration::from_secs(59), "in flight waits for the backend");
+        assert!(
+            d > Duration::from_secs(59),
+            "in flight waits for the backend"
+        );
         drop(g);
         let d = s.next_deadline(&t).unwrap_or_default();
-        assert!(d > Duration::from_secs(29), "idle keep-alive gets the idle timeout");
+        assert!(
+            d > Duration::from_secs(29),
+            "idle keep-alive gets the idle timeout"
+        );
         s.touch(true);
         let d = s.next_deadline(&t).unwrap_or_default();
-        assert!(d <= Duration::from_secs(10), "a started head gets the header timeout");
+        assert!(
+            d <= Duration::from_secs(10),
+            "a started head gets the header timeout"
+        );
     }
 }

@@ -64,20 +64,23 @@ impl ProxyError {
             ProxyError::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "No route for this path.\n"),
             ProxyError::Discovery(e) => match e {
-                DiscoveryError::NotFound(_) => {
-                    (StatusCode::SERVICE_UNAVAILABLE, "Service not found in Tower\n")
-                }
-                DiscoveryError::Exhausted(_) => {
-                    (StatusCode::BAD_GATEWAY, "Bad gateway: no replica answered.\n")
-                }
+                DiscoveryError::NotFound(_) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service not found in Tower\n",
+                ),
+                DiscoveryError::Exhausted(_) => (
+                    StatusCode::BAD_GATEWAY,
+                    "Bad gateway: no replica answered.\n",
+                ),
                 DiscoveryError::Tower(_) | DiscoveryError::TowerRefused(_) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Tower unreachable: cannot look up the service.\n",
                 ),
             },
-            ProxyError::Unreachable { .. } => {
-                (StatusCode::BAD_GATEWAY, "Bad gateway: no replica answered.\n")
-            }
+            ProxyError::Unreachable { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "Bad gateway: no replica answered.\n",
+            ),
             ProxyError::Backend { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "Bad gateway: the backend failed to answer.\n",

@@ -113,20 +113,26 @@ async fn proxy_request(
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let host_header = hosts.next().cloned();
     if hosts.next().is_some() {
-        return Err(ProxyError::BadRequest("Bad request: more than one Host header.\n"));
+        return Err(ProxyError::BadRequest(
+            "Bad request: more than one Host header.\n",
+        ));
     }
     if host_header.is_none() && parts.version == Version::HTTP_11 {
         // RFC 9112 section 3.2: a server must answer 400 to such a request.
-        return Err(ProxyError::BadRequest("Bad request: HTTP/1.1 requires a Host header.\n"));
+        return Err(ProxyError::BadRequest(
+            "Bad request: HTTP/1.1 requires a Host header.\n",
+        ));
     }
     let host = request_host(&parts.uri, host_header.as_ref())?;
     let raw_path = parts.uri.path();
     let path: Cow<'_, str> = if route::is_normal(raw_path) {
         Cow::Borrowed(raw_path)
     } else {
-        Cow::Owned(route::normalise_path(raw_path).ok_or(ProxyError::BadRequest(
-            "Bad request: the request target must be an absolute path.\n",
-        ))?)
+        Cow::Owned(
+            route::normalise_path(raw_path).ok_or(ProxyError::BadRequest(
+                "Bad request: the request target must be an absolute path.\n",
+            ))?,
+        )
     };
     let route = proxy
         .routes
@@ -139,9 +145,8 @@ async fn proxy_request(
         Some(q) => format!("{path}?{q}"),
         None => path.into_owned(),
     };
-    parts.uri = Uri::try_from(target).map_err(|_| {
-        ProxyError::BadRequest("Bad request: the request target is malformed.\n")
-    })?;
+    parts.uri = Uri::try_from(target)
+        .map_err(|_| ProxyError::BadRequest("Bad request: the request target is malformed.\n"))?;
     parts.version = Version::HTTP_11;
     headers::remove_hop_by_hop(&mut parts.headers);
     let host_value = match host_header {
@@ -152,7 +157,12 @@ async fn proxy_request(
     if let Some(h) = &host_value {
         parts.headers.insert(header::HOST, h.clone());
     }
-    headers::add_forwarding(&mut parts.headers, client.addr.ip(), "http", host_value.as_ref());
+    headers::add_forwarding(
+        &mut parts.headers,
+        client.addr.ip(),
+        "http",
+        host_value.as_ref(),
+    );
 
     // A bodiless idempotent request may be sent again after bytes went out.
     let replay = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
@@ -222,7 +232,8 @@ async fn send_with_failover(
             let Some(req) = request.take() else {
                 break;
             };
-            let sent = tokio::time::timeout(proxy.backend_timeout, sender.try_send_request(req)).await;
+            let sent =
+                tokio::time::timeout(proxy.backend_timeout, sender.try_send_request(req)).await;
             match sent {
                 Err(_elapsed) => {
                     return Err(ProxyError::Timeout {
@@ -235,7 +246,9 @@ async fn send_with_failover(
                     health.record_success(addr);
                     headers::remove_hop_by_hop(resp.headers_mut());
                     let pool = proxy.pool.clone();
-                    return Ok(resp.map(|body| ResponseBody::upstream(UpstreamBody::new(body, pool, addr, sender))));
+                    return Ok(resp.map(|body| {
+                        ResponseBody::upstream(UpstreamBody::new(body, pool, addr, sender))
+                    }));
                 }
                 Ok(Err(mut e)) => {
                     let unsent = e.take_message();
@@ -289,13 +302,18 @@ fn is_idempotent(m: &Method) -> bool {
 /// absolute-form target whose host differs from the Host header is refused
 /// (RFC 9112 section 3.2.2 lets a proxy pick either; a mismatch is a classic
 /// routing-confusion probe).
-fn request_host(uri: &Uri, host_header: Option<&HeaderValue>) -> Result<Option<String>, ProxyError> {
+fn request_host(
+    uri: &Uri,
+    host_header: Option<&HeaderValue>,
+) -> Result<Option<String>, ProxyError> {
     let from_header = match host_header {
         Some(v) => Some(
             v.to_str()
                 .ok()
                 .and_then(|s| s.parse::<http::uri::Authority>().ok())
-                .ok_or(ProxyError::BadRequest("Bad request: malformed Host header.\n"))?,
+                .ok_or(ProxyError::BadRequest(
+                    "Bad request: malformed Host header.\n",
+                ))?,
         ),
         None => None,
     };

@@ -45,7 +45,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Add the forwarding headers: X-Forwarded-For appended to (a client's chain
 /// is kept, in order, as one header), X-Real-IP, X-Forwarded-Proto and
 /// X-Forwarded-Host set from what this hop saw, replacing client values.
-pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, proto: &'static str, host: Option<&HeaderValue>) {
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
     let client_str = client.to_string();
     let mut chain = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR) {
@@ -89,7 +94,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -114,7 +122,10 @@ mod tests {
 
     #[test]
     fn xff_is_appended_to_the_client_chain() {
-        let mut h = map(&[("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-for", "3.3.3.3")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1, 2.2.2.2"),
+            ("x-forwarded-for", "3.3.3.3"),
+        ]);
         add_forwarding(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");

@@ -175,9 +175,7 @@ pub fn normalise_path(path: &str) -> Option<String> {
         out.push_str(s);
     }
     // A trailing slash (or a trailing dot segment) names a directory: keep it.
-    let ends_as_dir = decoded.ends_with('/')
-        || decoded.ends_with("/.")
-        || decoded.ends_with("/..");
+    let ends_as_dir = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
     if out.is_empty() || (ends_as_dir && !segments.is_empty()) {
         out.push('/');
     }
@@ -267,8 +265,14 @@ mod tests {
     fn dot_segments_cannot_escape_a_route() {
         let t = table(&["/public:pub", "/admin:adm"]);
         assert_eq!(svc(&t, None, "/public/../admin").as_deref(), Some("adm"));
-        assert_eq!(svc(&t, None, "/public/%2e%2e/admin").as_deref(), Some("adm"));
-        assert_eq!(svc(&t, None, "/public/%2E%2E/admin").as_deref(), Some("adm"));
+        assert_eq!(
+            svc(&t, None, "/public/%2e%2e/admin").as_deref(),
+            Some("adm")
+        );
+        assert_eq!(
+            svc(&t, None, "/public/%2E%2E/admin").as_deref(),
+            Some("adm")
+        );
         assert_eq!(svc(&t, None, "//admin").as_deref(), Some("adm"));
         assert_eq!(svc(&t, None, "/./admin").as_deref(), Some("adm"));
         assert_eq!(svc(&t, None, "/../../admin/x").as_deref(), Some("adm"));
@@ -303,13 +307,25 @@ mod tests {
     #[test]
     fn host_routes() {
         let t = table(&["api.example.com/v1:api", "/:web", "/v1:v1"]);
-        assert_eq!(svc(&t, Some("api.example.com"), "/v1/x").as_deref(), Some("api"));
-        assert_eq!(svc(&t, Some("API.Example.com"), "/v1").as_deref(), Some("api"));
+        assert_eq!(
+            svc(&t, Some("api.example.com"), "/v1/x").as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            svc(&t, Some("API.Example.com"), "/v1").as_deref(),
+            Some("api")
+        );
         assert_eq!(svc(&t, Some("other.com"), "/v1").as_deref(), Some("v1"));
         assert_eq!(svc(&t, None, "/v1").as_deref(), Some("v1"));
-        assert_eq!(svc(&t, Some("api.example.com"), "/").as_deref(), Some("web"));
+        assert_eq!(
+            svc(&t, Some("api.example.com"), "/").as_deref(),
+            Some("web")
+        );
         let t = table(&["example.com:site"]);
-        assert_eq!(svc(&t, Some("example.com"), "/any").as_deref(), Some("site"));
+        assert_eq!(
+            svc(&t, Some("example.com"), "/any").as_deref(),
+            Some("site")
+        );
         assert_eq!(svc(&t, Some("other.com"), "/any"), None);
     }
 
@@ -322,7 +338,16 @@ mod tests {
 
     #[test]
     fn bad_routes_are_refused_with_the_reason() {
-        for bad in ["", "/api", "api", ":svc", "/api:", "/api:a b", "ex ample.com/:x", "/api:a|b"] {
+        for bad in [
+            "",
+            "/api",
+            "api",
+            ":svc",
+            "/api:",
+            "/api:a b",
+            "ex ample.com/:x",
+            "/api:a|b",
+        ] {
             assert!(Route::parse(bad).is_err(), "{bad:?}");
         }
         assert_eq!(

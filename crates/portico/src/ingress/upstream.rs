@@ -43,7 +43,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("settings", &self.settings).finish()
+        f.debug_struct("Pool")
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 

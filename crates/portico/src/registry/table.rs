@@ -116,11 +116,14 @@ impl Table {
         {
             return Err(ErrorReply::RegistryFull);
         }
-        self.services.entry(r.name.clone()).or_default().push(Entry {
-            addr: r.addr,
-            expires,
-            last_served: 0,
-        });
+        self.services
+            .entry(r.name.clone())
+            .or_default()
+            .push(Entry {
+                addr: r.addr,
+                expires,
+                last_served: 0,
+            });
         self.total += 1;
         self.revision += 1;
         Ok(())
@@ -230,7 +233,10 @@ mod tests {
             t.handle(req("REGISTER|web|127.0.0.1|8181"), now),
             Reply::Registered(ServiceName::parse("web").unwrap())
         );
-        assert_eq!(lookup_addr(&mut t, "web", now).as_deref(), Some("127.0.0.1:8181"));
+        assert_eq!(
+            lookup_addr(&mut t, "web", now).as_deref(),
+            Some("127.0.0.1:8181")
+        );
         assert_eq!(lookup_addr(&mut t, "other", now), None);
     }
 
@@ -244,7 +250,10 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(lookup_addr(&mut t, "web", now).unwrap(), a);
         t.handle(req("REGISTER|web|10.0.0.3|80"), now);
-        assert_eq!(lookup_addr(&mut t, "web", now).as_deref(), Some("10.0.0.3:80"));
+        assert_eq!(
+            lookup_addr(&mut t, "web", now).as_deref(),
+            Some("10.0.0.3:80")
+        );
     }
 
     #[test]
@@ -252,7 +261,10 @@ mod tests {
         let (mut t, now) = table();
         t.handle(req("REGISTER|web|10.0.0.1|80"), now);
         let rev = t.revision();
-        t.handle(req("REGISTER|web|10.0.0.1|80"), now + Duration::from_secs(20));
+        t.handle(
+            req("REGISTER|web|10.0.0.1|80"),
+            now + Duration::from_secs(20),
+        );
         assert_eq!(t.len(), 1);
         assert_eq!(t.revision(), rev, "a refresh is not a change");
         // Alive at 49 s (20 + 30 > 49), gone at 50 s.
@@ -264,7 +276,10 @@ mod tests {
     fn entries_expire_after_ttl_and_are_reaped() {
         let (mut t, now) = table();
         t.handle(req("REGISTER|web|10.0.0.1|80"), now);
-        t.handle(req("REGISTER|db|10.0.0.2|5432"), now + Duration::from_secs(10));
+        t.handle(
+            req("REGISTER|db|10.0.0.2|5432"),
+            now + Duration::from_secs(10),
+        );
         let at = now + Duration::from_secs(30);
         assert!(lookup_addr(&mut t, "web", at).is_none(), "expired at ttl");
         assert!(lookup_addr(&mut t, "db", at).is_some());
@@ -284,7 +299,10 @@ mod tests {
             Reply::Deregistered(ServiceName::parse("web").unwrap())
         );
         for _ in 0..3 {
-            assert_eq!(lookup_addr(&mut t, "web", now).as_deref(), Some("10.0.0.2:80"));
+            assert_eq!(
+                lookup_addr(&mut t, "web", now).as_deref(),
+                Some("10.0.0.2:80")
+            );
         }
         assert_eq!(
             t.handle(req("DEREGISTER|web|10.0.0.1|80"), now),
@@ -301,7 +319,8 @@ mod tests {
         let (mut t, now) = table();
         t.handle(req("REGISTER|b|10.0.0.2|80"), now);
         t.handle(req("REGISTER|a|::1|81"), now);
-        let reply = portico_wire::encode_reply(&t.handle(req("LIST"), now + Duration::from_millis(1500)));
+        let reply =
+            portico_wire::encode_reply(&t.handle(req("LIST"), now + Duration::from_millis(1500)));
         assert_eq!(
             String::from_utf8(reply).unwrap(),
             "OK|LIST|2|a:::1:81:28,b:10.0.0.2:80:28"

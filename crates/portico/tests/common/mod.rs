@@ -62,7 +62,10 @@ impl Proc {
             Ok(a) => a.parse().expect("listen address"),
             Err(_) => {
                 let _ = child.kill();
-                panic!("portico {args:?} did not log {marker:?}: {:?}", log.lock().unwrap());
+                panic!(
+                    "portico {args:?} did not log {marker:?}: {:?}",
+                    log.lock().unwrap()
+                );
             }
         };
         Proc { child, addr, log }
@@ -79,7 +82,10 @@ impl Proc {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "process did not exit within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -125,13 +131,19 @@ pub fn udp(tower: SocketAddr, msg: &[u8]) -> String {
 }
 
 pub fn register(tower: SocketAddr, name: &str, addr: SocketAddr) {
-    let reply = udp(tower, format!("REGISTER|{name}|{}|{}", addr.ip(), addr.port()).as_bytes());
+    let reply = udp(
+        tower,
+        format!("REGISTER|{name}|{}|{}", addr.ip(), addr.port()).as_bytes(),
+    );
     assert_eq!(reply, format!("OK|REGISTERED|{name}"));
 }
 
 /// A port on which nothing listens (bound, then released).
 pub fn dead_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// What the echo backend saw of one request.
@@ -145,7 +157,10 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.first()).map(String::as_str)
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
     }
 }
 
@@ -189,7 +204,9 @@ impl Backend {
         };
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| answer(ctx.clone(), req));
@@ -211,7 +228,12 @@ impl Backend {
     }
 
     pub fn last_seen(&self) -> Seen {
-        self.seen.lock().unwrap().last().cloned().expect("backend saw a request")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("backend saw a request")
     }
 }
 
@@ -311,7 +333,12 @@ async fn answer(ctx: Ctx, req: Request<Incoming>) -> Result<Response<BoxBody>, I
             text(format!("received={n}\n"))
         }
         _ => {
-            let len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+            let len = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
             record(len);
             text(format!("backend={} {} {}\n", ctx.id, method, path))
         }
@@ -337,7 +364,9 @@ impl hyper::body::Body for ChannelBody {
 
 /// A plain HTTP/1.1 client connection (keep-alive: several requests on it).
 pub struct Client {
-    sender: hyper::client::conn::http1::SendRequest<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>,
+    sender: hyper::client::conn::http1::SendRequest<
+        http_body_util::combinators::BoxBody<Bytes, std::io::Error>,
+    >,
 }
 
 pub struct Answer {
@@ -349,12 +378,17 @@ pub struct Answer {
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         Client { sender }
     }
 
-    pub async fn send(&mut self, req: Request<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>) -> Answer {
+    pub async fn send(
+        &mut self,
+        req: Request<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>,
+    ) -> Answer {
         self.sender.ready().await.unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
@@ -373,10 +407,15 @@ impl Client {
 }
 
 pub fn empty() -> http_body_util::combinators::BoxBody<Bytes, std::io::Error> {
-    http_body_util::Empty::new().map_err(|never| match never {}).boxed()
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
-pub fn get_req(path: &str, headers: &[(&str, &str)]) -> Request<http_body_util::combinators::BoxBody<Bytes, std::io::Error>> {
+pub fn get_req(
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Request<http_body_util::combinators::BoxBody<Bytes, std::io::Error>> {
     let mut b = Request::get(path).header("host", "test.local");
     for (k, v) in headers {
         b = b.header(*k, *v);
