@@ -196,17 +196,10 @@ async fn send_with_failover(
     for _ in 0..proxy.attempts {
         let addr = match proxy.discovery.pick(service, &tried).await {
             Ok(a) => a,
-            Err(e @ (DiscoveryError::Exhausted(_) | DiscoveryError::NotFound(_))) => match last {
-                Some((last_addr, source)) => {
-                    return Err(ProxyError::Unreachable {
-                        service: service.clone(),
-                        attempts: tried.len() as u32,
-                        last_addr,
-                        source,
-                    })
-                }
-                None => return Err(e.into()),
-            },
+            // Out of replicas to try: report what went wrong with the last one.
+            Err(e @ (DiscoveryError::Exhausted(_) | DiscoveryError::NotFound(_))) => {
+                return Err(give_up(service, &tried, last).unwrap_or(e.into()))
+            }
             Err(e) => return Err(e.into()),
         };
         tried.push(addr);
@@ -270,15 +263,21 @@ async fn send_with_failover(
             }
         }
     }
-    match last {
-        Some((last_addr, source)) => Err(ProxyError::Unreachable {
-            service: service.clone(),
-            attempts: tried.len() as u32,
-            last_addr,
-            source,
-        }),
-        None => Err(DiscoveryError::Exhausted(service.clone()).into()),
-    }
+    Err(give_up(service, &tried, last)
+        .unwrap_or_else(|| DiscoveryError::Exhausted(service.clone()).into()))
+}
+
+fn give_up(
+    service: &portico_wire::ServiceName,
+    tried: &[SocketAddr],
+    last: Option<(SocketAddr, UpstreamError)>,
+) -> Option<ProxyError> {
+    last.map(|(last_addr, source)| ProxyError::Unreachable {
+        service: service.clone(),
+        attempts: tried.len() as u32,
+        last_addr,
+        source,
+    })
 }
 
 fn rebuild(template: &Request<()>) -> Request<UpstreamRequestBody> {
