@@ -439,3 +439,52 @@ async fn http2_prior_knowledge_clients_are_routed_per_stream() {
     }
     assert_eq!(a.last_seen().header("host"), Some("h2.local"));
 }
+
+#[tokio::test]
+async fn tower_down_is_a_clear_503_and_recovery_is_automatic() {
+    let b = Backend::start("b").await;
+    // A UDP port where no Tower answers yet.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tower_addr = silent.local_addr().unwrap();
+    drop(silent);
+    let ing = ingress(tower_addr, &["/:svc"], &["--tower-timeout", "100ms"]);
+    let a = get(ing.addr, "/").await;
+    assert_eq!(a.status, 503);
+    assert!(a.body.starts_with("Tower unreachable"), "{}", a.body);
+
+    // The Tower comes up on that port: the same ingress routes, no restart.
+    let t = Proc::start(
+        &["tower", "--listen", &tower_addr.to_string()],
+        "tower listening on udp ",
+    );
+    register(t.addr, "svc", b.addr);
+    assert_eq!(get(ing.addr, "/").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_backend_sending_garbage_is_a_502_and_harms_no_one_else() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = tower("30s");
+    let good = Backend::start("good").await;
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let garbage_addr = garbage.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = garbage.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"SSH-2.0-OpenSSH\r\n\x00\x01garbage\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    register(t.addr, "bad", garbage_addr);
+    register(t.addr, "good", good.addr);
+    let ing = ingress(t.addr, &["/bad:bad", "/:good"], &[]);
+    let mut c = Client::connect(ing.addr).await;
+    let a = c.send(get_req("/bad", &[])).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    // The same client connection goes on serving.
+    assert_eq!(c.get("/fine").await.status, 200);
+}
