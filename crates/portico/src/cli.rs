@@ -2,6 +2,7 @@
 //! their types here (durations, addresses); cross-field checks live in
 //! `config`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -101,6 +102,11 @@ pub struct ProxyArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+
+    /// How a replica is chosen among those of a service (watch mode; in
+    /// lookup mode the Tower's round robin decides).
+    #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]
+    pub balance: Balance,
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +121,29 @@ pub struct IngressArgs {
     /// How long to wait for the Tower's answer to a LOOKUP before asking again.
     #[arg(long, value_parser = parse_duration, default_value = "250ms")]
     pub tower_timeout: Duration,
+
+    /// How to learn endpoints: `watch` keeps a local table fed by the
+    /// Tower's HTTP watch (no registry round trip per request); `lookup`
+    /// asks the Tower over UDP per request, as the seed; `auto` watches when
+    /// the Tower has an HTTP API and falls back to lookup when it does not.
+    #[arg(long, value_enum, default_value_t = DiscoveryMode::Auto)]
+    pub discovery: DiscoveryMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiscoveryMode {
+    Auto,
+    Watch,
+    Lookup,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Balance {
+    /// In turn, as the Tower's LOOKUP.
+    #[default]
+    RoundRobin,
+    /// Two replicas at random, the one with fewer requests in flight.
+    P2c,
 }
 
 /// Options of the registry daemon, alone or in `up`.
@@ -131,6 +160,16 @@ pub struct RegistryArgs {
     /// Most replicas under one name.
     #[arg(long, default_value_t = 1024)]
     pub max_per_name: usize,
+
+    /// TCP address of the HTTP API (list, watch, register): `same` as the
+    /// UDP address, ADDR:PORT, or `off`.
+    #[arg(long, default_value = "same")]
+    pub http: String,
+
+    /// Require REGISTER/DEREGISTER (UDP and HTTP) to be signed with the key
+    /// in this file (HMAC-SHA256; reads stay open).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +221,11 @@ pub struct RegisterArgs {
     /// --port before registering anyway.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub ready_timeout: Duration,
+
+    /// Sign registrations with the key in this file (for a Tower started
+    /// with --key-file).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 
     /// Command to run; registered while it lives, its exit status is ours.
     #[arg(last = true)]

@@ -46,6 +46,8 @@ pub enum StartupError {
     Tower(#[from] crate::registry::client::TowerError),
     #[error("the Tower refused: {0}")]
     TowerRefused(portico_wire::ErrorReply),
+    #[error(transparent)]
+    Key(#[from] crate::registry::auth::KeyError),
 }
 
 fn bind_advice(what: &str, addr: &SocketAddr, e: &io::Error) -> String {
@@ -109,6 +111,7 @@ pub struct ProxyConfig {
     pub attempts: u32,
     pub backend_timeout: Duration,
     pub max_uri_bytes: usize,
+    pub balance: crate::cli::Balance,
 }
 
 impl ProxyConfig {
@@ -173,6 +176,7 @@ impl ProxyConfig {
             backend_timeout: a.backend_timeout,
             // The request line must fit in the head, and a little headroom.
             max_uri_bytes: a.max_header_bytes.min(16 * 1024),
+            balance: a.balance,
         })
     }
 }

@@ -137,6 +137,9 @@ pub enum ErrorReply {
     NotText,
     /// `ERR|reply too large for one datagram: <n> entries; use the HTTP API`
     ReplyTooLarge { entries: usize },
+    /// `ERR|unauthorized: <why>`: a write without a valid signature on a
+    /// Tower that requires one.
+    Unauthorized(String),
     /// Any other `ERR|...` text, kept so that a client can show it.
     Other(String),
 }
@@ -158,6 +161,7 @@ impl fmt::Display for ErrorReply {
                 f,
                 "reply too large for one datagram: {entries} entries; use the HTTP API"
             ),
+            ErrorReply::Unauthorized(why) => write!(f, "unauthorized: {why}"),
             ErrorReply::Other(text) => f.write_str(text),
         }
     }
@@ -242,23 +246,111 @@ fn parse_registration(fields: &[&str]) -> Option<Registration> {
     }
 }
 
-/// Decode one request datagram.
-pub fn decode_request(datagram: &[u8]) -> Result<Request, DecodeError> {
+/// The signature a write (REGISTER, DEREGISTER) may carry:
+/// `REGISTER|name|ip|port|<ts_ms>|<hmac>`, where `hmac` is the lower-case hex
+/// HMAC-SHA256, under the Tower's key, of every byte before its own `|`,
+/// and `ts_ms` is the sender's Unix time in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signature {
+    pub ts_ms: u64,
+    pub mac: [u8; 32],
+}
+
+/// A decoded request with its signature, if it carried one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub request: Request,
+    pub signature: Option<Signature>,
+    /// How many leading bytes of the datagram the signature covers.
+    pub signed_len: usize,
+}
+
+/// 64 hex digits (either case) as 32 bytes, as signatures are written.
+pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Lower-case hex, as signatures are written.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Split `name|ip|port[|ts|hmac]` into the registration and its signature.
+fn parse_write(fields: &[&str]) -> Option<(Registration, Option<Signature>)> {
+    match fields {
+        [_, _, _] => Some((parse_registration(fields)?, None)),
+        [name, ip, port, ts, mac] => {
+            if ts.is_empty() || !ts.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let signature = Signature {
+                ts_ms: ts.parse().ok()?,
+                mac: parse_hex32(mac)?,
+            };
+            Some((parse_registration(&[name, ip, port])?, Some(signature)))
+        }
+        _ => None,
+    }
+}
+
+/// Decode one request datagram, keeping its signature.
+pub fn decode_envelope(datagram: &[u8]) -> Result<Envelope, DecodeError> {
     if datagram.len() > MAX_REQUEST_LEN {
         return Err(DecodeError::TooLong(datagram.len()));
     }
-    let text = std::str::from_utf8(trim_line_end(datagram)).map_err(|_| DecodeError::NotText)?;
+    let trimmed = trim_line_end(datagram);
+    let text = std::str::from_utf8(trimmed).map_err(|_| DecodeError::NotText)?;
     let mut fields = text.split('|');
     let command = fields.next().unwrap_or_default();
     let rest: Vec<&str> = fields.collect();
+    let write = |make: fn(Registration) -> Request, err: DecodeError| {
+        let (registration, signature) = parse_write(&rest).ok_or(err)?;
+        let signed_len = match signature {
+            Some(_) => text.rfind('|').unwrap_or(text.len()),
+            None => text.len(),
+        };
+        Ok(Envelope {
+            request: make(registration),
+            signature,
+            signed_len,
+        })
+    };
     match command {
-        "REGISTER" => parse_registration(&rest)
-            .map(Request::Register)
-            .ok_or(DecodeError::Register),
-        "DEREGISTER" => parse_registration(&rest)
-            .map(Request::Deregister)
-            .ok_or(DecodeError::Deregister),
-        "LOOKUP" => match rest.as_slice() {
+        "REGISTER" => write(Request::Register, DecodeError::Register),
+        "DEREGISTER" => write(Request::Deregister, DecodeError::Deregister),
+        _ => decode_plain(command, &rest).map(|request| Envelope {
+            request,
+            signature: None,
+            signed_len: text.len(),
+        }),
+    }
+}
+
+/// Decode one request datagram (a signature, if any, is dropped).
+pub fn decode_request(datagram: &[u8]) -> Result<Request, DecodeError> {
+    decode_envelope(datagram).map(|e| e.request)
+}
+
+/// What a signer signs: the request's datagram and `|<ts_ms>`. The datagram
+/// to send is this, `|`, and the hex MAC over it.
+pub fn signing_prefix(request: &Request, ts_ms: u64) -> Vec<u8> {
+    let mut out = encode_request(request);
+    out.extend_from_slice(format!("|{ts_ms}").as_bytes());
+    out
+}
+
+fn decode_plain(command: &str, rest: &[&str]) -> Result<Request, DecodeError> {
+    match command {
+        "LOOKUP" => match rest {
             [name] => ServiceName::parse(name)
                 .map(Request::Lookup)
                 .map_err(|_| DecodeError::Lookup),
@@ -347,10 +439,15 @@ pub fn decode_reply(datagram: &[u8]) -> Result<Reply, ReplyDecodeError> {
             "unknown command" => ErrorReply::UnknownCommand,
             "LOOKUP syntax: name" => ErrorReply::LookupSyntax,
             "request is not UTF-8 text" => ErrorReply::NotText,
-            other => match other.strip_prefix("NOT_FOUND|") {
-                Some(name) => ErrorReply::NotFound(name.to_owned()),
-                None => ErrorReply::Other(other.to_owned()),
-            },
+            other => {
+                if let Some(name) = other.strip_prefix("NOT_FOUND|") {
+                    ErrorReply::NotFound(name.to_owned())
+                } else if let Some(why) = other.strip_prefix("unauthorized: ") {
+                    ErrorReply::Unauthorized(why.to_owned())
+                } else {
+                    ErrorReply::Other(other.to_owned())
+                }
+            }
         };
         return Ok(Reply::Error(reply));
     }
@@ -565,6 +662,52 @@ mod tests {
             Reply::Error(ErrorReply::Other(
                 "reply too large for one datagram: 2000 entries; use the HTTP API".into()
             ))
+        );
+    }
+
+    #[test]
+    fn signed_writes_keep_their_signature_and_signed_span() {
+        let mac = "ab".repeat(32);
+        let dgram = format!("REGISTER|api|127.0.0.1|80|1700000000123|{mac}");
+        let e = decode_envelope(dgram.as_bytes()).unwrap();
+        assert_eq!(e.request, Request::Register(reg("api", "127.0.0.1:80")));
+        let sig = e.signature.unwrap();
+        assert_eq!(sig.ts_ms, 1_700_000_000_123);
+        assert_eq!(sig.mac, [0xab; 32]);
+        assert_eq!(
+            &dgram.as_bytes()[..e.signed_len],
+            b"REGISTER|api|127.0.0.1|80|1700000000123"
+        );
+        assert_eq!(
+            signing_prefix(&e.request, sig.ts_ms),
+            b"REGISTER|api|127.0.0.1|80|1700000000123"
+        );
+        // Unsigned: no signature, the whole datagram is the request.
+        let e = decode_envelope(b"DEREGISTER|api|127.0.0.1|80\n").unwrap();
+        assert_eq!(e.signature, None);
+        assert_eq!(e.signed_len, "DEREGISTER|api|127.0.0.1|80".len());
+        assert_eq!(hex(&[0, 0xff, 0x1a]), "00ff1a");
+    }
+
+    #[test]
+    fn malformed_signatures_are_syntax_errors() {
+        for bad in [
+            "REGISTER|a|1.2.3.4|80|123".to_owned(),
+            format!("REGISTER|a|1.2.3.4|80|x1|{}", "ab".repeat(32)),
+            format!("REGISTER|a|1.2.3.4|80|1|{}", "ab".repeat(31)),
+            format!("REGISTER|a|1.2.3.4|80|1|{}", "zz".repeat(32)),
+            format!("REGISTER|a|1.2.3.4|80||{}", "ab".repeat(32)),
+        ] {
+            assert_eq!(
+                decode_envelope(bad.as_bytes()),
+                Err(DecodeError::Register),
+                "{bad}"
+            );
+        }
+        let e = format!("ERR|{}", ErrorReply::Unauthorized("bad signature".into()));
+        assert_eq!(
+            decode_reply(e.as_bytes()).unwrap(),
+            Reply::Error(ErrorReply::Unauthorized("bad signature".into()))
         );
     }
 

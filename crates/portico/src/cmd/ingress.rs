@@ -2,12 +2,11 @@
 
 use std::sync::Arc;
 
-use portico_wire::{Reply, Request};
 use tokio::sync::watch;
 
 use crate::cli::IngressArgs;
 use crate::config::{resolve_tower, ProxyConfig, StartupError};
-use crate::discovery::{Discovery, Source};
+use crate::discovery::{Discovery, Source, TowerSource};
 use crate::ingress::{self, handler::Proxy, upstream::Pool};
 use crate::registry::client::TowerClient;
 
@@ -15,13 +14,20 @@ pub async fn run(args: IngressArgs, shutdown: watch::Receiver<bool>) -> Result<(
     let config = ProxyConfig::from_args(&args.proxy)?;
     let tower = resolve_tower(&args.tower)?;
     let client = TowerClient::new(tower, args.tower_timeout, 2);
-    // The Tower may start after us, so silence is a warning, not an error.
-    match client.call(&Request::Ping).await {
-        Ok(Reply::Pong) => tracing::info!("tower at {tower} answers"),
-        Ok(other) => tracing::warn!("tower at {tower} answered PING with {other:?}"),
-        Err(e) => tracing::warn!("{e}; requests get 503 until it answers"),
-    }
-    serve(config, Discovery::new(Source::Lookup(client)), shutdown).await
+    let source = TowerSource::new(client);
+    // The Tower may start after us: the watch keeps trying, and logs it.
+    tokio::spawn(crate::discovery::watch::run(
+        source.clone(),
+        args.discovery,
+        shutdown.clone(),
+    ));
+    let balance = config.balance;
+    serve(
+        config,
+        Discovery::new(Source::Tower(source), balance),
+        shutdown,
+    )
+    .await
 }
 
 /// Bind, then proxy until shutdown (shared with `portico up`).

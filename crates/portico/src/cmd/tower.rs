@@ -1,41 +1,101 @@
-//! `portico tower`: the registry daemon.
+//! `portico tower`: the registry daemon: UDP protocol, HTTP API, reaper.
 
+use std::io;
 use std::net::SocketAddr;
 
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
-use crate::cli::TowerArgs;
+use crate::cli::{RegistryArgs, TowerArgs};
 use crate::config::{parse_listen, registry_limits, StartupError};
-use crate::registry::{udp, Registry};
+use crate::registry::auth::Key;
+use crate::registry::{http, udp, Registry};
 
 pub async fn run(args: TowerArgs, shutdown: watch::Receiver<bool>) -> Result<(), StartupError> {
     let addr = parse_listen("--listen", &args.listen)?;
-    let limits = registry_limits(&args.registry)?;
-    let socket = bind_udp(addr).await?;
-    let registry = Registry::new(limits);
-    serve(socket, registry, shutdown).await;
+    let (registry, bound) = build(addr, &args.registry).await?;
+    serve(bound, registry, shutdown).await;
     Ok(())
 }
 
-pub async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, StartupError> {
-    let socket = UdpSocket::bind(addr)
-        .await
-        .map_err(|source| StartupError::Bind {
-            what: "the Tower (UDP)",
-            addr,
-            source,
-        })?;
-    let local = socket.local_addr().unwrap_or(addr);
-    tracing::info!("tower listening on udp {local}");
-    Ok(socket)
+/// The sockets of one Tower.
+pub struct Bound {
+    udp: UdpSocket,
+    http: Option<TcpListener>,
 }
 
-/// The UDP server and the reaper, until shutdown.
-pub async fn serve(socket: UdpSocket, registry: Registry, shutdown: watch::Receiver<bool>) {
-    let period = udp::reap_period(registry.lock().limits().ttl);
+/// Validate the registry flags, bind, and make the registry.
+pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Bound), StartupError> {
+    let limits = registry_limits(a)?;
+    let key = a.key_file.as_deref().map(Key::load).transpose()?;
+    if key.is_some() {
+        tracing::info!("tower: REGISTER and DEREGISTER must be signed");
+    }
+    let http = match a.http.as_str() {
+        "off" => HttpAt::Off,
+        "same" => HttpAt::Same,
+        other => HttpAt::At(parse_listen("--http", other)?),
+    };
+    let bound = bind(addr, http).await?;
+    Ok((Registry::new(limits, key), bound))
+}
+
+enum HttpAt {
+    Same,
+    Off,
+    At(SocketAddr),
+}
+
+async fn bind(addr: SocketAddr, http: HttpAt) -> Result<Bound, StartupError> {
+    let bind_err = |what, addr, source| StartupError::Bind { what, addr, source };
+    // With port 0 the UDP port is chosen first; the TCP port of the same
+    // number may be taken by someone else, so try a few.
+    let tries = if addr.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|e| bind_err("the Tower (UDP)", addr, e))?;
+        let local = udp.local_addr().unwrap_or(addr);
+        let tcp_at = match http {
+            HttpAt::Off => None,
+            HttpAt::Same => Some(local),
+            HttpAt::At(a) => Some(a),
+        };
+        let Some(tcp_at) = tcp_at else {
+            tracing::info!("tower listening on udp {local}");
+            tracing::info!("tower http api off");
+            return Ok(Bound { udp, http: None });
+        };
+        match TcpListener::bind(tcp_at).await {
+            Ok(tcp) => {
+                let tcp_local = tcp.local_addr().unwrap_or(tcp_at);
+                tracing::info!("tower listening on udp {local}");
+                tracing::info!("tower http api on http://{tcp_local}");
+                return Ok(Bound {
+                    udp,
+                    http: Some(tcp),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries > 1 => last = Some((tcp_at, e)),
+            Err(e) => return Err(bind_err("the Tower's HTTP API (TCP)", tcp_at, e)),
+        }
+    }
+    let (at, e) = last.unwrap_or((addr, io::Error::from(io::ErrorKind::AddrInUse)));
+    Err(bind_err("the Tower's HTTP API (TCP)", at, e))
+}
+
+/// UDP server, HTTP API and reaper, until shutdown.
+pub async fn serve(bound: Bound, registry: Registry, shutdown: watch::Receiver<bool>) {
+    let period = udp::reap_period(registry.limits().ttl);
+    let api = async {
+        if let Some(listener) = bound.http {
+            http::serve(listener, registry.clone(), shutdown.clone()).await;
+        }
+    };
     tokio::join!(
-        udp::serve(socket, registry.clone(), shutdown.clone()),
-        udp::reap(registry, period, shutdown),
+        udp::serve(bound.udp, registry.clone(), shutdown.clone()),
+        udp::reap(registry.clone(), period, shutdown.clone()),
+        api,
     );
 }

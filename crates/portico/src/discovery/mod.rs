@@ -1,26 +1,98 @@
-//! How the ingress learns backends. A source answers "which replica of this
-//! service next?"; the seed's source is one UDP LOOKUP per request, `up` asks
-//! the embedded table directly. Passive health sits on top of both.
+//! How the ingress learns backends. Against a Tower, the default is a local
+//! snapshot fed by the Tower's HTTP watch (`watch`), so a request costs no
+//! registry round trip; against a Tower without an HTTP API, one UDP LOOKUP
+//! per request, as the seed (`lookup`). `portico up` reads its embedded
+//! table directly (`Local`). Passive health sits on top of all three.
 
 pub mod health;
+pub mod snapshot;
+pub mod watch;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use portico_wire::{ErrorReply, Reply, Request, ServiceName};
 
+use crate::cli::Balance;
 use crate::registry::client::{TowerClient, TowerError};
 use crate::registry::Registry;
 use health::PassiveHealth;
+use snapshot::{Load, Snapshot};
 
-/// Where replicas come from.
 #[derive(Debug)]
 pub enum Source {
-    /// One LOOKUP datagram to a Tower per pick, as the seed does.
-    Lookup(TowerClient),
+    /// A Tower reached over the network.
+    Tower(Arc<TowerSource>),
     /// The Tower's table in this same process (`portico up`).
     Local(Registry),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Not yet known whether the Tower has an HTTP API: LOOKUP meanwhile.
+    Probing = 0,
+    Watch = 1,
+    Lookup = 2,
+}
+
+/// A Tower over the network: its UDP client, its HTTP address, and the
+/// snapshot the watch keeps current.
+#[derive(Debug)]
+pub struct TowerSource {
+    pub udp: TowerClient,
+    pub http_addr: SocketAddr,
+    table: ArcSwap<Snapshot>,
+    mode: AtomicU8,
+    synced: AtomicBool,
+    ever_synced: AtomicBool,
+}
+
+impl TowerSource {
+    pub fn new(udp: TowerClient) -> Arc<Self> {
+        let http_addr = udp.addr();
+        Arc::new(Self {
+            udp,
+            http_addr,
+            table: ArcSwap::from_pointee(Snapshot::default()),
+            mode: AtomicU8::new(Mode::Probing as u8),
+            synced: AtomicBool::new(false),
+            ever_synced: AtomicBool::new(false),
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => Mode::Watch,
+            2 => Mode::Lookup,
+            _ => Mode::Probing,
+        }
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the snapshot reflects the Tower now (the watch is connected).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    fn mark_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
+        self.ever_synced.store(true, Ordering::Relaxed);
+    }
+
+    fn set_unsynced(&self) {
+        self.synced.store(false, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.table.load_full()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,26 +100,39 @@ pub enum DiscoveryError {
     /// No live replica is registered.
     #[error("service '{0}' has no live replica in the Tower")]
     NotFound(ServiceName),
-    /// Every replica the Tower offered was already tried for this request.
-    #[error("every replica of '{0}' offered by the Tower was already tried")]
+    /// Every replica was already tried for this request.
+    #[error("every replica of '{0}' was already tried")]
     Exhausted(ServiceName),
     #[error(transparent)]
     Tower(#[from] TowerError),
     #[error("the Tower answered LOOKUP with an error: {0}")]
     TowerRefused(ErrorReply),
+    /// Watch mode, and the Tower has not been reached since start.
+    #[error("no endpoint table yet: the Tower's watch has not answered since start")]
+    NotSynced,
+}
+
+/// The replica to try, and its in-flight mark where the balance policy
+/// keeps count.
+#[derive(Debug)]
+pub struct Picked {
+    pub addr: SocketAddr,
+    pub load: Option<Load>,
 }
 
 #[derive(Debug)]
 pub struct Discovery {
     source: Source,
     health: PassiveHealth,
+    balance: Balance,
 }
 
 impl Discovery {
-    pub fn new(source: Source) -> Arc<Self> {
+    pub fn new(source: Source, balance: Balance) -> Arc<Self> {
         Arc::new(Self {
             source,
             health: PassiveHealth::default(),
+            balance,
         })
     }
 
@@ -55,47 +140,91 @@ impl Discovery {
         &self.health
     }
 
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
     /// The next replica to try, skipping those in `tried` and preferring ones
-    /// not set aside by passive health. When every offer is set aside, one is
-    /// tried all the same: a possibly-dead replica beats a certain 503.
+    /// not set aside by passive health.
     pub async fn pick(
         &self,
         service: &ServiceName,
         tried: &[SocketAddr],
-    ) -> Result<SocketAddr, DiscoveryError> {
-        // Round robin offers each replica once per cycle; a few more asks
-        // than replicas already tried get past them and the set-aside ones.
+    ) -> Result<Picked, DiscoveryError> {
+        if let Source::Tower(t) = &self.source {
+            if t.mode() == Mode::Watch {
+                return self.pick_from_snapshot(t, service, tried);
+            }
+        }
+        self.pick_by_asking(service, tried).await
+    }
+
+    /// The request path in watch mode: no I/O, no lock.
+    fn pick_from_snapshot(
+        &self,
+        t: &TowerSource,
+        service: &ServiceName,
+        tried: &[SocketAddr],
+    ) -> Result<Picked, DiscoveryError> {
+        let snapshot = t.table.load();
+        let Some(set) = snapshot.service(service) else {
+            if !t.ever_synced.load(Ordering::Relaxed) {
+                return Err(DiscoveryError::NotSynced);
+            }
+            return Err(DiscoveryError::NotFound(service.clone()));
+        };
+        let now = Instant::now();
+        let endpoint = set
+            .pick(self.balance, tried, |a| !self.health.is_set_aside(a, now))
+            .ok_or_else(|| DiscoveryError::Exhausted(service.clone()))?;
+        Ok(Picked {
+            addr: endpoint.addr,
+            load: Some(endpoint.begin()),
+        })
+    }
+
+    /// LOOKUP-style sources hand out one replica per ask, in the Tower's
+    /// round robin: ask a few more times than replicas already tried to get
+    /// past them and the set-aside ones. When every offer is set aside, one
+    /// is tried all the same.
+    async fn pick_by_asking(
+        &self,
+        service: &ServiceName,
+        tried: &[SocketAddr],
+    ) -> Result<Picked, DiscoveryError> {
         let asks = tried.len() + 3;
         let mut fallback = None;
         for _ in 0..asks {
-            let addr = self.next(service).await?;
+            let addr = self.ask(service).await?;
             if tried.contains(&addr) {
                 continue;
             }
             if !self.health.is_set_aside(addr, Instant::now()) {
-                return Ok(addr);
+                return Ok(Picked { addr, load: None });
             }
             fallback.get_or_insert(addr);
         }
-        fallback.ok_or_else(|| DiscoveryError::Exhausted(service.clone()))
+        fallback
+            .map(|addr| Picked { addr, load: None })
+            .ok_or_else(|| DiscoveryError::Exhausted(service.clone()))
     }
 
-    async fn next(&self, service: &ServiceName) -> Result<SocketAddr, DiscoveryError> {
-        match &self.source {
-            Source::Local(registry) => registry
-                .lock()
-                .lookup(service, Instant::now())
-                .ok_or_else(|| DiscoveryError::NotFound(service.clone())),
-            Source::Lookup(client) => match client.call(&Request::Lookup(service.clone())).await? {
-                Reply::Lookup(r) => Ok(r.addr),
-                Reply::Error(ErrorReply::NotFound(_)) => {
-                    Err(DiscoveryError::NotFound(service.clone()))
-                }
-                Reply::Error(e) => Err(DiscoveryError::TowerRefused(e)),
-                other => Err(DiscoveryError::TowerRefused(ErrorReply::Other(format!(
-                    "unexpected reply {other:?}"
-                )))),
-            },
+    async fn ask(&self, service: &ServiceName) -> Result<SocketAddr, DiscoveryError> {
+        let client = match &self.source {
+            Source::Local(registry) => {
+                return registry
+                    .lookup(service, Instant::now())
+                    .ok_or_else(|| DiscoveryError::NotFound(service.clone()))
+            }
+            Source::Tower(t) => &t.udp,
+        };
+        match client.call(&Request::Lookup(service.clone())).await? {
+            Reply::Lookup(r) => Ok(r.addr),
+            Reply::Error(ErrorReply::NotFound(_)) => Err(DiscoveryError::NotFound(service.clone())),
+            Reply::Error(e) => Err(DiscoveryError::TowerRefused(e)),
+            other => Err(DiscoveryError::TowerRefused(ErrorReply::Other(format!(
+                "unexpected reply {other:?}"
+            )))),
         }
     }
 }

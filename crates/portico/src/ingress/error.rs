@@ -72,7 +72,9 @@ impl ProxyError {
                     StatusCode::BAD_GATEWAY,
                     "Bad gateway: no replica answered.\n",
                 ),
-                DiscoveryError::Tower(_) | DiscoveryError::TowerRefused(_) => (
+                DiscoveryError::Tower(_)
+                | DiscoveryError::TowerRefused(_)
+                | DiscoveryError::NotSynced => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Tower unreachable: cannot look up the service.\n",
                 ),

@@ -194,8 +194,8 @@ async fn send_with_failover(
     let health = proxy.discovery.health();
 
     for _ in 0..proxy.attempts {
-        let addr = match proxy.discovery.pick(service, &tried).await {
-            Ok(a) => a,
+        let (addr, load) = match proxy.discovery.pick(service, &tried).await {
+            Ok(p) => (p.addr, p.load),
             // Out of replicas to try: report what went wrong with the last one.
             Err(e @ (DiscoveryError::Exhausted(_) | DiscoveryError::NotFound(_))) => {
                 return Err(give_up(service, &tried, last).unwrap_or(e.into()))
@@ -240,7 +240,7 @@ async fn send_with_failover(
                     headers::remove_hop_by_hop(resp.headers_mut());
                     let pool = proxy.pool.clone();
                     return Ok(resp.map(|body| {
-                        ResponseBody::upstream(UpstreamBody::new(body, pool, addr, sender))
+                        ResponseBody::upstream(UpstreamBody::new(body, pool, addr, sender, load))
                     }));
                 }
                 Ok(Err(mut e)) => {

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::error::UpstreamError;
+use crate::discovery::snapshot::Load;
 
 /// What we send to a backend: the client's streamed body, or nothing (a
 /// replayed bodiless request).
@@ -139,13 +140,22 @@ impl Pool {
 pub struct UpstreamBody {
     inner: Incoming,
     release: Option<(Arc<Pool>, SocketAddr, Sender)>,
+    /// Counts the request against its replica (p2c) until the body ends.
+    _load: Option<Load>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, pool: Arc<Pool>, addr: SocketAddr, sender: Sender) -> Self {
+    pub fn new(
+        inner: Incoming,
+        pool: Arc<Pool>,
+        addr: SocketAddr,
+        sender: Sender,
+        load: Option<Load>,
+    ) -> Self {
         Self {
             inner,
             release: Some((pool, addr, sender)),
+            _load: load,
         }
     }
 

@@ -159,24 +159,44 @@ impl Table {
         Some(entry.addr)
     }
 
-    /// Every live replica, sorted by name then address, with whole seconds left.
-    pub fn list(&self, now: Instant) -> Vec<ListEntry> {
-        let mut out: Vec<ListEntry> = self
+    /// Every live replica, sorted by name then address, with the time left.
+    pub fn endpoints(&self, now: Instant) -> Vec<(ServiceName, SocketAddr, Duration)> {
+        let mut out: Vec<_> = self
             .services
             .iter()
             .flat_map(|(name, entries)| {
                 entries
                     .iter()
                     .filter(move |e| e.expires > now)
-                    .map(move |e| ListEntry {
-                        name: name.clone(),
-                        addr: e.addr,
-                        ttl_left_secs: e.expires.duration_since(now).as_secs(),
-                    })
+                    .map(move |e| (name.clone(), e.addr, e.expires.duration_since(now)))
             })
             .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.addr.cmp(&b.addr)));
+        out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
         out
+    }
+
+    /// Every live replica for LIST, with whole seconds left.
+    pub fn list(&self, now: Instant) -> Vec<ListEntry> {
+        self.endpoints(now)
+            .into_iter()
+            .map(|(name, addr, left)| ListEntry {
+                name,
+                addr,
+                ttl_left_secs: left.as_secs(),
+            })
+            .collect()
+    }
+
+    /// When the next entry expires, if any: the reaper wakes then, so that
+    /// watchers learn of an expiry at once rather than at the next sweep.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.services.values().flatten().map(|e| e.expires).min()
+    }
+
+    /// Mark a change that is not in the entries themselves (the Tower
+    /// finishing its warm-up), so that watchers fetch again.
+    pub fn bump_revision(&mut self) {
+        self.revision += 1;
     }
 
     /// Drop expired entries; returns how many went.
@@ -325,6 +345,15 @@ mod tests {
             String::from_utf8(reply).unwrap(),
             "OK|LIST|2|a:::1:81:28,b:10.0.0.2:80:28"
         );
+    }
+
+    #[test]
+    fn next_expiry_is_the_earliest() {
+        let (mut t, now) = table();
+        assert_eq!(t.next_expiry(), None);
+        t.handle(req("REGISTER|a|10.0.0.1|1"), now);
+        t.handle(req("REGISTER|b|10.0.0.1|2"), now + Duration::from_secs(5));
+        assert_eq!(t.next_expiry(), Some(now + Duration::from_secs(30)));
     }
 
     #[test]

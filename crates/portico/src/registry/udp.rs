@@ -1,15 +1,15 @@
-//! The Tower's UDP server: socket -> `wire::decode_request` ->
-//! `Table::handle(request, now)` -> `wire::encode_reply` -> socket.
-//! The clock is read here, at the edge, and nowhere in the table.
+//! The Tower's UDP server: socket -> `wire::decode_envelope` ->
+//! `Registry::handle(.., now)` -> `wire::encode_reply` -> socket. The clock
+//! is read here, at the edge, and nowhere in the table.
 
 use std::io;
 use std::time::{Duration, Instant};
 
-use portico_wire::{decode_request, encode_reply, Reply};
+use portico_wire::{decode_envelope, encode_reply, Reply};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use super::Registry;
+use super::{unix_ms, Registry};
 
 /// Serve the UDP protocol until `shutdown` flips to true.
 pub async fn serve(socket: UdpSocket, registry: Registry, mut shutdown: watch::Receiver<bool>) {
@@ -36,10 +36,12 @@ pub async fn serve(socket: UdpSocket, registry: Registry, mut shutdown: watch::R
                 continue;
             }
         };
-        let reply = match decode_request(&buf[..len]) {
-            Ok(request) => {
-                tracing::debug!(%from, ?request, "tower request");
-                registry.lock().handle(request, Instant::now())
+        let datagram = &buf[..len];
+        let reply = match decode_envelope(datagram) {
+            Ok(envelope) => {
+                tracing::debug!(%from, request = ?envelope.request, "tower request");
+                let signed = &datagram[..envelope.signed_len];
+                registry.handle(envelope, signed, Instant::now(), unix_ms())
             }
             Err(e) => {
                 tracing::debug!(%from, error = %e, "tower: malformed datagram");
@@ -53,26 +55,22 @@ pub async fn serve(socket: UdpSocket, registry: Registry, mut shutdown: watch::R
     }
 }
 
-/// Drop expired entries every `period` until shutdown. Lookups already skip
-/// expired entries; this only returns their memory.
+/// Drop expired entries until shutdown: at every expiry (so that watchers
+/// hear of it at once) and at least every `period`.
 pub async fn reap(registry: Registry, period: Duration, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let (reaped, next) = registry.reap(Instant::now(), period);
+        if reaped > 0 {
+            tracing::info!(expired = reaped, "tower: reaped expired registrations");
+        }
         tokio::select! {
-            _ = tick.tick() => {
-                let n = registry.lock().reap(Instant::now());
-                if n > 0 {
-                    tracing::info!(expired = n, "tower: reaped expired registrations");
-                }
-            }
+            _ = tokio::time::sleep_until(next.into()) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }
 
-/// How often to reap for a given TTL: every 10 s, or a third of the TTL
-/// when that is shorter.
+/// The longest the reaper sleeps: 10 s, or a third of the TTL when shorter.
 pub fn reap_period(ttl: Duration) -> Duration {
     (ttl / 3).clamp(Duration::from_millis(50), Duration::from_secs(10))
 }

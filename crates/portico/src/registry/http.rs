@@ -1,0 +1,288 @@
+//! The Tower's HTTP API (TCP, same address as UDP by default), JSON:
+//!
+//! - `GET /v1/services`: every live endpoint, with `index`, `epoch`, `warm`.
+//! - `GET /v1/services?index=N&epoch=E&wait=30s`: a blocking query (as
+//!   Consul's): answers when the registry's index differs from N (or the
+//!   epoch from E: another run of the Tower), or when `wait` passes.
+//! - `GET /v1/services/NAME`: one service's endpoints (404 if none).
+//! - `POST /v1/register`, `POST /v1/deregister`: `{"name","ip","port"}`,
+//!   plus `"ts_ms"` and `"hmac"` when the Tower requires signatures (the MAC
+//!   is over the UDP form `REGISTER|name|ip|port|ts_ms`).
+//! - `GET /healthz`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portico_wire::{
+    signing_prefix, Envelope, ErrorReply, Registration, Reply, Request as WireRequest, ServiceName,
+    Signature,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::{unix_ms, Registry, View};
+
+/// Longest a blocking query may wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+const MAX_BODY: usize = 4096;
+
+/// The document `GET /v1/services` answers with. Shared with the ingress,
+/// which decodes it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServicesDoc {
+    pub index: u64,
+    pub epoch: u64,
+    pub warm: bool,
+    pub services: BTreeMap<String, Vec<EndpointDoc>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointDoc {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub ttl_left_ms: u64,
+}
+
+impl From<View> for ServicesDoc {
+    fn from(v: View) -> Self {
+        let mut services: BTreeMap<String, Vec<EndpointDoc>> = BTreeMap::new();
+        for (name, addr, left) in v.endpoints {
+            services
+                .entry(name.to_string())
+                .or_default()
+                .push(EndpointDoc {
+                    ip: addr.ip(),
+                    port: addr.port(),
+                    ttl_left_ms: left.as_millis() as u64,
+                });
+        }
+        Self {
+            index: v.index,
+            epoch: v.epoch,
+            warm: v.warm,
+            services,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WriteDoc {
+    name: String,
+    ip: IpAddr,
+    port: u16,
+    ts_ms: Option<u64>,
+    hmac: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ErrorDoc<'a> {
+    error: &'a str,
+}
+
+/// Serve the API until shutdown. Connections are spawned; a slow client
+/// holds only its own task.
+pub async fn serve(listener: TcpListener, registry: Registry, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "tower http: accept failed");
+                // Out of descriptors: give connections a moment to close.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                answer(registry.clone(), shutdown.clone(), req)
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "tower http connection ended with an error");
+            }
+        });
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, why: &str) -> Response<Full<Bytes>> {
+    json(status, &ErrorDoc { error: why })
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    })
+}
+
+async fn answer(
+    registry: Registry,
+    shutdown: watch::Receiver<bool>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let resp = match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/v1/services") => {
+            services(&registry, shutdown, req.uri().query().unwrap_or("")).await
+        }
+        (&Method::GET, p) if p.starts_with("/v1/services/") => {
+            let name = &p["/v1/services/".len()..];
+            let doc = ServicesDoc::from(registry.view(Instant::now()));
+            match doc.services.get(name) {
+                Some(endpoints) => json(StatusCode::OK, endpoints),
+                None => error(StatusCode::NOT_FOUND, "no live endpoint under that name"),
+            }
+        }
+        (&Method::POST, "/v1/register") => write(&registry, req, WireRequest::Register).await,
+        (&Method::POST, "/v1/deregister") => write(&registry, req, WireRequest::Deregister).await,
+        (_, "/healthz" | "/v1/services" | "/v1/register" | "/v1/deregister") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/services"),
+    };
+    Ok(resp)
+}
+
+async fn services(
+    registry: &Registry,
+    mut shutdown: watch::Receiver<bool>,
+    query: &str,
+) -> Response<Full<Bytes>> {
+    let index = query_param(query, "index").and_then(|v| v.parse::<u64>().ok());
+    let epoch = query_param(query, "epoch").and_then(|v| v.parse::<u64>().ok());
+    let wait = match query_param(query, "wait") {
+        Some(w) => match crate::cli::parse_duration(w) {
+            Ok(d) => d.min(MAX_WAIT),
+            Err(why) => return error(StatusCode::BAD_REQUEST, &format!("bad wait: {why}")),
+        },
+        None => DEFAULT_WAIT,
+    };
+    if let Some(index) = index {
+        let same_run = epoch.is_none_or(|e| e == registry.view(Instant::now()).epoch);
+        if same_run {
+            let mut rx = registry.subscribe();
+            // Answers on a change, at the deadline, or when the Tower stops.
+            tokio::select! {
+                _ = tokio::time::timeout(wait, rx.wait_for(|r| *r != index)) => {}
+                _ = shutdown.wait_for(|stop| *stop) => {}
+            }
+        }
+    }
+    let doc = ServicesDoc::from(registry.view(Instant::now()));
+    let mut resp = json(StatusCode::OK, &doc);
+    resp.headers_mut()
+        .insert("x-portico-index", doc.index.into());
+    resp
+}
+
+async fn write(
+    registry: &Registry,
+    req: Request<Incoming>,
+    make: fn(Registration) -> WireRequest,
+) -> Response<Full<Bytes>> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body over 4 KiB, or unreadable",
+            )
+        }
+    };
+    let doc: WriteDoc = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"name\",\"ip\",\"port\"}} JSON: {e}"),
+            )
+        }
+    };
+    let name = match ServiceName::parse(&doc.name) {
+        Ok(n) => n,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    if doc.port == 0 {
+        return error(StatusCode::BAD_REQUEST, "port must be 1-65535");
+    }
+    let request = make(Registration {
+        name,
+        addr: SocketAddr::new(doc.ip, doc.port),
+    });
+    let signature = match (doc.ts_ms, doc.hmac.as_deref()) {
+        (Some(ts_ms), Some(hex)) => match portico_wire::parse_hex32(hex) {
+            Some(mac) => Some(Signature { ts_ms, mac }),
+            None => return error(StatusCode::BAD_REQUEST, "hmac must be 64 hex digits"),
+        },
+        (None, None) => None,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give both ts_ms and hmac, or neither",
+            )
+        }
+    };
+    let signed = signature
+        .map(|s| signing_prefix(&request, s.ts_ms))
+        .unwrap_or_default();
+    let envelope = Envelope {
+        request,
+        signature,
+        signed_len: signed.len(),
+    };
+    match registry.handle(envelope, &signed, Instant::now(), unix_ms()) {
+        Reply::Registered(n) => json(
+            StatusCode::OK,
+            &serde_json::json!({"registered": n.as_str()}),
+        ),
+        Reply::Deregistered(n) => json(
+            StatusCode::OK,
+            &serde_json::json!({"deregistered": n.as_str()}),
+        ),
+        Reply::Error(ErrorReply::NotFound(_)) => {
+            error(StatusCode::NOT_FOUND, "no such registration")
+        }
+        Reply::Error(ErrorReply::RegistryFull) => {
+            error(StatusCode::INSUFFICIENT_STORAGE, "registry full")
+        }
+        Reply::Error(e @ ErrorReply::Unauthorized(_)) => {
+            error(StatusCode::UNAUTHORIZED, &e.to_string())
+        }
+        Reply::Error(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        other => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("unexpected {other:?}"),
+        ),
+    }
+}
