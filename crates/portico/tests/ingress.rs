@@ -443,10 +443,11 @@ async fn http2_prior_knowledge_clients_are_routed_per_stream() {
 #[tokio::test]
 async fn tower_down_is_a_clear_503_and_recovery_is_automatic() {
     let b = Backend::start("b").await;
-    // A UDP port where no Tower answers yet.
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let tower_addr = silent.local_addr().unwrap();
-    drop(silent);
+    // A port where no Tower answers yet. It lies below the ephemeral range:
+    // the ingress keeps trying to connect to it, and a closed ephemeral port
+    // on loopback can be taken by such a connect to itself (TCP simultaneous
+    // open), which would then keep the Tower from binding it.
+    let tower_addr = port_below_ephemeral_range();
     let ing = ingress(tower_addr, &["/:svc"], &["--tower-timeout", "100ms"]);
     let a = get(ing.addr, "/").await;
     assert_eq!(a.status, 503);

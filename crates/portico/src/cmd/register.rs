@@ -11,7 +11,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::RegisterArgs;
 use crate::config::{resolve_tower, StartupError};
+use crate::registry::auth::{sign, Key};
 use crate::registry::client::TowerClient;
+use crate::registry::unix_ms;
 
 pub async fn run(a: RegisterArgs) -> Result<ExitCode, StartupError> {
     let name = ServiceName::parse(&a.name).map_err(|e| StartupError::Flag {
@@ -33,6 +35,8 @@ pub async fn run(a: RegisterArgs) -> Result<ExitCode, StartupError> {
     }
     let tower = resolve_tower(&a.tower)?;
     let client = TowerClient::new(tower, Duration::from_secs(1), 3);
+    let key = a.key_file.as_deref().map(Key::load).transpose()?;
+    let writer = Writer { client, key };
     let registration = Registration {
         name,
         addr: SocketAddr::new(ip, a.port),
@@ -71,7 +75,7 @@ pub async fn run(a: RegisterArgs) -> Result<ExitCode, StartupError> {
     let mut registered: Option<bool> = None;
     let code = loop {
         tokio::select! {
-            _ = tick.tick() => heartbeat(&client, &registration, &mut registered).await,
+            _ = tick.tick() => heartbeat(&writer, &registration, &mut registered).await,
             status = wait_child(&mut child) => break exit_code(status),
             _ = term.recv() => break match child.as_mut() {
                 Some(c) => stop_child(c).await,
@@ -83,10 +87,7 @@ pub async fn run(a: RegisterArgs) -> Result<ExitCode, StartupError> {
             },
         }
     };
-    match client
-        .call(&Request::Deregister(registration.clone()))
-        .await
-    {
+    match writer.send(Request::Deregister(registration.clone())).await {
         Ok(Reply::Deregistered(_)) | Ok(Reply::Error(ErrorReply::NotFound(_))) => {
             tracing::info!(name = %registration.name, addr = %registration.addr, "deregistered");
         }
@@ -96,8 +97,28 @@ pub async fn run(a: RegisterArgs) -> Result<ExitCode, StartupError> {
     Ok(code)
 }
 
-async fn heartbeat(client: &TowerClient, r: &Registration, registered: &mut Option<bool>) {
-    let ok = match client.call(&Request::Register(r.clone())).await {
+/// Sends writes to the Tower, signed when there is a key.
+struct Writer {
+    client: TowerClient,
+    key: Option<Key>,
+}
+
+impl Writer {
+    async fn send(&self, request: Request) -> Result<Reply, crate::registry::client::TowerError> {
+        match &self.key {
+            Some(key) => {
+                self.client
+                    .call_with(&request, || sign(key, &request, unix_ms()))
+                    .await
+            }
+            None => self.client.call(&request).await,
+        }
+    }
+}
+
+async fn heartbeat(writer: &Writer, r: &Registration, registered: &mut Option<bool>) {
+    let client = &writer.client;
+    let ok = match writer.send(Request::Register(r.clone())).await {
         Ok(Reply::Registered(_)) => true,
         Ok(Reply::Error(e)) => {
             if *registered != Some(false) {

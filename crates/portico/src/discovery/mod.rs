@@ -107,9 +107,6 @@ pub enum DiscoveryError {
     Tower(#[from] TowerError),
     #[error("the Tower answered LOOKUP with an error: {0}")]
     TowerRefused(ErrorReply),
-    /// Watch mode, and the Tower has not been reached since start.
-    #[error("no endpoint table yet: the Tower's watch has not answered since start")]
-    NotSynced,
 }
 
 /// The replica to try, and its in-flight mark where the balance policy
@@ -152,7 +149,9 @@ impl Discovery {
         tried: &[SocketAddr],
     ) -> Result<Picked, DiscoveryError> {
         if let Source::Tower(t) = &self.source {
-            if t.mode() == Mode::Watch {
+            // Until the watch has answered once there is no table to trust;
+            // asking the Tower per request bridges that moment.
+            if t.mode() == Mode::Watch && t.ever_synced.load(Ordering::Relaxed) {
                 return self.pick_from_snapshot(t, service, tried);
             }
         }
@@ -167,12 +166,9 @@ impl Discovery {
         tried: &[SocketAddr],
     ) -> Result<Picked, DiscoveryError> {
         let snapshot = t.table.load();
-        let Some(set) = snapshot.service(service) else {
-            if !t.ever_synced.load(Ordering::Relaxed) {
-                return Err(DiscoveryError::NotSynced);
-            }
-            return Err(DiscoveryError::NotFound(service.clone()));
-        };
+        let set = snapshot
+            .service(service)
+            .ok_or_else(|| DiscoveryError::NotFound(service.clone()))?;
         let now = Instant::now();
         let endpoint = set
             .pick(self.balance, tried, |a| !self.health.is_set_aside(a, now))

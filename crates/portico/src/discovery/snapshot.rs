@@ -120,13 +120,17 @@ pub struct Snapshot {
     pub index: u64,
     pub epoch: u64,
     services: HashMap<ServiceName, ServiceSet>,
+    /// Endpoints carried over from before a Tower restart, by service.
+    inherited: HashMap<ServiceName, Vec<SocketAddr>>,
 }
 
 impl Snapshot {
     /// Build from the Tower's document. Replicas already known keep their
-    /// state. While the Tower is not warm (just restarted, workloads not yet
-    /// re-registered with it), replicas it lacks are kept: absence from a
-    /// cold Tower is not evidence of death.
+    /// state. A Tower that restarted (a new epoch) knows only the replicas
+    /// that have heartbeated to it since; until it is warm (one TTL), the
+    /// replicas it lacks are carried over from before the restart: their
+    /// absence is not evidence of death. Within one run of the Tower its
+    /// document is the whole truth, so a deregistration takes effect at once.
     pub fn from_doc(doc: &ServicesDoc, previous: &Snapshot) -> Snapshot {
         let mut services: HashMap<ServiceName, Vec<Arc<Endpoint>>> = HashMap::new();
         for (name, endpoints) in &doc.services {
@@ -145,12 +149,17 @@ impl Snapshot {
                 list.push(endpoint);
             }
         }
+        let mut inherited: HashMap<ServiceName, Vec<SocketAddr>> = HashMap::new();
         if !doc.warm {
+            let restarted = doc.epoch != previous.epoch;
             for (name, set) in &previous.services {
-                let list = services.entry(name.clone()).or_default();
+                let carried_before = previous.inherited.get(name);
                 for e in &set.endpoints {
-                    if !list.iter().any(|x| x.addr == e.addr) {
+                    let carry = restarted || carried_before.is_some_and(|c| c.contains(&e.addr));
+                    let list = services.entry(name.clone()).or_default();
+                    if carry && !list.iter().any(|x| x.addr == e.addr) {
                         list.push(e.clone());
+                        inherited.entry(name.clone()).or_default().push(e.addr);
                     }
                 }
             }
@@ -171,6 +180,7 @@ impl Snapshot {
             index: doc.index,
             epoch: doc.epoch,
             services,
+            inherited,
         }
     }
 
@@ -190,6 +200,10 @@ mod tests {
     use crate::registry::http::EndpointDoc;
 
     fn doc(warm: bool, entries: &[(&str, &str)]) -> ServicesDoc {
+        doc_of(7, warm, entries)
+    }
+
+    fn doc_of(epoch: u64, warm: bool, entries: &[(&str, &str)]) -> ServicesDoc {
         let mut services: std::collections::BTreeMap<String, Vec<EndpointDoc>> = Default::default();
         for (name, addr) in entries {
             let a: SocketAddr = addr.parse().unwrap();
@@ -204,7 +218,7 @@ mod tests {
         }
         ServicesDoc {
             index: 1,
-            epoch: 7,
+            epoch,
             warm,
             services,
         }
@@ -221,30 +235,48 @@ mod tests {
     }
 
     #[test]
-    fn warm_documents_replace_cold_ones_merge() {
-        let s1 = Snapshot::from_doc(
-            &doc(
-                true,
-                &[
-                    ("a", "10.0.0.1:80"),
-                    ("a", "10.0.0.2:80"),
-                    ("b", "10.0.0.3:80"),
-                ],
-            ),
-            &Snapshot::default(),
-        );
+    fn within_one_tower_run_the_document_is_the_whole_truth() {
+        let three = [
+            ("a", "10.0.0.1:80"),
+            ("a", "10.0.0.2:80"),
+            ("b", "10.0.0.3:80"),
+        ];
+        let s1 = Snapshot::from_doc(&doc(true, &three), &Snapshot::default());
         let s2 = Snapshot::from_doc(&doc(true, &[("a", "10.0.0.2:80")]), &s1);
         assert_eq!(addrs(&s2, "a"), ["10.0.0.2:80"]);
         assert!(
             s2.service(&name("b")).is_none(),
-            "a service gone from a warm Tower is gone"
+            "a service gone from the Tower is gone"
         );
-        let cold = Snapshot::from_doc(&doc(false, &[("a", "10.0.0.9:80")]), &s1);
-        assert_eq!(
-            addrs(&cold, "a"),
-            ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.9:80"]
+        // Cold, but the same run: a deregistration still counts at once.
+        let c1 = Snapshot::from_doc(&doc(false, &three), &Snapshot::default());
+        let c2 = Snapshot::from_doc(&doc(false, &[("a", "10.0.0.2:80")]), &c1);
+        assert_eq!(addrs(&c2, "a"), ["10.0.0.2:80"]);
+    }
+
+    #[test]
+    fn a_restarted_cold_tower_does_not_erase_live_replicas() {
+        let before = Snapshot::from_doc(
+            &doc_of(1, true, &[("a", "10.0.0.1:80"), ("b", "10.0.0.3:80")]),
+            &Snapshot::default(),
         );
-        assert_eq!(addrs(&cold, "b"), ["10.0.0.3:80"]);
+        // New epoch, cold: what it lacks is carried over...
+        let r1 = Snapshot::from_doc(&doc_of(2, false, &[("a", "10.0.0.9:80")]), &before);
+        assert_eq!(addrs(&r1, "a"), ["10.0.0.1:80", "10.0.0.9:80"]);
+        assert_eq!(addrs(&r1, "b"), ["10.0.0.3:80"]);
+        // ...through further cold documents of that run...
+        let r2 = Snapshot::from_doc(
+            &doc_of(2, false, &[("a", "10.0.0.1:80"), ("a", "10.0.0.9:80")]),
+            &r1,
+        );
+        assert_eq!(addrs(&r2, "b"), ["10.0.0.3:80"]);
+        // ...but one registered and then removed within the run goes.
+        let r3 = Snapshot::from_doc(&doc_of(2, false, &[("a", "10.0.0.1:80")]), &r2);
+        assert_eq!(addrs(&r3, "a"), ["10.0.0.1:80"]);
+        assert_eq!(addrs(&r3, "b"), ["10.0.0.3:80"]);
+        // Once warm, the document is the whole truth again.
+        let warm = Snapshot::from_doc(&doc_of(2, true, &[("a", "10.0.0.1:80")]), &r3);
+        assert!(warm.service(&name("b")).is_none());
     }
 
     #[test]

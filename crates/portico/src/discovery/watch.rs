@@ -109,8 +109,9 @@ pub async fn run(
                     _ = shutdown.wait_for(|s| *s) => return,
                 };
                 match probe {
-                    Ok(doc) => {
-                        source.install(&doc);
+                    // The watch loop fetches again at once and installs it;
+                    // keeping one path for installing keeps its logging whole.
+                    Ok(_) => {
                         source.set_mode(Mode::Watch);
                         break;
                     }
@@ -196,6 +197,12 @@ impl TowerSource {
     fn install(&self, doc: &ServicesDoc) {
         let previous = self.table.load();
         let next = Snapshot::from_doc(doc, &previous);
+        tracing::debug!(
+            index = doc.index,
+            warm = doc.warm,
+            endpoints = next.endpoint_count(),
+            "discovery: new snapshot"
+        );
         self.table.store(Arc::new(next));
         self.mark_synced();
     }

@@ -72,9 +72,7 @@ impl ProxyError {
                     StatusCode::BAD_GATEWAY,
                     "Bad gateway: no replica answered.\n",
                 ),
-                DiscoveryError::Tower(_)
-                | DiscoveryError::TowerRefused(_)
-                | DiscoveryError::NotSynced => (
+                DiscoveryError::Tower(_) | DiscoveryError::TowerRefused(_) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Tower unreachable: cannot look up the service.\n",
                 ),

@@ -66,6 +66,16 @@ impl TowerClient {
     /// drop either datagram).
     pub async fn call(&self, request: &Request) -> Result<Reply, TowerError> {
         let bytes = encode_request(request);
+        self.call_with(request, || bytes.clone()).await
+    }
+
+    /// As `call`, with the datagram made anew for each try: a signed write
+    /// gets a fresh timestamp, so a retry is not refused as a replay.
+    pub async fn call_with(
+        &self,
+        request: &Request,
+        datagram: impl Fn() -> Vec<u8>,
+    ) -> Result<Reply, TowerError> {
         // Only LIST replies can be long; the rest fit in a few hundred bytes.
         let reply_cap = match request {
             Request::List => 65_536,
@@ -73,7 +83,7 @@ impl TowerClient {
         };
         for _ in 0..self.tries {
             let socket = self.socket().await?;
-            match self.exchange(&socket, &bytes, reply_cap).await {
+            match self.exchange(&socket, &datagram(), reply_cap).await {
                 Ok(Some(reply)) => {
                     self.give_back(socket);
                     return Ok(reply);

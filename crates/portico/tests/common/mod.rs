@@ -34,7 +34,10 @@ impl Proc {
     pub fn start(args: &[&str], marker: &str) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("PORTICO_TEST_LOG").unwrap_or("info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -178,12 +181,14 @@ pub struct Backend {
     pub hits: Arc<AtomicUsize>,
     pub release: Arc<Notify>,
     pub arrived: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
+    /// When each request arrived, in order.
+    pub arrivals: Arc<Mutex<Vec<Instant>>>,
+    kill: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -195,24 +200,35 @@ impl Backend {
         let hits = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(Notify::new());
         let arrived = Arc::new(Notify::new());
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let (kill, killed) = tokio::sync::watch::channel(false);
         let ctx = Ctx {
+            arrivals: arrivals.clone(),
             id: id.to_owned(),
             seen: seen.clone(),
             hits: hits.clone(),
             release: release.clone(),
             arrived: arrived.clone(),
         };
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
+            let mut stop = killed.clone();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop.wait_for(|k| *k) => return,
                 };
+                let Ok((stream, _)) = accepted else { continue };
                 let ctx = ctx.clone();
+                let mut stop = killed.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| answer(ctx.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    // Killed: the socket is dropped mid-whatever, as a crash would.
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.wait_for(|k| *k) => {}
+                    }
                 });
             }
         });
@@ -223,8 +239,14 @@ impl Backend {
             hits,
             release,
             arrived,
-            task,
+            arrivals,
+            kill,
         }
+    }
+
+    /// Stop as a crashed process would: listener and every connection gone.
+    pub fn kill(&self) {
+        let _ = self.kill.send(true);
     }
 
     pub fn last_seen(&self) -> Seen {
@@ -239,6 +261,7 @@ impl Backend {
 
 #[derive(Clone)]
 struct Ctx {
+    arrivals: Arc<Mutex<Vec<Instant>>>,
     id: String,
     seen: Arc<Mutex<Vec<Seen>>>,
     hits: Arc<AtomicUsize>,
@@ -259,6 +282,7 @@ fn query_num(req: &Request<Incoming>, key: &str) -> u64 {
 }
 
 async fn answer(ctx: Ctx, req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
+    ctx.arrivals.lock().unwrap().push(Instant::now());
     ctx.hits.fetch_add(1, Ordering::SeqCst);
     let mut headers: HashMap<String, Vec<String>> = HashMap::new();
     for (k, v) in req.headers() {
@@ -445,4 +469,109 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut co
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Counts from a load run.
+#[derive(Debug, Default)]
+pub struct LoadStats {
+    pub ok: AtomicUsize,
+    pub non_2xx: AtomicUsize,
+    pub socket_errors: AtomicUsize,
+}
+
+impl LoadStats {
+    pub fn summary(&self) -> (usize, usize, usize) {
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.non_2xx.load(Ordering::SeqCst),
+            self.socket_errors.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// Closed-loop GETs from `keepalive` keep-alive clients and `fresh` clients
+/// that open a new connection per request, until `stop` is set. Bounded by
+/// the caller's stop flag, loopback only.
+pub fn spawn_load(
+    addr: SocketAddr,
+    keepalive: usize,
+    fresh: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Arc<LoadStats>, Vec<tokio::task::JoinHandle<()>>) {
+    let stats = Arc::new(LoadStats::default());
+    let mut tasks = Vec::new();
+    for i in 0..(keepalive + fresh) {
+        let stats = stats.clone();
+        let stop = stop.clone();
+        let reuse = i < keepalive;
+        tasks.push(tokio::spawn(async move {
+            let mut sender = None;
+            while !stop.load(Ordering::SeqCst) {
+                if sender.is_none() {
+                    let Ok(s) = tokio::net::TcpStream::connect(addr).await else {
+                        stats.socket_errors.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    };
+                    let Ok((tx, conn)) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(s)).await
+                    else {
+                        stats.socket_errors.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    };
+                    tokio::spawn(conn);
+                    sender = Some(tx);
+                }
+                let Some(tx) = sender.as_mut() else { continue };
+                let req = get_req("/load", &[]);
+                let outcome = async {
+                    tx.ready().await.ok()?;
+                    let resp = tx.send_request(req).await.ok()?;
+                    let status = resp.status();
+                    resp.into_body().collect().await.ok()?;
+                    Some(status)
+                }
+                .await;
+                match outcome {
+                    Some(s) if s.is_success() => stats.ok.fetch_add(1, Ordering::SeqCst),
+                    Some(_) => stats.non_2xx.fetch_add(1, Ordering::SeqCst),
+                    None => {
+                        sender = None;
+                        stats.socket_errors.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+                if !reuse {
+                    sender = None;
+                }
+            }
+        }));
+    }
+    (stats, tasks)
+}
+
+/// Wait until the ingress logs that its watch is in sync (`times` times).
+pub async fn wait_synced(ing: &Proc, times: usize) {
+    let log = ing.log.clone();
+    eventually(DEADLINE, "discovery in sync", || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("in sync with the Tower"))
+            .count()
+            >= times
+    })
+    .await;
+}
+
+/// A free port below the ephemeral range (see its callers for why).
+pub fn port_below_ephemeral_range() -> std::net::SocketAddr {
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    for port in (start..30_000).chain(20_000..start) {
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let udp = std::net::UdpSocket::bind(addr);
+        let tcp = std::net::TcpListener::bind(addr);
+        if udp.is_ok() && tcp.is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port in 20000-30000");
 }
