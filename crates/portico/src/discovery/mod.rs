@@ -9,9 +9,11 @@ pub mod snapshot;
 pub mod watch;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use arc_swap::ArcSwap;
 use portico_wire::{ErrorReply, Reply, Request, ServiceName};
@@ -49,6 +51,10 @@ pub struct TowerSource {
     mode: AtomicU8,
     synced: AtomicBool,
     ever_synced: AtomicBool,
+    /// Bumped on every snapshot swap; requests that ran out of replicas
+    /// wait on `swapped` for a newer table.
+    generation: AtomicU64,
+    swapped: Notify,
 }
 
 impl TowerSource {
@@ -61,6 +67,8 @@ impl TowerSource {
             mode: AtomicU8::new(Mode::Probing as u8),
             synced: AtomicBool::new(false),
             ever_synced: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            swapped: Notify::new(),
         })
     }
 
@@ -139,6 +147,38 @@ impl Discovery {
 
     pub fn source(&self) -> &Source {
         &self.source
+    }
+
+    /// The version of the endpoint table a pick is about to read (watch mode;
+    /// 0 for the other sources, whose answers have no version).
+    pub fn generation(&self) -> u64 {
+        match &self.source {
+            Source::Tower(t) => t.generation.load(Ordering::Acquire),
+            Source::Local(_) => 0,
+        }
+    }
+
+    /// Wait, at most `limit`, for a table newer than `seen`. True if one came.
+    /// A request whose every replica failed uses this: replicas are often
+    /// replaced faster than the news of it arrives (register new, then stop
+    /// old), and a moment's wait beats an error.
+    pub async fn newer_than(&self, seen: u64, limit: Duration) -> bool {
+        let Source::Tower(t) = &self.source else {
+            return false;
+        };
+        if t.mode() != Mode::Watch {
+            return false;
+        }
+        let wait = async {
+            loop {
+                let notified = t.swapped.notified();
+                if t.generation.load(Ordering::Acquire) != seen {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
     }
 
     /// The next replica to try, skipping those in `tried` and preferring ones

@@ -204,6 +204,9 @@ impl TowerSource {
             "discovery: new snapshot"
         );
         self.table.store(Arc::new(next));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.swapped.notify_waiters();
         self.mark_synced();
     }
 }

@@ -23,6 +23,10 @@ use super::route::{self, RouteTable};
 use super::upstream::{Pool, Sender, UpstreamBody, UpstreamRequestBody};
 use crate::discovery::{Discovery, DiscoveryError};
 
+/// How long a request whose every known replica failed waits for a newer
+/// endpoint table before giving up with 502.
+const DISCOVERY_CATCH_UP: Duration = Duration::from_millis(500);
+
 /// Everything the request path reads; immutable once built.
 #[derive(Debug)]
 pub struct Proxy {
@@ -193,8 +197,23 @@ async fn send_with_failover(
     let mut last: Option<(SocketAddr, UpstreamError)> = None;
     let health = proxy.discovery.health();
 
+    let mut caught_up = false;
     for _ in 0..proxy.attempts {
-        let (addr, load) = match proxy.discovery.pick(service, &tried).await {
+        let generation = proxy.discovery.generation();
+        let mut picked = proxy.discovery.pick(service, &tried).await;
+        if matches!(picked, Err(DiscoveryError::Exhausted(_))) && !caught_up {
+            // Every replica we know failed, with attempts left: the table may
+            // lag a replacement in progress. Wait once, briefly, for news.
+            caught_up = true;
+            if proxy
+                .discovery
+                .newer_than(generation, DISCOVERY_CATCH_UP)
+                .await
+            {
+                picked = proxy.discovery.pick(service, &tried).await;
+            }
+        }
+        let (addr, load) = match picked {
             Ok(p) => (p.addr, p.load),
             // Out of replicas to try: report what went wrong with the last one.
             Err(e @ (DiscoveryError::Exhausted(_) | DiscoveryError::NotFound(_))) => {
