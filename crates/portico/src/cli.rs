@@ -103,6 +103,13 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
+    /// Active health check for a service, repeatable:
+    /// SERVICE:PATH[,interval=5s,timeout=2s,fall=3,rise=2]. A replica whose
+    /// `GET PATH` fails `fall` times in a row (non-2xx/3xx, no answer) gets
+    /// no new requests until it passes `rise` times in a row.
+    #[arg(long = "health-check", value_name = "SERVICE:PATH[,..]")]
+    pub health_checks: Vec<crate::discovery::active::CheckSpec>,
+
     /// How a replica is chosen among those of a service (watch mode; in
     /// lookup mode the Tower's round robin decides).
     #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]

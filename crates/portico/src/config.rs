@@ -112,6 +112,7 @@ pub struct ProxyConfig {
     pub backend_timeout: Duration,
     pub max_uri_bytes: usize,
     pub balance: crate::cli::Balance,
+    pub health_checks: Vec<crate::discovery::active::CheckSpec>,
 }
 
 impl ProxyConfig {
@@ -177,6 +178,7 @@ impl ProxyConfig {
             // The request line must fit in the head, and a little headroom.
             max_uri_bytes: a.max_header_bytes.min(16 * 1024),
             balance: a.balance,
+            health_checks: a.health_checks.clone(),
         })
     }
 }

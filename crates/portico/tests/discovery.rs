@@ -447,3 +447,51 @@ async fn signed_registration_refuses_unsigned_and_replayed_writes() {
     assert_eq!(udp(t.addr, b"LOOKUP|web"), "ERR|NOT_FOUND|web");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn active_health_checks_take_a_failing_replica_out_and_back() {
+    let t = tower("30s");
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", a.addr);
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(
+        t.addr,
+        &["/:svc"],
+        &[
+            "--health-check",
+            "svc:/healthz,interval=50ms,timeout=1s,fall=2,rise=2",
+        ],
+    );
+    wait_synced(&ing, 1).await;
+    // a accepts connections but answers its health check with 503.
+    a.healthy.store(false, Ordering::SeqCst);
+    let log = ing.log.clone();
+    eventually(DEADLINE, "a taken out of rotation", || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("out of rotation"))
+    })
+    .await;
+    let before = a.hits.load(Ordering::SeqCst);
+    let mut c = Client::connect(ing.addr).await;
+    for _ in 0..20 {
+        assert_eq!(c.get("/x").await.headers["x-backend"], "b");
+    }
+    assert_eq!(a.hits.load(Ordering::SeqCst), before);
+    // Healthy again: back in rotation after `rise` passes.
+    a.healthy.store(true, Ordering::SeqCst);
+    eventually(DEADLINE, "a back in rotation", || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("back in rotation"))
+    })
+    .await;
+    let mut served_by_a = false;
+    for _ in 0..10 {
+        served_by_a |= c.get("/x").await.headers["x-backend"] == "a";
+    }
+    assert!(served_by_a);
+}

@@ -45,6 +45,14 @@ pub async fn serve(
     for route in config.routes.routes() {
         tracing::info!("route {route}");
     }
+    for check in config.health_checks {
+        tracing::info!(service = %check.service, path = %check.path, interval = ?check.interval, "active health check");
+        tokio::spawn(crate::discovery::active::run(
+            discovery.clone(),
+            check,
+            shutdown.clone(),
+        ));
+    }
     tracing::info!("ingress listening on {local}");
     let proxy = Arc::new(Proxy {
         routes: config.routes,

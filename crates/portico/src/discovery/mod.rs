@@ -4,6 +4,7 @@
 //! per request, as the seed (`lookup`). `portico up` reads its embedded
 //! table directly (`Local`). Passive health sits on top of all three.
 
+pub mod active;
 pub mod health;
 pub mod snapshot;
 pub mod watch;
@@ -129,6 +130,7 @@ pub struct Picked {
 pub struct Discovery {
     source: Source,
     health: PassiveHealth,
+    active: active::ActiveHealth,
     balance: Balance,
 }
 
@@ -137,6 +139,7 @@ impl Discovery {
         Arc::new(Self {
             source,
             health: PassiveHealth::default(),
+            active: active::ActiveHealth::default(),
             balance,
         })
     }
@@ -147,6 +150,51 @@ impl Discovery {
 
     pub fn source(&self) -> &Source {
         &self.source
+    }
+
+    pub fn active(&self) -> &active::ActiveHealth {
+        &self.active
+    }
+
+    /// Whether a replica should get new requests: not set aside after failed
+    /// connects, not failing its active health check.
+    fn usable(&self, addr: SocketAddr, now: Instant) -> bool {
+        !self.health.is_set_aside(addr, now) && !self.active.is_unhealthy(addr)
+    }
+
+    /// Every known endpoint of `service` (for active health checks).
+    pub async fn endpoints(&self, service: &ServiceName) -> Vec<SocketAddr> {
+        let from_list = |entries: Vec<(ServiceName, SocketAddr)>| {
+            entries
+                .into_iter()
+                .filter(|(n, _)| n == service)
+                .map(|(_, a)| a)
+                .collect()
+        };
+        match &self.source {
+            Source::Local(registry) => from_list(
+                registry
+                    .view(Instant::now())
+                    .endpoints
+                    .into_iter()
+                    .map(|(n, a, _)| (n, a))
+                    .collect(),
+            ),
+            Source::Tower(t)
+                if t.mode() == Mode::Watch && t.ever_synced.load(Ordering::Relaxed) =>
+            {
+                t.snapshot()
+                    .service(service)
+                    .map(|set| set.endpoints().iter().map(|e| e.addr).collect())
+                    .unwrap_or_default()
+            }
+            Source::Tower(t) => match t.udp.call(&Request::List).await {
+                Ok(Reply::List(entries)) => {
+                    from_list(entries.into_iter().map(|e| (e.name, e.addr)).collect())
+                }
+                _ => Vec::new(),
+            },
+        }
     }
 
     /// The version of the endpoint table a pick is about to read (watch mode;
@@ -211,7 +259,7 @@ impl Discovery {
             .ok_or_else(|| DiscoveryError::NotFound(service.clone()))?;
         let now = Instant::now();
         let endpoint = set
-            .pick(self.balance, tried, |a| !self.health.is_set_aside(a, now))
+            .pick(self.balance, tried, |a| self.usable(a, now))
             .ok_or_else(|| DiscoveryError::Exhausted(service.clone()))?;
         Ok(Picked {
             addr: endpoint.addr,
@@ -235,7 +283,7 @@ impl Discovery {
             if tried.contains(&addr) {
                 continue;
             }
-            if !self.health.is_set_aside(addr, Instant::now()) {
+            if self.usable(addr, Instant::now()) {
                 return Ok(Picked { addr, load: None });
             }
             fallback.get_or_insert(addr);

@@ -183,6 +183,9 @@ pub struct Backend {
     pub arrived: Arc<Notify>,
     /// When each request arrived, in order.
     pub arrivals: Arc<Mutex<Vec<Instant>>>,
+    /// What `/healthz` answers: 200 while true, 503 after; health checks
+    /// are not counted in `hits`.
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
     kill: tokio::sync::watch::Sender<bool>,
 }
 
@@ -201,8 +204,10 @@ impl Backend {
         let release = Arc::new(Notify::new());
         let arrived = Arc::new(Notify::new());
         let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (kill, killed) = tokio::sync::watch::channel(false);
         let ctx = Ctx {
+            healthy: healthy.clone(),
             arrivals: arrivals.clone(),
             id: id.to_owned(),
             seen: seen.clone(),
@@ -240,6 +245,7 @@ impl Backend {
             release,
             arrived,
             arrivals,
+            healthy,
             kill,
         }
     }
@@ -261,6 +267,7 @@ impl Backend {
 
 #[derive(Clone)]
 struct Ctx {
+    healthy: Arc<std::sync::atomic::AtomicBool>,
     arrivals: Arc<Mutex<Vec<Instant>>>,
     id: String,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -282,6 +289,17 @@ fn query_num(req: &Request<Incoming>, key: &str) -> u64 {
 }
 
 async fn answer(ctx: Ctx, req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
+    if req.uri().path() == "/healthz" {
+        let ok = ctx.healthy.load(Ordering::SeqCst);
+        let mut r =
+            Response::new(Full::new(Bytes::from_static(if ok { b"ok" } else { b"sick" })).boxed());
+        *r.status_mut() = if ok {
+            hyper::StatusCode::OK
+        } else {
+            hyper::StatusCode::SERVICE_UNAVAILABLE
+        };
+        return Ok(r);
+    }
     ctx.arrivals.lock().unwrap().push(Instant::now());
     ctx.hits.fetch_add(1, Ordering::SeqCst);
     let mut headers: HashMap<String, Vec<String>> = HashMap::new();
