@@ -19,6 +19,10 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
 
+    /// Log lines as human-readable text or as JSON objects.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -110,6 +114,18 @@ pub struct ProxyArgs {
     #[arg(long = "health-check", value_name = "SERVICE:PATH[,..]")]
     pub health_checks: Vec<crate::discovery::active::CheckSpec>,
 
+    /// Admin listener (metrics, health, status page): ADDR:PORT or `off`.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin: String,
+
+    /// Access log: one line per request, Apache combined or JSON.
+    #[arg(long, value_enum, default_value_t = crate::ingress::access_log::Format::Off)]
+    pub access_log: crate::ingress::access_log::Format,
+
+    /// Write the access log to this file (appending) instead of stdout.
+    #[arg(long)]
+    pub access_log_file: Option<PathBuf>,
+
     /// How a replica is chosen among those of a service (watch mode; in
     /// lookup mode the Tower's round robin decides).
     #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]
@@ -135,6 +151,12 @@ pub struct IngressArgs {
     /// the Tower has an HTTP API and falls back to lookup when it does not.
     #[arg(long, value_enum, default_value_t = DiscoveryMode::Auto)]
     pub discovery: DiscoveryMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

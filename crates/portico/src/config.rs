@@ -36,6 +36,12 @@ pub enum StartupError {
     },
     #[error("cannot start the async runtime")]
     Runtime(#[source] io::Error),
+    #[error("cannot open the access log {path}")]
+    AccessLog {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot run {command:?}")]
     Spawn {
         command: String,
@@ -113,6 +119,9 @@ pub struct ProxyConfig {
     pub max_uri_bytes: usize,
     pub balance: crate::cli::Balance,
     pub health_checks: Vec<crate::discovery::active::CheckSpec>,
+    pub admin: Option<SocketAddr>,
+    pub access_log: crate::ingress::access_log::Format,
+    pub access_log_file: Option<std::path::PathBuf>,
 }
 
 impl ProxyConfig {
@@ -179,6 +188,12 @@ impl ProxyConfig {
             max_uri_bytes: a.max_header_bytes.min(16 * 1024),
             balance: a.balance,
             health_checks: a.health_checks.clone(),
+            admin: match a.admin.as_str() {
+                "off" => None,
+                other => Some(parse_listen("--admin", other)?),
+            },
+            access_log: a.access_log,
+            access_log_file: a.access_log_file.clone(),
         })
     }
 }

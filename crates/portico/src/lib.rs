@@ -9,11 +9,14 @@
 //!   supervises a connection, `ingress::handler` is the request path.
 //! - `discovery`: where replicas come from (UDP LOOKUP or the local table)
 //!   and passive health.
-//! - `registry`: the Tower: a pure table, its UDP server, a client.
+//! - `registry`: the Tower: a pure table, its UDP and HTTP servers, signed
+//!   writes, a client.
+//! - `admin`: metrics, health, the status page.
 //!
 //! The wire protocol itself is the `portico-wire` crate. ARCHITECTURE.md
 //! walks the request and Tower paths in order.
 
+pub mod admin;
 pub mod cli;
 pub mod cmd;
 pub mod config;

@@ -56,6 +56,8 @@ pub struct TowerSource {
     /// wait on `swapped` for a newer table.
     generation: AtomicU64,
     swapped: Notify,
+    /// Unix ms of the last answer from the watch.
+    last_update_ms: AtomicU64,
 }
 
 impl TowerSource {
@@ -70,6 +72,7 @@ impl TowerSource {
             ever_synced: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             swapped: Notify::new(),
+            last_update_ms: AtomicU64::new(0),
         })
     }
 
@@ -91,6 +94,8 @@ impl TowerSource {
     }
 
     fn mark_synced(&self) {
+        self.last_update_ms
+            .store(crate::registry::unix_ms(), Ordering::Relaxed);
         self.synced.store(true, Ordering::Relaxed);
         self.ever_synced.store(true, Ordering::Relaxed);
     }
@@ -160,6 +165,87 @@ impl Discovery {
     /// connects, not failing its active health check.
     fn usable(&self, addr: SocketAddr, now: Instant) -> bool {
         !self.health.is_set_aside(addr, now) && !self.active.is_unhealthy(addr)
+    }
+
+    /// Every known endpoint, by service, for the admin side.
+    pub async fn all_endpoints(&self) -> Vec<(ServiceName, SocketAddr, Option<usize>)> {
+        match &self.source {
+            Source::Local(registry) => registry
+                .view(Instant::now())
+                .endpoints
+                .into_iter()
+                .map(|(n, a, _)| (n, a, None))
+                .collect(),
+            Source::Tower(t)
+                if t.mode() == Mode::Watch && t.ever_synced.load(Ordering::Relaxed) =>
+            {
+                let snap = t.snapshot();
+                let mut out: Vec<_> = snap
+                    .services()
+                    .flat_map(|(name, set)| {
+                        set.endpoints()
+                            .iter()
+                            .map(move |e| (name.clone(), e.addr, Some(e.in_flight())))
+                    })
+                    .collect();
+                out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+                out
+            }
+            Source::Tower(t) => match t.udp.call(&Request::List).await {
+                Ok(Reply::List(entries)) => entries
+                    .into_iter()
+                    .map(|e| (e.name, e.addr, None))
+                    .collect(),
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    /// Whether the ingress knows its endpoints now: the embedded table
+    /// always; a watch while connected; LOOKUP while the Tower answers.
+    pub async fn is_ready(&self) -> bool {
+        match &self.source {
+            Source::Local(_) => true,
+            Source::Tower(t) => match t.mode() {
+                Mode::Watch => t.is_synced(),
+                Mode::Lookup => matches!(t.udp.call(&Request::Ping).await, Ok(Reply::Pong)),
+                Mode::Probing => false,
+            },
+        }
+    }
+
+    /// How the endpoints are learned, for the admin side.
+    pub fn describe(&self) -> &'static str {
+        match &self.source {
+            Source::Local(_) => "embedded",
+            Source::Tower(t) => match t.mode() {
+                Mode::Watch => "watch",
+                Mode::Lookup => "lookup",
+                Mode::Probing => "probing",
+            },
+        }
+    }
+
+    /// Seconds since the table last heard from the Tower (watch mode).
+    pub fn last_update_age(&self) -> Option<f64> {
+        match &self.source {
+            Source::Tower(t) if t.mode() == Mode::Watch => {
+                let at = t.last_update_ms.load(Ordering::Relaxed);
+                (at > 0).then(|| crate::registry::unix_ms().saturating_sub(at) as f64 / 1000.0)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `addr` is set aside by passive health or failing its checks.
+    pub fn endpoint_state(&self, addr: SocketAddr) -> &'static str {
+        if self.active.is_unhealthy(addr) {
+            "failing_checks"
+        } else if self.health.is_set_aside(addr, Instant::now()) {
+            "set_aside"
+        } else {
+            "healthy"
+        }
     }
 
     /// Every known endpoint of `service` (for active health checks).

@@ -184,6 +184,10 @@ impl Snapshot {
         }
     }
 
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceName, &ServiceSet)> {
+        self.services.iter()
+    }
+
     pub fn service(&self, name: &ServiceName) -> Option<&ServiceSet> {
         self.services.get(name)
     }

@@ -1,19 +1,25 @@
 //! The body of every response the ingress sends: a backend's, streamed, or
-//! one of our own short texts. It carries the request's in-flight mark, so
-//! the connection counts the request as done only once the body is written.
+//! one of our own short texts. It carries the request's completion: when
+//! the body is done (or dropped), the connection counts the request as
+//! finished, and its metrics and access log line are recorded with the real
+//! byte count and duration.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
+use super::access_log::Record;
 use super::conn::InFlight;
 use super::upstream::UpstreamBody;
+use crate::admin::metrics::RouteStats;
 
 pub struct ResponseBody {
     kind: Kind,
-    _in_flight: Option<InFlight>,
+    done: Option<Completion>,
 }
 
 enum Kind {
@@ -21,23 +27,43 @@ enum Kind {
     Local(Option<Bytes>),
 }
 
+/// Recorded when the response ends.
+pub struct Completion {
+    pub in_flight: InFlight,
+    pub stats: Arc<RouteStats>,
+    pub status: u16,
+    pub started: Instant,
+    pub log: Option<Record>,
+    pub bytes: u64,
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        let took = self.started.elapsed();
+        self.stats.record(self.status, took.as_secs_f64());
+        if let Some(record) = self.log.take() {
+            record.finish(self.status, self.bytes, took);
+        }
+    }
+}
+
 impl ResponseBody {
     pub fn upstream(body: UpstreamBody) -> Self {
         Self {
             kind: Kind::Upstream(body),
-            _in_flight: None,
+            done: None,
         }
     }
 
     pub fn text(text: &'static str) -> Self {
         Self {
             kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),
-            _in_flight: None,
+            done: None,
         }
     }
 
-    pub fn with_in_flight(mut self, mark: InFlight) -> Self {
-        self._in_flight = Some(mark);
+    pub fn on_completion(mut self, done: Completion) -> Self {
+        self.done = Some(done);
         self
     }
 }
@@ -50,10 +76,16 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.kind {
+        let polled = match &mut self.kind {
             Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
             Kind::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(done)) = (&polled, self.done.as_mut()) {
+            if let Some(data) = frame.data_ref() {
+                done.bytes += data.len() as u64;
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

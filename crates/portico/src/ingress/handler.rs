@@ -15,28 +15,49 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty};
 use hyper::body::{Body, Incoming};
 
-use super::body::ResponseBody;
+use super::access_log::{AccessLog, Record};
+use super::body::{Completion, ResponseBody};
 use super::conn::ConnState;
 use super::error::{ProxyError, UpstreamError};
 use super::headers;
 use super::route::{self, RouteTable};
 use super::upstream::{Pool, Sender, UpstreamBody, UpstreamRequestBody};
+use crate::admin::metrics::{Metrics, RouteStats};
 use crate::discovery::{Discovery, DiscoveryError};
+use arc_swap::ArcSwap;
 
 /// How long a request whose every known replica failed waits for a newer
 /// endpoint table before giving up with 502.
 const DISCOVERY_CATCH_UP: Duration = Duration::from_millis(500);
 
-/// Everything the request path reads; immutable once built.
+/// The route table and the metric handles of its routes, in its order;
+/// swapped as one on a config reload.
+#[derive(Debug)]
+pub struct LiveRoutes {
+    pub table: RouteTable,
+    pub stats: Vec<Arc<RouteStats>>,
+}
+
+impl LiveRoutes {
+    pub fn new(table: RouteTable, metrics: &Metrics) -> Self {
+        let stats = metrics.for_routes(&table);
+        Self { table, stats }
+    }
+}
+
+/// Everything the request path reads. Only the routes change, by an atomic
+/// swap of the whole table.
 #[derive(Debug)]
 pub struct Proxy {
-    pub routes: RouteTable,
+    pub routes: ArcSwap<LiveRoutes>,
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
     pub attempts: u32,
     pub backend_timeout: Duration,
     /// Longest request target accepted; longer gets 414.
     pub max_uri_bytes: usize,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Option<AccessLog>,
 }
 
 /// What the request path knows of the client connection.
@@ -44,6 +65,17 @@ pub struct Proxy {
 pub struct Client {
     pub addr: SocketAddr,
     pub state: Arc<ConnState>,
+}
+
+/// What the request path learned, for metrics and the access log.
+#[derive(Debug, Default)]
+struct Exchange {
+    stats: Option<Arc<RouteStats>>,
+    route: Option<String>,
+    service: Option<String>,
+    endpoint: Option<SocketAddr>,
+    attempts: u32,
+    request_id: Option<HeaderValue>,
 }
 
 /// Answer one request. Never fails: every error becomes a response here.
@@ -57,7 +89,15 @@ pub async fn handle(
     let method = req.method().clone();
     let uri = req.uri().clone();
     let version = req.version();
-    let response = match proxy_request(&proxy, &client, req).await {
+    let (referer, user_agent) = match &proxy.access_log {
+        Some(_) => (
+            req.headers().get(header::REFERER).cloned(),
+            req.headers().get(header::USER_AGENT).cloned(),
+        ),
+        None => (None, None),
+    };
+    let mut exchange = Exchange::default();
+    let response = match proxy_request(&proxy, &client, req, &mut exchange).await {
         Ok(resp) => resp,
         Err(e) => {
             let (status, text) = e.response_parts();
@@ -76,15 +116,32 @@ pub async fn handle(
             resp
         }
     };
-    tracing::debug!(
-        target: "portico::access",
-        client = %client.addr,
-        %method,
-        %uri,
-        status = response.status().as_u16(),
-        micros = started.elapsed().as_micros() as u64,
-    );
-    Ok(response.map(|b| b.with_in_flight(in_flight)))
+    let log = proxy.access_log.clone().map(|sink| Record {
+        sink,
+        time: std::time::SystemTime::now(),
+        client: client.addr,
+        method,
+        uri,
+        version,
+        referer,
+        user_agent,
+        request_id: exchange.request_id,
+        route: exchange.route,
+        service: exchange.service,
+        endpoint: exchange.endpoint,
+        attempts: exchange.attempts,
+    });
+    let done = Completion {
+        in_flight,
+        stats: exchange
+            .stats
+            .unwrap_or_else(|| proxy.metrics.unrouted().clone()),
+        status: response.status().as_u16(),
+        started,
+        log,
+        bytes: 0,
+    };
+    Ok(response.map(|b| b.on_completion(done)))
 }
 
 pub fn local_response(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
@@ -101,6 +158,7 @@ async fn proxy_request(
     proxy: &Proxy,
     client: &Client,
     req: Request<Incoming>,
+    exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     if let Some(pq) = req.uri().path_and_query() {
         if pq.as_str().len() > proxy.max_uri_bytes {
@@ -138,11 +196,33 @@ async fn proxy_request(
             ))?,
         )
     };
-    let route = proxy
-        .routes
-        .find(host.as_deref(), &path)
+    let live = proxy.routes.load_full();
+    let (index, route) = live
+        .table
+        .find_indexed(host.as_deref(), &path)
         .ok_or(ProxyError::NoRoute)?;
     let service = &route.service;
+    exchange.stats = Some(live.stats[index].clone());
+    if proxy.access_log.is_some() {
+        exchange.route = Some(format!(
+            "{}{}",
+            route.host.as_deref().unwrap_or(""),
+            route.prefix
+        ));
+        exchange.service = Some(service.to_string());
+    }
+    // The route may ask for its prefix to be cut before the backend sees it.
+    let path: Cow<'_, str> = match route.options.strip_prefix {
+        true if route.prefix != "/" => {
+            let rest = &path[route.prefix.len()..];
+            Cow::Owned(if rest.starts_with('/') {
+                rest.to_owned()
+            } else {
+                format!("/{rest}")
+            })
+        }
+        _ => path,
+    };
 
     // The backend sees what we routed on: the normalised path, the query as sent.
     let target = match parts.uri.query() {
@@ -153,6 +233,7 @@ async fn proxy_request(
         .map_err(|_| ProxyError::BadRequest("Bad request: the request target is malformed.\n"))?;
     parts.version = Version::HTTP_11;
     headers::remove_hop_by_hop(&mut parts.headers);
+    exchange.request_id = Some(headers::ensure_request_id(&mut parts.headers));
     let host_value = match host_header {
         Some(h) => Some(h),
         // An HTTP/2 client names the host in :authority only.
@@ -178,7 +259,12 @@ async fn proxy_request(
         r
     });
     let request = Request::from_parts(parts, Either::Left(body));
-    let mut response = send_with_failover(proxy, service, request, replay).await?;
+    let backend_timeout = route
+        .options
+        .backend_timeout
+        .unwrap_or(proxy.backend_timeout);
+    let mut response =
+        send_with_failover(proxy, service, request, replay, backend_timeout, exchange).await?;
     // Our framing towards the client is ours, whatever the backend spoke.
     *response.version_mut() = client_version;
     Ok(response)
@@ -191,6 +277,8 @@ async fn send_with_failover(
     service: &portico_wire::ServiceName,
     request: Request<UpstreamRequestBody>,
     replay: Option<Request<()>>,
+    backend_timeout: Duration,
+    exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let mut request = Some(request);
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(proxy.attempts as usize);
@@ -222,6 +310,13 @@ async fn send_with_failover(
             Err(e) => return Err(e.into()),
         };
         tried.push(addr);
+        exchange.endpoint = Some(addr);
+        exchange.attempts = tried.len() as u32;
+        if tried.len() > 1 {
+            if let Some(stats) = &exchange.stats {
+                stats.retry();
+            }
+        }
 
         // A pooled connection may have been closed by the backend just now;
         // when that is all that failed, a fresh connection to the same
@@ -235,6 +330,9 @@ async fn send_with_failover(
                     Ok(s) => s,
                     Err(e) => {
                         health.record_failure(addr, Instant::now());
+                        if let Some(stats) = &exchange.stats {
+                            stats.connect_error();
+                        }
                         tracing::debug!(backend = %addr, %service, error = %e, "connect failed; trying another replica");
                         last = Some((addr, e));
                         break;
@@ -244,14 +342,13 @@ async fn send_with_failover(
             let Some(req) = request.take() else {
                 break;
             };
-            let sent =
-                tokio::time::timeout(proxy.backend_timeout, sender.try_send_request(req)).await;
+            let sent = tokio::time::timeout(backend_timeout, sender.try_send_request(req)).await;
             match sent {
                 Err(_elapsed) => {
                     return Err(ProxyError::Timeout {
                         service: service.clone(),
                         addr,
-                        timeout: proxy.backend_timeout,
+                        timeout: backend_timeout,
                     })
                 }
                 Ok(Ok(mut resp)) => {

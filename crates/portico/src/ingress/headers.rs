@@ -20,6 +20,19 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Keep the client's X-Request-Id, or add a new random one; returns it.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID) {
+        return id.clone();
+    }
+    let id = format!("{:032x}", fastrand::u128(..));
+    // Hex digits are always a valid header value.
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    headers.insert(&X_REQUEST_ID, value.clone());
+    value
+}
 
 /// Remove hop-by-hop headers, including every header the Connection header
 /// names (a client must not be able to smuggle e.g. `Connection: x-real-ip`
@@ -129,6 +142,16 @@ mod tests {
         add_forwarding(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
+    }
+
+    #[test]
+    fn request_id_is_kept_or_made() {
+        let mut h = map(&[("x-request-id", "abc")]);
+        assert_eq!(ensure_request_id(&mut h), "abc");
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_eq!(h[&X_REQUEST_ID], id);
     }
 
     #[test]

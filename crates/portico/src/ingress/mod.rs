@@ -1,6 +1,7 @@
 //! The data plane: the accept loop, connection limits and draining. The
 //! request path itself is `handler`.
 
+pub mod access_log;
 pub mod body;
 pub mod conn;
 pub mod error;
@@ -85,12 +86,17 @@ pub async fn serve(
                 let proxy = proxy.clone();
                 let timeouts = settings.timeouts;
                 let shutdown = shutdown.clone();
+                proxy.metrics.connections.inc();
+                proxy.metrics.active_connections.inc();
                 tokio::spawn(async move {
+                    let metrics = proxy.metrics.clone();
                     serve_connection(stream, peer, &builder, proxy, timeouts, shutdown).await;
+                    metrics.active_connections.dec();
                     drop(permit);
                 });
             }
             Err(_) => {
+                proxy.metrics.refused_at_capacity.inc();
                 if let Ok(permit) = refusing.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         refuse_at_capacity(stream).await;

@@ -17,6 +17,17 @@ pub struct Route {
     /// Normalised, without a trailing slash unless it is `/` itself.
     pub prefix: String,
     pub service: ServiceName,
+    pub options: RouteOptions,
+}
+
+/// What a route may set beyond its target (from the config file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteOptions {
+    /// Cut the prefix off the path before the backend sees it
+    /// (`/api/users` on route `/api` reaches the backend as `/users`).
+    pub strip_prefix: bool,
+    /// This route's --backend-timeout.
+    pub backend_timeout: Option<std::time::Duration>,
 }
 
 impl fmt::Display for Route {
@@ -84,6 +95,7 @@ impl Route {
             host,
             prefix,
             service,
+            options: RouteOptions::default(),
         })
     }
 
@@ -133,7 +145,12 @@ impl RouteTable {
     /// The route for a request. `host` is the request's host without port,
     /// `path` its normalised path.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
+        self.find_indexed(host, path).map(|(_, r)| r)
+    }
+
+    /// As `find`, with the route's position in `routes()`.
+    pub fn find_indexed(&self, host: Option<&str>, path: &str) -> Option<(usize, &Route)> {
+        self.routes.iter().enumerate().find(|(_, r)| {
             let host_ok = match (&r.host, host) {
                 (None, _) => true,
                 (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),

@@ -30,6 +30,14 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The address a "<marker> http://ADDR" log line gave.
+    pub fn logged_addr(&self, marker: &str) -> SocketAddr {
+        let log = self.log_text();
+        let rest = log.split(marker).nth(1).expect("marker logged");
+        let word = rest.split_whitespace().next().unwrap_or("");
+        word.trim_start_matches("http://").parse().expect("address")
+    }
+
     /// Start `portico ARGS` and wait for its "<marker> <addr>" log line.
     pub fn start(args: &[&str], marker: &str) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
@@ -118,6 +126,10 @@ pub fn ingress(tower: SocketAddr, routes: &[&str], extra: &[&str]) -> Proc {
     for r in routes {
         args.push("--route");
         args.push(r);
+    }
+    // Tests run side by side: the admin listener must not take a fixed port.
+    if !extra.contains(&"--admin") {
+        args.extend_from_slice(&["--admin", "127.0.0.1:0"]);
     }
     args.extend_from_slice(extra);
     Proc::start(&args, "ingress listening on ")

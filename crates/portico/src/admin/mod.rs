@@ -1,0 +1,209 @@
+//! The admin listener (default 127.0.0.1:9901): `/metrics` (Prometheus),
+//! `/healthz`, `/readyz`, `/routes`, `/endpoints`, `/status.json`, and `/`,
+//! a status page for a person, served from the binary.
+
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::ingress::handler::Proxy;
+
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Serve the admin endpoints until shutdown.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(proxy.clone(), req));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
+    respond(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec(value).unwrap_or_default(),
+    )
+}
+
+#[derive(Serialize)]
+struct RouteDoc {
+    host: Option<String>,
+    prefix: String,
+    service: String,
+    strip_prefix: bool,
+    backend_timeout_ms: Option<u64>,
+    /// Requests answered, by status class.
+    responses: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize)]
+struct EndpointDoc {
+    address: String,
+    state: &'static str,
+    in_flight: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct StatusDoc {
+    version: &'static str,
+    discovery: &'static str,
+    ready: bool,
+    last_update_age_seconds: Option<f64>,
+    routes: Vec<RouteDoc>,
+    services: BTreeMap<String, Vec<EndpointDoc>>,
+}
+
+fn routes(proxy: &Proxy) -> Vec<RouteDoc> {
+    let live = proxy.routes.load();
+    live.table
+        .routes()
+        .iter()
+        .zip(live.stats.iter())
+        .map(|(r, stats)| {
+            let totals = stats.totals();
+            let responses = ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .into_iter()
+                .zip(totals)
+                .collect();
+            RouteDoc {
+                host: r.host.clone(),
+                prefix: r.prefix.clone(),
+                service: r.service.to_string(),
+                strip_prefix: r.options.strip_prefix,
+                backend_timeout_ms: r.options.backend_timeout.map(|d| d.as_millis() as u64),
+                responses,
+            }
+        })
+        .collect()
+}
+
+async fn services(proxy: &Proxy) -> BTreeMap<String, Vec<EndpointDoc>> {
+    let mut out: BTreeMap<String, Vec<EndpointDoc>> = BTreeMap::new();
+    // Every routed service is listed, also one with no endpoint.
+    for r in proxy.routes.load().table.routes() {
+        out.entry(r.service.to_string()).or_default();
+    }
+    for (name, addr, in_flight) in proxy.discovery.all_endpoints().await {
+        out.entry(name.to_string()).or_default().push(EndpointDoc {
+            address: addr.to_string(),
+            state: proxy.discovery.endpoint_state(addr),
+            in_flight,
+        });
+    }
+    out
+}
+
+async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointDoc>>, ready: bool) {
+    let m = &proxy.metrics;
+    for (name, endpoints) in services {
+        for state in ["healthy", "set_aside", "failing_checks"] {
+            let n = endpoints.iter().filter(|e| e.state == state).count();
+            m.endpoints
+                .get_or_create(&vec![
+                    ("service", name.clone()),
+                    ("state", state.to_owned()),
+                ])
+                .set(n as i64);
+        }
+    }
+    m.discovery_synced.set(i64::from(ready));
+    m.discovery_age
+        .set(proxy.discovery.last_update_age().unwrap_or(0.0));
+}
+
+async fn answer(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n",
+        ));
+    }
+    let resp = match req.uri().path() {
+        "/" | "/status" => respond(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => {
+            if proxy.discovery.is_ready().await {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: endpoint discovery is not in sync with the Tower\n",
+                )
+            }
+        }
+        "/metrics" => {
+            let ready = proxy.discovery.is_ready().await;
+            let services = services(&proxy).await;
+            refresh_gauges(&proxy, &services, ready).await;
+            respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                proxy.metrics.render(),
+            )
+        }
+        "/routes" => json(&routes(&proxy)),
+        "/endpoints" => json(&services(&proxy).await),
+        "/status.json" => {
+            let ready = proxy.discovery.is_ready().await;
+            json(&StatusDoc {
+                version: env!("CARGO_PKG_VERSION"),
+                discovery: proxy.discovery.describe(),
+                ready,
+                last_update_age_seconds: proxy.discovery.last_update_age(),
+                routes: routes(&proxy),
+                services: services(&proxy).await,
+            })
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /, /metrics, /healthz, /readyz, /routes, /endpoints\n",
+        ),
+    };
+    Ok(resp)
+}
