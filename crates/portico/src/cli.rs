@@ -50,8 +50,14 @@ pub struct ProxyArgs {
 
     /// Route PREFIX:SERVICE or HOST/PREFIX:SERVICE; repeatable. Longest prefix
     /// wins, matching on path segment boundaries.
-    #[arg(long = "route", value_name = "[HOST]PREFIX:SERVICE", required = true)]
+    #[arg(long = "route", value_name = "[HOST]PREFIX:SERVICE")]
     pub routes: Vec<String>,
+
+    /// TOML file with routes (and per-route options), timeouts, balance and
+    /// attempts. Its routes are reloaded on SIGHUP and when it changes; a
+    /// flag given on the command line wins over the file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 
     /// Most client connections served at once; past it a client gets
     /// `503 At capacity.` (the seed's --workers).

@@ -25,6 +25,8 @@ pub enum StartupError {
     },
     #[error(transparent)]
     Route(#[from] RouteError),
+    #[error(transparent)]
+    Config(#[from] crate::config_file::ConfigError),
     #[error("cannot resolve the Tower address {0:?}; give HOST or HOST:PORT, e.g. 127.0.0.1 or tower.local:7772")]
     TowerAddress(String, #[source] io::Error),
     #[error("{}", bind_advice(.what, .addr, .source))]
@@ -122,12 +124,48 @@ pub struct ProxyConfig {
     pub admin: Option<SocketAddr>,
     pub access_log: crate::ingress::access_log::Format,
     pub access_log_file: Option<std::path::PathBuf>,
+    /// For reloads: the file, and the routes the command line gave.
+    pub config_file: Option<crate::config_file::Loaded>,
+    pub cli_routes: Vec<String>,
 }
 
 impl ProxyConfig {
-    pub fn from_args(a: &ProxyArgs) -> Result<Self, StartupError> {
+    /// `explicit` tells whether a flag (by its field name) was given on the
+    /// command line: those win over the config file, defaults do not.
+    pub fn from_args(a: &ProxyArgs, explicit: &dyn Fn(&str) -> bool) -> Result<Self, StartupError> {
         let listen = parse_listen("--listen", &a.listen)?;
-        let routes = RouteTable::parse(&a.routes)?;
+        let file = a
+            .config
+            .as_deref()
+            .map(crate::config_file::Loaded::read)
+            .transpose()?;
+        let routes = crate::config_file::route_table(&a.routes, file.as_ref())?;
+        let mut a = a.clone();
+        if let Some(f) = &file {
+            let t = &f.file.timeouts;
+            for (field, value, slot) in [
+                ("connect_timeout", &t.connect, &mut a.connect_timeout),
+                ("header_timeout", &t.header, &mut a.header_timeout),
+                ("idle_timeout", &t.idle, &mut a.idle_timeout),
+                ("backend_timeout", &t.backend, &mut a.backend_timeout),
+            ] {
+                if let Some(d) = f.duration(
+                    &format!("timeouts.{}", field.trim_end_matches("_timeout")),
+                    value,
+                )? {
+                    if !explicit(field) {
+                        *slot = d;
+                    }
+                }
+            }
+            if let (Some(b), false) = (f.file.balance, explicit("balance")) {
+                a.balance = b.into();
+            }
+            if let (Some(n), false) = (f.file.attempts, explicit("attempts")) {
+                a.attempts = n;
+            }
+        }
+        let a = &a;
         let positive = |flag: &'static str, v: usize| {
             if v == 0 {
                 Err(StartupError::Flag {
@@ -194,6 +232,8 @@ impl ProxyConfig {
             },
             access_log: a.access_log,
             access_log_file: a.access_log_file.clone(),
+            config_file: file,
+            cli_routes: a.routes.clone(),
         })
     }
 }

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod config_file;
 pub mod discovery;
 pub mod ingress;
 pub mod registry;

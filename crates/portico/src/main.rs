@@ -4,11 +4,29 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use std::collections::HashSet;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use portico::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // Flags given on the command line win over the config file; a default
+    // does not. Clap knows which is which.
+    let explicit: HashSet<String> = matches
+        .subcommand()
+        .map(|(_, sub)| {
+            sub.ids()
+                .filter(|id| sub.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+                .map(|id| id.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
     init_tracing(&cli.log_level, cli.log_format);
     raise_fd_limit();
 
@@ -29,7 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(portico::cmd::run(cli.command)) {
+    match runtime.block_on(portico::cmd::run(cli.command, explicit)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("portico: {}", portico::ingress::error::chain(&e));

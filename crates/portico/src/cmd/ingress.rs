@@ -15,8 +15,12 @@ use crate::ingress::handler::{LiveRoutes, Proxy};
 use crate::ingress::{self, upstream::Pool};
 use crate::registry::client::TowerClient;
 
-pub async fn run(args: IngressArgs, shutdown: watch::Receiver<bool>) -> Result<(), StartupError> {
-    let config = ProxyConfig::from_args(&args.proxy)?;
+pub async fn run(
+    args: IngressArgs,
+    explicit: &dyn Fn(&str) -> bool,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StartupError> {
+    let config = ProxyConfig::from_args(&args.proxy, explicit)?;
     let tower = resolve_tower(&args.tower)?;
     let client = TowerClient::new(tower, args.tower_timeout, 2);
     let source = TowerSource::new(client);
@@ -100,7 +104,81 @@ pub async fn serve(
         tracing::info!("admin listening on http://{at}");
         tokio::spawn(crate::admin::serve(admin, proxy.clone(), shutdown.clone()));
     }
+    if let Some(file) = config.config_file {
+        tokio::spawn(reload(
+            file,
+            config.cli_routes,
+            proxy.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!("ingress listening on {local}");
     ingress::serve(listener, proxy, config.serve, shutdown).await;
     Ok(())
+}
+
+/// Reload the config file's routes on SIGHUP and whenever its contents
+/// change (checked every second). A file that does not validate is refused
+/// with the reason and the running table stays; a good one replaces the
+/// route table in one atomic swap: no listener is rebound, no connection
+/// is touched.
+async fn reload(
+    first: crate::config_file::Loaded,
+    cli_routes: Vec<String>,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let path = first.path.clone();
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch SIGHUP ({e}); config changes are still picked up from the file"
+            );
+            None
+        }
+    };
+    let mut last_seen = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let now = std::fs::read(&path).ok();
+        if !forced && now == last_seen {
+            continue;
+        }
+        last_seen = now;
+        let outcome = crate::config_file::Loaded::read(&path)
+            .and_then(|loaded| crate::config_file::route_table(&cli_routes, Some(&loaded)));
+        match outcome {
+            Ok(table) => {
+                let n = table.routes().len();
+                proxy
+                    .routes
+                    .store(Arc::new(LiveRoutes::new(table, &proxy.metrics)));
+                proxy
+                    .metrics
+                    .config_reloads
+                    .get_or_create(&vec![("result", "applied".to_owned())])
+                    .inc();
+                tracing::info!(routes = n, file = %path.display(), "config reloaded; only routes are reloaded, other settings need a restart");
+            }
+            Err(e) => {
+                proxy
+                    .metrics
+                    .config_reloads
+                    .get_or_create(&vec![("result", "refused".to_owned())])
+                    .inc();
+                tracing::warn!(
+                    "config refused, the running routes stay: {}",
+                    crate::ingress::error::chain(&e)
+                );
+            }
+        }
+    }
 }

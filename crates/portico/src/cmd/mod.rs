@@ -7,6 +7,7 @@ pub mod services;
 pub mod tower;
 pub mod up;
 
+use std::collections::HashSet;
 use std::process::ExitCode;
 
 use tokio::sync::watch;
@@ -14,19 +15,16 @@ use tokio::sync::watch;
 use crate::cli::Command;
 use crate::config::StartupError;
 
-pub async fn run(command: Command) -> Result<ExitCode, StartupError> {
+/// `explicit` holds the flags (by field name) given on the command line.
+pub async fn run(command: Command, explicit: HashSet<String>) -> Result<ExitCode, StartupError> {
+    let explicit = move |field: &str| explicit.contains(field);
+    let done = |r: Result<(), StartupError>| r.map(|()| ExitCode::SUCCESS);
     match command {
-        Command::Ingress(a) => ingress::run(a, shutdown_signal())
-            .await
-            .map(|()| ExitCode::SUCCESS),
-        Command::Tower(a) => tower::run(a, shutdown_signal())
-            .await
-            .map(|()| ExitCode::SUCCESS),
-        Command::Up(a) => up::run(a, shutdown_signal())
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Command::Ingress(a) => done(ingress::run(a, &explicit, shutdown_signal()).await),
+        Command::Tower(a) => done(tower::run(a, shutdown_signal()).await),
+        Command::Up(a) => done(up::run(a, &explicit, shutdown_signal()).await),
         Command::Register(a) => register::run(a).await,
-        Command::Services(a) => services::run(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Services(a) => done(services::run(a).await),
     }
 }
 

@@ -153,6 +153,7 @@ async fn answer(
     let path = req.uri().path().to_owned();
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/metrics") => metrics(&registry),
         (&Method::GET, "/v1/services") => {
             services(&registry, shutdown, req.uri().query().unwrap_or("")).await
         }
@@ -166,7 +167,7 @@ async fn answer(
         }
         (&Method::POST, "/v1/register") => write(&registry, req, WireRequest::Register).await,
         (&Method::POST, "/v1/deregister") => write(&registry, req, WireRequest::Deregister).await,
-        (_, "/healthz" | "/v1/services" | "/v1/register" | "/v1/deregister") => {
+        (_, "/healthz" | "/metrics" | "/v1/services" | "/v1/register" | "/v1/deregister") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/services"),
@@ -285,4 +286,58 @@ async fn write(
             &format!("unexpected {other:?}"),
         ),
     }
+}
+
+/// The Tower's Prometheus metrics, in the text format.
+fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = registry.counters();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP portico_tower_registrations Registrations held now (live or not yet reaped)."
+    );
+    let _ = writeln!(out, "# TYPE portico_tower_registrations gauge");
+    let _ = writeln!(out, "portico_tower_registrations {}", registry.len());
+    let _ = writeln!(
+        out,
+        "# HELP portico_tower_requests_total Requests by command, over UDP and HTTP."
+    );
+    let _ = writeln!(out, "# TYPE portico_tower_requests_total counter");
+    for (name, n) in super::COMMANDS.iter().zip(c.requests.iter()) {
+        let _ = writeln!(
+            out,
+            "portico_tower_requests_total{{command=\"{name}\"}} {}",
+            n.load(Relaxed)
+        );
+    }
+    let _ = writeln!(out, "# HELP portico_tower_errors_total Requests refused: malformed, or writes without a valid signature.");
+    let _ = writeln!(out, "# TYPE portico_tower_errors_total counter");
+    let _ = writeln!(
+        out,
+        "portico_tower_errors_total{{kind=\"malformed\"}} {}",
+        c.errors.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "portico_tower_errors_total{{kind=\"unauthorized\"}} {}",
+        c.unauthorized.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP portico_tower_expiries_total Registrations that expired without a heartbeat."
+    );
+    let _ = writeln!(out, "# TYPE portico_tower_expiries_total counter");
+    let _ = writeln!(
+        out,
+        "portico_tower_expiries_total {}",
+        c.expiries.load(Relaxed)
+    );
+    let mut r = Response::new(Full::new(Bytes::from(out)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
 }

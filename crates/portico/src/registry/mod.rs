@@ -8,7 +8,7 @@ pub mod table;
 pub mod udp;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +36,21 @@ struct Inner {
     /// mistaken for one of ours.
     epoch: u64,
     warm_announced: AtomicBool,
+    pub(crate) counters: Counters,
 }
+
+/// What the Tower counts, for its /metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// By command: REGISTER, LOOKUP, DEREGISTER, LIST, PING.
+    pub requests: [AtomicU64; 5],
+    /// Malformed requests and refused writes.
+    pub errors: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub expiries: AtomicU64,
+}
+
+pub const COMMANDS: [&str; 5] = ["REGISTER", "LOOKUP", "DEREGISTER", "LIST", "PING"];
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every method finishes its writes before it could panic, so a poisoned
@@ -73,6 +87,7 @@ impl Registry {
                 started: Instant::now(),
                 epoch: fastrand::u64(..),
                 warm_announced: AtomicBool::new(false),
+                counters: Counters::default(),
             }),
         }
     }
@@ -84,12 +99,19 @@ impl Registry {
     /// Answer one request from any transport. `signed` is the span of the
     /// original bytes that a signature covers.
     pub fn handle(&self, envelope: Envelope, signed: &[u8], now: Instant, now_ms: u64) -> Reply {
-        if matches!(
-            envelope.request,
-            Request::Register(_) | Request::Deregister(_)
-        ) {
+        let c = &self.inner.counters;
+        let (command, write) = match envelope.request {
+            Request::Register(_) => (0, true),
+            Request::Lookup(_) => (1, false),
+            Request::Deregister(_) => (2, true),
+            Request::List => (3, false),
+            Request::Ping => (4, false),
+        };
+        c.requests[command].fetch_add(1, Ordering::Relaxed);
+        if write {
             let checked = lock(&self.inner.verifier).check(envelope.signature, signed, now_ms);
             if let Err(e) = checked {
+                c.unauthorized.fetch_add(1, Ordering::Relaxed);
                 return Reply::Error(ErrorReply::Unauthorized(e.to_string()));
             }
         }
@@ -126,6 +148,14 @@ impl Registry {
     pub fn reap(&self, now: Instant, period: Duration) -> (usize, Instant) {
         let mut table = lock(&self.inner.table);
         let reaped = table.reap(now);
+        self.inner
+            .counters
+            .expiries
+            .fetch_add(reaped as u64, Ordering::Relaxed);
+        self.inner
+            .counters
+            .expiries
+            .fetch_add(reaped as u64, Ordering::Relaxed);
         let ttl = table.limits().ttl;
         let warm = self.is_warm(now, ttl);
         if warm && !self.inner.warm_announced.swap(true, Ordering::Relaxed) {
@@ -142,6 +172,24 @@ impl Registry {
         drop(table);
         self.publish(revision);
         (reaped, next)
+    }
+
+    /// A malformed request that never reached `handle`.
+    pub fn count_malformed(&self) {
+        self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// Registrations held now.
+    pub fn len(&self) -> usize {
+        lock(&self.inner.table).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {

@@ -45,6 +45,7 @@ pub async fn serve(socket: UdpSocket, registry: Registry, mut shutdown: watch::R
             }
             Err(e) => {
                 tracing::debug!(%from, error = %e, "tower: malformed datagram");
+                registry.count_malformed();
                 Reply::Error(e.reply())
             }
         };

@@ -1,0 +1,282 @@
+//! The optional config file (`--config portico.toml`), for what the command
+//! line says awkwardly: many routes, per-route options, and a few settings.
+//! Routes are reloaded on SIGHUP and when the file changes, validated first;
+//! the other settings are read at start. A flag given on the command line
+//! wins over the file.
+//!
+//! ```toml
+//! balance = "p2c"            # or "round-robin"
+//! attempts = 3
+//! [timeouts]
+//! connect = "5s"
+//! header = "10s"
+//! idle = "30s"
+//! backend = "60s"
+//!
+//! [[route]]
+//! prefix = "/api"
+//! service = "api"
+//! host = "api.example.com"   # optional
+//! strip_prefix = true        # optional: /api/x reaches the backend as /x
+//! backend_timeout = "5s"     # optional: this route's backend timeout
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::Balance;
+use crate::ingress::route::{Route, RouteError, RouteOptions, RouteTable};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub balance: Option<BalanceName>,
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteEntry>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalanceName {
+    RoundRobin,
+    P2c,
+}
+
+impl From<BalanceName> for Balance {
+    fn from(b: BalanceName) -> Self {
+        match b {
+            BalanceName::RoundRobin => Balance::RoundRobin,
+            BalanceName::P2c => Balance::P2c,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    pub connect: Option<String>,
+    pub header: Option<String>,
+    pub idle: Option<String>,
+    pub backend: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEntry {
+    pub prefix: String,
+    pub service: String,
+    pub host: Option<String>,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    pub backend_timeout: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config file {path}: {what} {value:?} is not a duration (write e.g. 30s, 250ms)")]
+    Duration {
+        path: String,
+        what: String,
+        value: String,
+    },
+    #[error("config file {path}")]
+    Route {
+        path: String,
+        #[source]
+        source: RouteError,
+    },
+    #[error(
+        "config file {path}: route prefix {prefix:?} must start with '/' (put a host in `host`)"
+    )]
+    Prefix { path: String, prefix: String },
+    #[error("no routes: give --route, or [[route]] entries in the config file")]
+    NoRoutes,
+}
+
+/// A config file as read, with its path for messages.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub file: FileConfig,
+}
+
+impl Loaded {
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: shown,
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        let loaded = Self {
+            path: path.to_owned(),
+            file,
+        };
+        // Refuse a file whose routes would not build, before anything uses it.
+        loaded.routes()?;
+        Ok(loaded)
+    }
+
+    pub fn duration(
+        &self,
+        what: &str,
+        value: &Option<String>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        value
+            .as_deref()
+            .map(|v| {
+                crate::cli::parse_duration(v).map_err(|_| ConfigError::Duration {
+                    path: self.path.display().to_string(),
+                    what: what.to_owned(),
+                    value: v.to_owned(),
+                })
+            })
+            .transpose()
+    }
+
+    /// The file's routes, validated.
+    pub fn routes(&self) -> Result<Vec<Route>, ConfigError> {
+        let path = self.path.display().to_string();
+        self.file
+            .routes
+            .iter()
+            .map(|e| {
+                if !e.prefix.starts_with('/') {
+                    return Err(ConfigError::Prefix {
+                        path: path.clone(),
+                        prefix: e.prefix.clone(),
+                    });
+                }
+                let spec = format!(
+                    "{}{}:{}",
+                    e.host.as_deref().unwrap_or(""),
+                    e.prefix,
+                    e.service
+                );
+                let mut route = Route::parse(&spec).map_err(|source| ConfigError::Route {
+                    path: path.clone(),
+                    source,
+                })?;
+                route.options = RouteOptions {
+                    strip_prefix: e.strip_prefix,
+                    backend_timeout: self.duration(
+                        &format!("backend_timeout of route {spec}"),
+                        &e.backend_timeout,
+                    )?,
+                };
+                Ok(route)
+            })
+            .collect()
+    }
+}
+
+/// The route table from the command line's routes and the file's. A
+/// command-line route replaces a file route for the same host and prefix.
+pub fn route_table(cli: &[String], file: Option<&Loaded>) -> Result<RouteTable, ConfigError> {
+    let cli_routes = cli
+        .iter()
+        .map(|s| Route::parse(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| ConfigError::Route {
+            path: "(command line)".into(),
+            source,
+        })?;
+    let mut routes = match file {
+        Some(f) => f.routes()?,
+        None => Vec::new(),
+    };
+    routes.retain(|r| {
+        !cli_routes
+            .iter()
+            .any(|c| c.host == r.host && c.prefix == r.prefix)
+    });
+    routes.extend(cli_routes);
+    if routes.is_empty() {
+        return Err(ConfigError::NoRoutes);
+    }
+    RouteTable::new(routes).map_err(|source| ConfigError::Route {
+        path: file.map_or("(command line)".into(), |f| f.path.display().to_string()),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn loaded(text: &str) -> Result<Loaded, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "portico-cfg-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("portico.toml");
+        std::fs::write(&path, text).unwrap();
+        let r = Loaded::read(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn routes_with_options_and_cli_override() {
+        let f = loaded(
+            r#"
+            balance = "p2c"
+            [timeouts]
+            backend = "5s"
+            [[route]]
+            prefix = "/api"
+            service = "api"
+            strip_prefix = true
+            backend_timeout = "2s"
+            [[route]]
+            prefix = "/"
+            service = "web"
+            "#,
+        )
+        .unwrap();
+        let table = route_table(&["/:other".into()], Some(&f)).unwrap();
+        let api = table.find(None, "/api/x").unwrap();
+        assert!(api.options.strip_prefix);
+        assert_eq!(api.options.backend_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(table.find(None, "/x").unwrap().service.as_str(), "other");
+        assert!(matches!(f.file.balance, Some(BalanceName::P2c)));
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let e = loaded("[[route]]\nprefix = \"/api\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `service`"), "{e}");
+        let e = loaded("[[route]]\nprefix = \"api\"\nservice = \"a\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must start with '/'"), "{e}");
+        let e = loaded("colour = \"blue\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = loaded("[[route]]\nprefix = \"/\"\nservice = \"a\"\nbackend_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a duration"), "{e}");
+        assert!(matches!(route_table(&[], None), Err(ConfigError::NoRoutes)));
+    }
+}
