@@ -262,6 +262,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let f = loaded(include_str!("../../../contrib/portico.toml")).unwrap();
+        let table = route_table(&[], Some(&f)).unwrap();
+        assert_eq!(table.routes().len(), 3);
+    }
+
+    #[test]
     fn bad_files_are_refused_with_the_reason() {
         let e = loaded("[[route]]\nprefix = \"/api\"\n")
             .unwrap_err()
