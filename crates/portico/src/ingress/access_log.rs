@@ -22,6 +22,8 @@ pub enum Format {
 
 /// Lines waiting for the writer; past this they are dropped.
 const QUEUE: usize = 65_536;
+/// How long a line may wait before it is written.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct AccessLog {
@@ -40,7 +42,7 @@ impl AccessLog {
         if format == Format::Off {
             return Ok(None);
         }
-        let mut out: Box<dyn Write + Send> = match &path {
+        let out: Box<dyn Write + Send> = match &path {
             Some(p) => Box::new(
                 std::fs::OpenOptions::new()
                     .create(true)
@@ -52,17 +54,7 @@ impl AccessLog {
         let (tx, rx) = sync_channel::<String>(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || {
-                let mut buf = std::io::BufWriter::with_capacity(64 * 1024, &mut out);
-                while let Ok(line) = rx.recv() {
-                    let _ = buf.write_all(line.as_bytes());
-                    // Write in batches, flush when the queue is empty.
-                    while let Ok(line) = rx.try_recv() {
-                        let _ = buf.write_all(line.as_bytes());
-                    }
-                    let _ = buf.flush();
-                }
-            })?;
+            .spawn(move || write_batches(rx, out))?;
         Ok(Some(Self {
             format,
             tx,
@@ -73,6 +65,29 @@ impl AccessLog {
     fn write(&self, line: String) {
         if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
             self.dropped.inc();
+        }
+    }
+}
+
+/// Write in batches on a short cadence, as nginx's buffer= and flush= do:
+/// waking per line would cost a context switch per request on a busy proxy.
+fn write_batches(rx: std::sync::mpsc::Receiver<String>, mut out: Box<dyn Write + Send>) {
+    use std::sync::mpsc::TryRecvError;
+    let mut buf = std::io::BufWriter::with_capacity(256 * 1024, &mut out);
+    loop {
+        std::thread::sleep(FLUSH_EVERY);
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(line) => {
+                    let _ = buf.write_all(line.as_bytes());
+                }
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
+            }
+        };
+        let _ = buf.flush();
+        if closed {
+            return;
         }
     }
 }
@@ -105,14 +120,14 @@ impl Record {
             Format::Combined => format!(
                 "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" route={} service={} endpoint={} attempts={} request_id={} duration_ms={:.3}\n",
                 self.client.ip(),
-                clf_time(self.time),
+                clf_time_cached(self.time),
                 self.method,
                 self.uri,
                 self.version,
                 status,
                 bytes,
-                text(&self.referer).replace('"', "\\\""),
-                text(&self.user_agent).replace('"', "\\\""),
+                escape(text(&self.referer)),
+                escape(text(&self.user_agent)),
                 self.route.as_deref().unwrap_or("-"),
                 self.service.as_deref().unwrap_or("-"),
                 self.endpoint.map_or("-".to_owned(), |e| e.to_string()),
@@ -146,6 +161,32 @@ impl Record {
         };
         self.sink.write(line);
     }
+}
+
+/// A header value inside the combined format's quotes.
+fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('"') {
+        std::borrow::Cow::Owned(s.replace('"', "\\\""))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+thread_local! {
+    /// The formatted time of the current second, per worker thread.
+    static CLF_NOW: std::cell::RefCell<(u64, String)> =
+        const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+fn clf_time_cached(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CLF_NOW.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            *c = (secs, clf_time(t));
+        }
+        c.1.clone()
+    })
 }
 
 /// `26/Nov/2026:16:40:00 +0000`, the Common Log Format's time, in UTC.
