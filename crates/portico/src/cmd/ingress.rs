@@ -88,6 +88,7 @@ pub async fn serve(
         max_uri_bytes: config.max_uri_bytes,
         metrics,
         access_log,
+        tunnel_idle: config.serve.timeouts.idle,
     });
     for check in config.health_checks {
         tracing::info!(service = %check.service, path = %check.path, interval = ?check.interval, "active health check");

@@ -55,6 +55,13 @@ impl ResponseBody {
         }
     }
 
+    pub fn empty() -> Self {
+        Self {
+            kind: Kind::Local(None),
+            done: None,
+        }
+    }
+
     pub fn text(text: &'static str) -> Self {
         Self {
             kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),

@@ -54,6 +54,8 @@ pub enum UpstreamError {
     Handshake(#[source] hyper::Error),
     #[error("request failed")]
     Request(#[source] hyper::Error),
+    #[error("the backend switched protocols though the client asked for no upgrade")]
+    UnaskedUpgrade,
 }
 
 impl ProxyError {

@@ -14,6 +14,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty};
 use hyper::body::{Body, Incoming};
+use hyper::upgrade::OnUpgrade;
 
 use super::access_log::{AccessLog, Record};
 use super::body::{Completion, ResponseBody};
@@ -21,6 +22,7 @@ use super::conn::ConnState;
 use super::error::{ProxyError, UpstreamError};
 use super::headers;
 use super::route::{self, RouteTable};
+use super::tunnel;
 use super::upstream::{Pool, Sender, UpstreamBody, UpstreamRequestBody};
 use crate::admin::metrics::{Metrics, RouteStats};
 use crate::discovery::{Discovery, DiscoveryError};
@@ -58,6 +60,8 @@ pub struct Proxy {
     pub max_uri_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub access_log: Option<AccessLog>,
+    /// Idle timeout of upgraded (tunnelled) connections.
+    pub tunnel_idle: Duration,
 }
 
 /// What the request path knows of the client connection.
@@ -232,7 +236,20 @@ async fn proxy_request(
     parts.uri = Uri::try_from(target)
         .map_err(|_| ProxyError::BadRequest("Bad request: the request target is malformed.\n"))?;
     parts.version = Version::HTTP_11;
+    // An Upgrade (WebSocket...) over HTTP/1.1 is passed on; the tunnel is
+    // set up once the backend answers 101.
+    let upgrade = match client_version {
+        Version::HTTP_11 => headers::requested_upgrade(&parts.headers),
+        _ => None,
+    };
+    let client_upgrade = upgrade
+        .is_some()
+        .then(|| parts.extensions.remove::<OnUpgrade>())
+        .flatten();
     headers::remove_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = upgrade {
+        headers::set_upgrade(&mut parts.headers, protocol);
+    }
     exchange.request_id = Some(headers::ensure_request_id(&mut parts.headers));
     let host_value = match host_header {
         Some(h) => Some(h),
@@ -267,6 +284,23 @@ async fn proxy_request(
         send_with_failover(proxy, service, request, replay, backend_timeout, exchange).await?;
     // Our framing towards the client is ours, whatever the backend spoke.
     *response.version_mut() = client_version;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let backend_upgrade = response.extensions_mut().remove::<OnUpgrade>();
+        match (client_upgrade, backend_upgrade) {
+            (Some(client), Some(backend)) => {
+                tokio::spawn(tunnel::run(client, backend, proxy.tunnel_idle));
+            }
+            _ => {
+                return Err(ProxyError::Backend {
+                    service: service.clone(),
+                    addr: exchange
+                        .endpoint
+                        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                    source: UpstreamError::UnaskedUpgrade,
+                })
+            }
+        }
+    }
     Ok(response)
 }
 
@@ -353,6 +387,17 @@ async fn send_with_failover(
                 }
                 Ok(Ok(mut resp)) => {
                     health.record_success(addr);
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        // The connection now belongs to the tunnel: it never
+                        // goes back to the pool.
+                        let protocol = resp.headers().get(header::UPGRADE).cloned();
+                        headers::remove_hop_by_hop(resp.headers_mut());
+                        if let Some(p) = protocol {
+                            headers::set_upgrade(resp.headers_mut(), p);
+                        }
+                        drop(sender);
+                        return Ok(resp.map(|_| ResponseBody::empty()));
+                    }
                     headers::remove_hop_by_hop(resp.headers_mut());
                     let pool = proxy.pool.clone();
                     return Ok(resp.map(|body| {

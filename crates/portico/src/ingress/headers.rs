@@ -34,6 +34,25 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     value
 }
 
+/// The protocol a request asks to switch to: an `Upgrade` header with
+/// `upgrade` among the Connection tokens (RFC 9110 section 7.8).
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers.get(header::UPGRADE)?;
+    let asked = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asked.then(|| upgrade.clone())
+}
+
+/// Put back the two headers an upgrade needs on the next hop.
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
 /// Remove hop-by-hop headers, including every header the Connection header
 /// names (a client must not be able to smuggle e.g. `Connection: x-real-ip`
 /// past us either: that only removes its own copy, ours is added after).
@@ -142,6 +161,17 @@ mod tests {
         add_forwarding(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let h = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(requested_upgrade(&h).unwrap(), "websocket");
+        assert!(requested_upgrade(&map(&[("upgrade", "websocket")])).is_none());
+        assert!(requested_upgrade(&map(&[("connection", "upgrade")])).is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod route;
+pub mod tunnel;
 pub mod upstream;
 
 use std::io;
