@@ -22,16 +22,13 @@ async fn websocket_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                 let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
                     return;
                 };
+                // Other frames (Close among them) need no echo: tungstenite
+                // queues the close reply itself and sends it on the next
+                // read, which then ends the stream.
                 while let Some(Ok(msg)) = ws.next().await {
-                    match msg {
-                        Message::Text(_) | Message::Binary(_) => {
-                            if ws.send(msg).await.is_err() {
-                                return;
-                            }
-                        }
-                        // tungstenite queues the close reply itself and sends it
-                        // on the next read, which then ends the stream.
-                        _ => {}
+                    let echo = matches!(msg, Message::Text(_) | Message::Binary(_));
+                    if echo && ws.send(msg).await.is_err() {
+                        return;
                     }
                 }
             });
