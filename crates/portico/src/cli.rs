@@ -120,6 +120,21 @@ pub struct ProxyArgs {
     #[arg(long = "health-check", value_name = "SERVICE:PATH[,..]")]
     pub health_checks: Vec<crate::discovery::active::CheckSpec>,
 
+    /// Serve HTTPS with this certificate chain (PEM); repeatable, paired in
+    /// order with --tls-key. With several pairs, the client's SNI picks the
+    /// certificate valid for its name (the first pair otherwise). Files are
+    /// reloaded when they change, without a restart.
+    #[arg(long = "tls-cert", value_name = "PEM")]
+    pub tls_certs: Vec<PathBuf>,
+
+    /// The private key (PEM) of the --tls-cert at the same position.
+    #[arg(long = "tls-key", value_name = "PEM")]
+    pub tls_keys: Vec<PathBuf>,
+
+    /// Time allowed for a client's TLS handshake.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub tls_handshake_timeout: Duration,
+
     /// Admin listener (metrics, health, status page): ADDR:PORT or `off`.
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin: String,

@@ -56,6 +56,8 @@ pub enum StartupError {
     TowerRefused(portico_wire::ErrorReply),
     #[error(transparent)]
     Key(#[from] crate::registry::auth::KeyError),
+    #[error(transparent)]
+    Tls(#[from] crate::ingress::tls::TlsError),
 }
 
 fn bind_advice(what: &str, addr: &SocketAddr, e: &io::Error) -> String {
@@ -127,6 +129,8 @@ pub struct ProxyConfig {
     /// For reloads: the file, and the routes the command line gave.
     pub config_file: Option<crate::config_file::Loaded>,
     pub cli_routes: Vec<String>,
+    pub tls: Vec<crate::ingress::tls::CertPair>,
+    pub tls_handshake_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -177,6 +181,13 @@ impl ProxyConfig {
                 Ok(v)
             }
         };
+        if a.tls_certs.len() != a.tls_keys.len() {
+            return Err(StartupError::Flag {
+                flag: "--tls-cert/--tls-key",
+                value: format!("{} certificates, {} keys", a.tls_certs.len(), a.tls_keys.len()),
+                why: "give them in pairs: --tls-cert A.pem --tls-key A.key [--tls-cert B.pem --tls-key B.key]".into(),
+            });
+        }
         positive("--max-connections", a.max_connections)?;
         positive("--attempts", a.attempts as usize)?;
         positive("--max-headers", a.max_headers)?;
@@ -214,6 +225,7 @@ impl ProxyConfig {
                 drain_timeout: a.drain_timeout,
                 max_header_bytes: a.max_header_bytes,
                 max_headers: a.max_headers,
+                tls: None,
             },
             pool: PoolSettings {
                 connect_timeout: a.connect_timeout,
@@ -234,6 +246,16 @@ impl ProxyConfig {
             access_log_file: a.access_log_file.clone(),
             config_file: file,
             cli_routes: a.routes.clone(),
+            tls: a
+                .tls_certs
+                .iter()
+                .zip(&a.tls_keys)
+                .map(|(cert, key)| crate::ingress::tls::CertPair {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+                .collect(),
+            tls_handshake_timeout: a.tls_handshake_timeout,
         })
     }
 }

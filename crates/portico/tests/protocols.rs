@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::pem::PemObject;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A WebSocket echo server: text and binary frames come back as sent.
@@ -95,4 +96,278 @@ async fn idle_tunnels_are_closed() {
         .expect("tunnel never closed");
     assert!(!matches!(end, Some(Ok(Message::Text(_)))));
     assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+/// A self-signed certificate for `name` (openssl, P-256), `tag` in its O=.
+fn self_signed(dir: &std::path::Path, name: &str, tag: &str) -> (String, String) {
+    self_signed_with(dir, name, tag, &[])
+}
+
+/// As `self_signed`, marked as an end entity (CA:FALSE): webpki, unlike
+/// curl's OpenSSL, refuses a CA certificate presented as a server's.
+fn self_signed_leaf(dir: &std::path::Path, name: &str, tag: &str) -> (String, String) {
+    self_signed_with(
+        dir,
+        name,
+        tag,
+        &["-addext", "basicConstraints=critical,CA:FALSE"],
+    )
+}
+
+fn self_signed_with(
+    dir: &std::path::Path,
+    name: &str,
+    tag: &str,
+    extra: &[&str],
+) -> (String, String) {
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args([
+            "-subj",
+            &format!("/CN={name}/O={tag}"),
+            "-addext",
+            &format!("subjectAltName=DNS:{name}"),
+        ])
+        .args(extra)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    )
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "portico-{tag}-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// curl's body and `-w` line, checking the certificate against `ca`.
+fn curl_https(host: &str, port: u16, ca: &str, proto: &str) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "10", proto, "--cacert", ca])
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .args(["-w", "\n%{http_version} %{ssl_verify_result} %{http_code}"])
+        .arg(format!("https://{host}:{port}/tls"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, info) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (body.to_owned(), info.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_sni_h2_by_alpn_and_http11() {
+    let dir = temp_dir("tls");
+    let (a_cert, a_key) = self_signed(&dir, "a.test", "one");
+    let (b_cert, b_key) = self_signed(&dir, "b.test", "one");
+    let t = tower("30s");
+    let backend = Backend::start("b").await;
+    register(t.addr, "svc", backend.addr);
+    let ing = ingress(
+        t.addr,
+        &["/:svc"],
+        &[
+            "--tls-cert",
+            &a_cert,
+            "--tls-key",
+            &a_key,
+            "--tls-cert",
+            &b_cert,
+            "--tls-key",
+            &b_key,
+        ],
+    );
+    wait_synced(&ing, 1).await;
+    let port = ing.addr.port();
+    // Each name verifies against its own certificate only: SNI chose it.
+    for (host, ca) in [("a.test", &a_cert), ("b.test", &b_cert)] {
+        let (host, ca) = (host.to_owned(), ca.clone());
+        let (body, info) =
+            tokio::task::spawn_blocking(move || curl_https(&host, port, &ca, "--http2"))
+                .await
+                .unwrap();
+        assert_eq!(info, "2 0 200", "h2 by ALPN, certificate verified");
+        assert!(body.starts_with("backend=b GET /tls"), "{body}");
+    }
+    let (a_cert2, port2) = (a_cert.clone(), port);
+    let (_, info) =
+        tokio::task::spawn_blocking(move || curl_https("a.test", port2, &a_cert2, "--http1.1"))
+            .await
+            .unwrap();
+    assert_eq!(info, "1.1 0 200");
+    assert_eq!(
+        backend.last_seen().header("x-forwarded-proto"),
+        Some("https")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_with_curl() {
+    let t = tower("30s");
+    let backend = Backend::start("b").await;
+    register(t.addr, "svc", backend.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "--http2-prior-knowledge", "-w", "\n%{http_version}"])
+        .arg(format!("http://{}/h2c", ing.addr))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("backend=b GET /h2c") && text.ends_with("\n2"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_swapped_on_disk_is_served_to_new_connections_only() {
+    use hyper_util::rt::TokioIo;
+    let dir = temp_dir("tls-reload");
+    let (cert, key) = self_signed_leaf(&dir, "a.test", "old");
+    let old_ca = dir.join("old.crt");
+    std::fs::copy(&cert, &old_ca).unwrap();
+    let t = tower("30s");
+    let backend = Backend::start("b").await;
+    register(t.addr, "svc", backend.addr);
+    let ing = ingress(
+        t.addr,
+        &["/:svc"],
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    wait_synced(&ing, 1).await;
+
+    // An open TLS connection that trusts only the old certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&old_ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    let tls = connector
+        .connect(
+            rustls_pki_types::ServerName::try_from("a.test").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(get_req("/before", &[])).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+
+    // Swap the certificate and key on disk.
+    let fresh = temp_dir("tls-new");
+    let (new_cert, new_key) = self_signed_leaf(&fresh, "a.test", "new");
+    std::fs::copy(&new_key, &key).unwrap();
+    std::fs::copy(&new_cert, &cert).unwrap();
+    let log = ing.log.clone();
+    eventually(DEADLINE, "certificates reloaded", || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("certificates reloaded"))
+    })
+    .await;
+
+    // New connections get the new certificate...
+    let port = ing.addr.port();
+    let (nc, oc) = (new_cert.clone(), old_ca.to_str().unwrap().to_owned());
+    let (new_ok, old_ok) = tokio::task::spawn_blocking(move || {
+        (
+            curl_https("a.test", port, &nc, "--http1.1").1,
+            curl_https("a.test", port, &oc, "--http1.1").1,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(new_ok, "1.1 0 200");
+    assert!(
+        !old_ok.ends_with(" 200"),
+        "the old certificate is no longer served: {old_ok}"
+    );
+    // ...while the open connection stays up.
+    sender.ready().await.unwrap();
+    let resp = sender.send_request(get_req("/after", &[])).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&fresh);
+}
+
+#[test]
+fn bad_certificates_stop_the_start_with_the_reason() {
+    let dir = temp_dir("tls-bad");
+    let (a_cert, _a_key) = self_signed(&dir, "a.test", "x");
+    let (_b_cert, b_key) = self_signed(&dir, "b.test", "x");
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.to_str().unwrap();
+    for (cert, key, want) in [
+        (a_cert.as_str(), b_key.as_str(), "do not belong together"),
+        (empty, b_key.as_str(), "no certificate in"),
+        (a_cert.as_str(), empty, "cannot read a private key"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+            .args([
+                "ingress",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "off",
+                "--route",
+                "/:x",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+            ])
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(want), "{want}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

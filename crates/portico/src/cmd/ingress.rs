@@ -7,6 +7,8 @@ use tokio::sync::watch;
 use crate::cli::IngressArgs;
 use crate::config::{resolve_tower, ProxyConfig, StartupError};
 use crate::discovery::{Discovery, Source, TowerSource};
+use std::time::Duration;
+
 use arc_swap::ArcSwap;
 
 use crate::admin::metrics::Metrics;
@@ -63,6 +65,24 @@ pub async fn serve(
         ),
         None => None,
     };
+    let mut serve_settings = config.serve.clone();
+    if !config.tls.is_empty() {
+        let certs = crate::ingress::tls::Certs::load(config.tls.clone())?;
+        let server = crate::ingress::tls::server_config(certs.clone())?;
+        serve_settings.tls = Some(crate::ingress::TlsTermination {
+            acceptor: tokio_rustls::TlsAcceptor::from(server),
+            handshake_timeout: config.tls_handshake_timeout,
+        });
+        tokio::spawn(crate::ingress::tls::watch_files(
+            certs,
+            Duration::from_secs(1),
+            shutdown.clone(),
+        ));
+        tracing::info!(
+            pairs = config.tls.len(),
+            "tls: serving HTTPS (TLS 1.2 and 1.3, ALPN h2 and http/1.1)"
+        );
+    }
     let metrics = Metrics::new();
     let access_log = AccessLog::start(
         config.access_log,
@@ -114,7 +134,7 @@ pub async fn serve(
         ));
     }
     tracing::info!("ingress listening on {local}");
-    ingress::serve(listener, proxy, config.serve, shutdown).await;
+    ingress::serve(listener, proxy, serve_settings, shutdown).await;
     Ok(())
 }
 

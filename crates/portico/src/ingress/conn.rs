@@ -14,7 +14,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// Timeouts a client connection lives under.
@@ -110,21 +109,21 @@ impl Drop for InFlight {
 }
 
 pin_project_lite::pin_project! {
-    /// The client socket, noting every byte that moves.
-    pub struct Tracked {
+    /// The client socket (plain or TLS), noting every byte that moves.
+    pub struct Tracked<T> {
         #[pin]
-        inner: TcpStream,
+        inner: T,
         state: Arc<ConnState>,
     }
 }
 
-impl Tracked {
-    pub fn new(inner: TcpStream, state: Arc<ConnState>) -> Self {
+impl<T> Tracked<T> {
+    pub fn new(inner: T, state: Arc<ConnState>) -> Self {
         Self { inner, state }
     }
 }
 
-impl AsyncRead for Tracked {
+impl<T: AsyncRead> AsyncRead for Tracked<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -140,7 +139,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -69,6 +69,8 @@ pub struct Proxy {
 pub struct Client {
     pub addr: SocketAddr,
     pub state: Arc<ConnState>,
+    /// Whether the client came over TLS (X-Forwarded-Proto: https).
+    pub tls: bool,
 }
 
 /// What the request path learned, for metrics and the access log.
@@ -262,7 +264,7 @@ async fn proxy_request(
     headers::add_forwarding(
         &mut parts.headers,
         client.addr.ip(),
-        "http",
+        if client.tls { "https" } else { "http" },
         host_value.as_ref(),
     );
 

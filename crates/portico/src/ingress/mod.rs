@@ -8,6 +8,7 @@ pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod route;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 
@@ -34,6 +35,22 @@ pub struct ServeSettings {
     pub drain_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    pub tls: Option<TlsTermination>,
+}
+
+/// TLS termination, and how long a handshake may take.
+#[derive(Clone)]
+pub struct TlsTermination {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for TlsTermination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsTermination")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish()
+    }
 }
 
 const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 13\r\nconnection: close\r\n\r\nAt capacity.\n";
@@ -89,9 +106,33 @@ pub async fn serve(
                 let shutdown = shutdown.clone();
                 proxy.metrics.connections.inc();
                 proxy.metrics.active_connections.inc();
+                let tls = settings.tls.clone();
                 tokio::spawn(async move {
                     let metrics = proxy.metrics.clone();
-                    serve_connection(stream, peer, &builder, proxy, timeouts, shutdown).await;
+                    match tls {
+                        None => {
+                            serve_connection(
+                                stream, peer, false, &builder, proxy, timeouts, shutdown,
+                            )
+                            .await
+                        }
+                        // The handshake runs here, off the accept loop.
+                        Some(TlsTermination {
+                            acceptor,
+                            handshake_timeout: limit,
+                        }) => match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => {
+                                serve_connection(
+                                    tls, peer, true, &builder, proxy, timeouts, shutdown,
+                                )
+                                .await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "tls handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, ?limit, "tls handshake timed out"),
+                        },
+                    }
                     metrics.active_connections.dec();
                     drop(permit);
                 });
@@ -141,18 +182,22 @@ fn http_builder(settings: &ServeSettings) -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<IO>(
+    stream: IO,
     peer: SocketAddr,
+    tls: bool,
     builder: &auto::Builder<TokioExecutor>,
     proxy: Arc<Proxy>,
     timeouts: ConnTimeouts,
     shutdown: watch::Receiver<bool>,
-) {
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let state = ConnState::new();
     let client = Client {
         addr: peer,
         state: state.clone(),
+        tls,
     };
     let service = service_fn(move |req| handler::handle(proxy.clone(), client.clone(), req));
     let io = TokioIo::new(Tracked::new(stream, state.clone()));
