@@ -53,6 +53,11 @@ pub struct ProxyArgs {
     #[arg(long = "route", value_name = "[HOST]PREFIX:SERVICE")]
     pub routes: Vec<String>,
 
+    /// As --route, with the backends spoken to over HTTP/2 without TLS
+    /// (prior knowledge): for gRPC and other h2-only services. Repeatable.
+    #[arg(long = "route-h2c", value_name = "[HOST]PREFIX:SERVICE")]
+    pub h2c_routes: Vec<String>,
+
     /// TOML file with routes (and per-route options), timeouts, balance and
     /// attempts. Its routes are reloaded on SIGHUP and when it changes; a
     /// flag given on the command line wins over the file.

@@ -128,7 +128,7 @@ pub struct ProxyConfig {
     pub access_log_file: Option<std::path::PathBuf>,
     /// For reloads: the file, and the routes the command line gave.
     pub config_file: Option<crate::config_file::Loaded>,
-    pub cli_routes: Vec<String>,
+    pub cli_routes: crate::config_file::CliRoutes,
     pub tls: Vec<crate::ingress::tls::CertPair>,
     pub tls_handshake_timeout: Duration,
 }
@@ -143,7 +143,11 @@ impl ProxyConfig {
             .as_deref()
             .map(crate::config_file::Loaded::read)
             .transpose()?;
-        let routes = crate::config_file::route_table(&a.routes, file.as_ref())?;
+        let cli_routes = crate::config_file::CliRoutes {
+            http1: a.routes.clone(),
+            h2c: a.h2c_routes.clone(),
+        };
+        let routes = crate::config_file::route_table(&cli_routes, file.as_ref())?;
         let mut a = a.clone();
         if let Some(f) = &file {
             let t = &f.file.timeouts;
@@ -245,7 +249,7 @@ impl ProxyConfig {
             access_log: a.access_log,
             access_log_file: a.access_log_file.clone(),
             config_file: file,
-            cli_routes: a.routes.clone(),
+            cli_routes,
             tls: a
                 .tls_certs
                 .iter()

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::Balance;
-use crate::ingress::route::{Route, RouteError, RouteOptions, RouteTable};
+use crate::ingress::route::{Route, RouteError, RouteOptions, RouteTable, UpstreamProtocol};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +74,15 @@ pub struct RouteEntry {
     #[serde(default)]
     pub strip_prefix: bool,
     pub backend_timeout: Option<String>,
+    /// `http1` (the default) or `h2c` (HTTP/2 prior knowledge, for gRPC).
+    pub upstream: Option<UpstreamName>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamName {
+    Http1,
+    H2c,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +184,10 @@ impl Loaded {
                 })?;
                 route.options = RouteOptions {
                     strip_prefix: e.strip_prefix,
+                    upstream: match e.upstream {
+                        Some(UpstreamName::H2c) => UpstreamProtocol::H2c,
+                        Some(UpstreamName::Http1) | None => UpstreamProtocol::Http1,
+                    },
                     backend_timeout: self.duration(
                         &format!("backend_timeout of route {spec}"),
                         &e.backend_timeout,
@@ -186,12 +199,27 @@ impl Loaded {
     }
 }
 
+/// The routes given on the command line: `--route` and `--route-h2c`.
+#[derive(Debug, Clone, Default)]
+pub struct CliRoutes {
+    pub http1: Vec<String>,
+    pub h2c: Vec<String>,
+}
+
 /// The route table from the command line's routes and the file's. A
 /// command-line route replaces a file route for the same host and prefix.
-pub fn route_table(cli: &[String], file: Option<&Loaded>) -> Result<RouteTable, ConfigError> {
+pub fn route_table(cli: &CliRoutes, file: Option<&Loaded>) -> Result<RouteTable, ConfigError> {
+    let parse = |spec: &String, upstream| {
+        Route::parse(spec).map(|mut r| {
+            r.options.upstream = upstream;
+            r
+        })
+    };
     let cli_routes = cli
+        .http1
         .iter()
-        .map(|s| Route::parse(s))
+        .map(|s| parse(s, UpstreamProtocol::Http1))
+        .chain(cli.h2c.iter().map(|s| parse(s, UpstreamProtocol::H2c)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| ConfigError::Route {
             path: "(command line)".into(),
@@ -253,7 +281,15 @@ mod tests {
             "#,
         )
         .unwrap();
-        let table = route_table(&["/:other".into()], Some(&f)).unwrap();
+        let cli = CliRoutes {
+            http1: vec!["/:other".into()],
+            h2c: vec!["/grpc:greeter".into()],
+        };
+        let table = route_table(&cli, Some(&f)).unwrap();
+        assert_eq!(
+            table.find(None, "/grpc/x").unwrap().options.upstream,
+            UpstreamProtocol::H2c
+        );
         let api = table.find(None, "/api/x").unwrap();
         assert!(api.options.strip_prefix);
         assert_eq!(api.options.backend_timeout, Some(Duration::from_secs(2)));
@@ -264,7 +300,7 @@ mod tests {
     #[test]
     fn the_shipped_example_config_is_valid() {
         let f = loaded(include_str!("../../../contrib/portico.toml")).unwrap();
-        let table = route_table(&[], Some(&f)).unwrap();
+        let table = route_table(&CliRoutes::default(), Some(&f)).unwrap();
         assert_eq!(table.routes().len(), 3);
     }
 
@@ -284,6 +320,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a duration"), "{e}");
-        assert!(matches!(route_table(&[], None), Err(ConfigError::NoRoutes)));
+        assert!(matches!(
+            route_table(&CliRoutes::default(), None),
+            Err(ConfigError::NoRoutes)
+        ));
     }
 }

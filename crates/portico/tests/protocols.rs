@@ -371,3 +371,89 @@ fn bad_certificates_stop_the_start_with_the_reason() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_streaming_and_status_through_an_h2c_route() {
+    use std::io::BufRead;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let mut server = std::process::Command::new("python3")
+        .arg(format!("{fixtures}/grpc_echo.py"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with grpcio (.ci/run installs it)");
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Child(server);
+    let port: u16 = line
+        .trim()
+        .parse()
+        .expect("grpc server port; is grpcio installed? (.ci/run installs it)");
+
+    let t = tower("30s");
+    register(t.addr, "echo", SocketAddr::from(([127, 0, 0, 1], port)));
+    let ing = ingress(t.addr, &["/:web"], &["--route-h2c", "/portico.Echo:echo"]);
+    wait_synced(&ing, 1).await;
+    let target = ing.addr.to_string();
+    let out = tokio::process::Command::new("python3")
+        .arg(format!("{fixtures}/grpc_client.py"))
+        .arg(&target)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "unary echo:hello grpc-echo",
+            "bidi echo:a,echo:b,echo:c",
+            "fail NOT_FOUND no such thing: thing"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_100_streams_over_10_connections() {
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let out = tokio::process::Command::new("h2load")
+        .args(["-n", "5000", "-c", "10", "-m", "10"])
+        .arg(format!("http://{}/h2load", ing.addr))
+        .output()
+        .await
+        .expect("h2load (Debian nghttp2-client; .ci/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    let requests = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or("");
+    assert!(
+        requests.contains("5000 succeeded, 0 failed, 0 errored, 0 timeout"),
+        "{requests}"
+    );
+    let codes = text
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or("");
+    assert!(codes.starts_with("status codes: 5000 2xx"), "{codes}");
+}

@@ -145,7 +145,7 @@ pub async fn serve(
 /// is touched.
 async fn reload(
     first: crate::config_file::Loaded,
-    cli_routes: Vec<String>,
+    cli_routes: crate::config_file::CliRoutes,
     proxy: Arc<Proxy>,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -21,7 +21,7 @@ use super::body::{Completion, ResponseBody};
 use super::conn::ConnState;
 use super::error::{ProxyError, UpstreamError};
 use super::headers;
-use super::route::{self, RouteTable};
+use super::route::{self, RouteTable, UpstreamProtocol};
 use super::tunnel;
 use super::upstream::{Pool, Sender, UpstreamBody, UpstreamRequestBody};
 use crate::admin::metrics::{Metrics, RouteStats};
@@ -268,6 +268,19 @@ async fn proxy_request(
         host_value.as_ref(),
     );
 
+    if route.options.upstream == UpstreamProtocol::H2c {
+        // HTTP/2 names the host in :authority, taken from the target.
+        let authority = host_value
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("backend");
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = Uri::try_from(format!("http://{authority}{target}"))
+            .map_err(|_| ProxyError::BadRequest("Bad request: malformed Host header.\n"))?;
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+    }
+
     // A bodiless idempotent request may be sent again after bytes went out.
     let replay = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
         let mut r = Request::new(());
@@ -282,8 +295,17 @@ async fn proxy_request(
         .options
         .backend_timeout
         .unwrap_or(proxy.backend_timeout);
-    let mut response =
-        send_with_failover(proxy, service, request, replay, backend_timeout, exchange).await?;
+    let upstream = route.options.upstream;
+    let mut response = send_with_failover(
+        proxy,
+        service,
+        request,
+        replay,
+        backend_timeout,
+        upstream,
+        exchange,
+    )
+    .await?;
     // Our framing towards the client is ours, whatever the backend spoke.
     *response.version_mut() = client_version;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -314,6 +336,7 @@ async fn send_with_failover(
     request: Request<UpstreamRequestBody>,
     replay: Option<Request<()>>,
     backend_timeout: Duration,
+    upstream: UpstreamProtocol,
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let mut request = Some(request);
@@ -351,6 +374,51 @@ async fn send_with_failover(
         if tried.len() > 1 {
             if let Some(stats) = &exchange.stats {
                 stats.retry();
+            }
+        }
+
+        if upstream == UpstreamProtocol::H2c {
+            let mut sender = match proxy.pool.h2(addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    health.record_failure(addr, Instant::now());
+                    if let Some(stats) = &exchange.stats {
+                        stats.connect_error();
+                    }
+                    last = Some((addr, e));
+                    continue;
+                }
+            };
+            let Some(req) = request.take() else { break };
+            match tokio::time::timeout(backend_timeout, sender.try_send_request(req)).await {
+                Err(_elapsed) => {
+                    return Err(ProxyError::Timeout {
+                        service: service.clone(),
+                        addr,
+                        timeout: backend_timeout,
+                    })
+                }
+                Ok(Ok(mut resp)) => {
+                    health.record_success(addr);
+                    headers::remove_hop_by_hop(resp.headers_mut());
+                    return Ok(
+                        resp.map(|body| ResponseBody::upstream(UpstreamBody::unpooled(body, load)))
+                    );
+                }
+                Ok(Err(mut e)) => {
+                    let unsent = e.take_message();
+                    let error = UpstreamError::Request(e.into_error());
+                    request = unsent.or_else(|| replay.as_ref().map(rebuild));
+                    if request.is_none() {
+                        return Err(ProxyError::Backend {
+                            service: service.clone(),
+                            addr,
+                            source: error,
+                        });
+                    }
+                    last = Some((addr, error));
+                    continue;
+                }
             }
         }
 

@@ -5,12 +5,12 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one hop and never travel further.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers that describe one hop and never travel further. (TE is handled
+/// apart: `TE: trailers` is kept, as gRPC requires it end to end.)
+const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
-    header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
@@ -71,6 +71,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
+    }
+    let only_trailers = headers.get_all(header::TE).iter().all(|v| {
+        v.to_str()
+            .is_ok_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+    });
+    if !only_trailers {
+        headers.remove(header::TE);
     }
 }
 
@@ -142,7 +149,7 @@ mod tests {
             ("x-secret", "1"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "h2c"),
-            ("te", "trailers"),
+            ("te", "gzip, trailers"),
             ("proxy-connection", "keep-alive"),
             ("host", "example.com"),
             ("x-keep", "yes"),
@@ -150,6 +157,10 @@ mod tests {
         remove_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["host", "x-keep"]);
+        // TE: trailers alone travels on (gRPC needs it end to end).
+        let mut h = map(&[("te", "trailers")]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers");
     }
 
     #[test]

@@ -28,6 +28,19 @@ pub struct RouteOptions {
     pub strip_prefix: bool,
     /// This route's --backend-timeout.
     pub backend_timeout: Option<std::time::Duration>,
+    /// The protocol spoken to the route's backends.
+    pub upstream: UpstreamProtocol,
+}
+
+/// How the ingress talks to a route's backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with pooled keep-alive connections (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS (prior knowledge), one multiplexed connection per
+    /// replica: for gRPC and other h2-only services.
+    H2c,
 }
 
 impl fmt::Display for Route {

@@ -24,6 +24,8 @@ use crate::discovery::snapshot::Load;
 /// replayed bodiless request).
 pub type UpstreamRequestBody = Either<Incoming, Empty<Bytes>>;
 pub type Sender = http1::SendRequest<UpstreamRequestBody>;
+/// HTTP/2 senders are clones of one multiplexed connection per replica.
+pub type H2Sender = hyper::client::conn::http2::SendRequest<UpstreamRequestBody>;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
@@ -40,6 +42,7 @@ struct IdleConn {
 pub struct Pool {
     settings: PoolSettings,
     idle: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
+    h2: Mutex<HashMap<SocketAddr, H2Sender>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -55,6 +58,7 @@ impl Pool {
         Arc::new(Self {
             settings,
             idle: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
         })
     }
 
@@ -82,8 +86,7 @@ impl Pool {
         }
     }
 
-    /// A new connection to `addr`.
-    pub async fn connect(&self, addr: SocketAddr) -> Result<Sender, UpstreamError> {
+    async fn tcp(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
         let timeout = self.settings.connect_timeout;
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(UpstreamError::ConnectTimeout(timeout)),
@@ -92,6 +95,39 @@ impl Pool {
         };
         // Small requests and responses must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// The HTTP/2 connection to `addr`, made if there is none alive.
+    pub async fn h2(&self, addr: SocketAddr) -> Result<H2Sender, UpstreamError> {
+        if let Some(s) = self.h2.lock().unwrap_or_else(|p| p.into_inner()).get(&addr) {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let stream = self.tcp(addr).await?;
+        let (sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(20))
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(backend = %addr, error = %e, "h2 backend connection ended with an error");
+            }
+        });
+        self.h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, sender.clone());
+        Ok(sender)
+    }
+
+    /// A new connection to `addr`.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Sender, UpstreamError> {
+        let stream = self.tcp(addr).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -121,6 +157,10 @@ impl Pool {
 
     /// Drop connections that closed or idled too long, and empty entries.
     pub fn sweep(&self) {
+        self.h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, s| !s.is_closed());
         let max_idle = self.settings.idle_timeout;
         self.idle().retain(|_, conns| {
             conns.retain(|c| !c.sender.is_closed() && c.since.elapsed() < max_idle);
@@ -155,6 +195,16 @@ impl UpstreamBody {
         Self {
             inner,
             release: Some((pool, addr, sender)),
+            _load: load,
+        }
+    }
+
+    /// A body whose connection is not pooled this way (HTTP/2: the
+    /// connection is shared by its streams).
+    pub fn unpooled(inner: Incoming, load: Option<Load>) -> Self {
+        Self {
+            inner,
+            release: None,
             _load: load,
         }
     }
