@@ -457,3 +457,135 @@ async fn h2load_100_streams_over_10_connections() {
         .unwrap_or("");
     assert!(codes.starts_with("status codes: 5000 2xx"), "{codes}");
 }
+
+/// Read one HTTP/1.1 response (head and, by its framing, body) off a
+/// kept-alive connection, returning the head and the body.
+async fn read_response(s: &mut tokio::net::TcpStream, head_request: bool) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n == 1,
+            "connection closed mid-head: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let lower = head.to_ascii_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let mut body = Vec::new();
+    if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+        return (head, String::new());
+    }
+    if let Some(len) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+    {
+        body.resize(len.trim().parse().unwrap(), 0);
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
+    } else if lower.contains("transfer-encoding: chunked") {
+        // Keep the raw chunked body, trailers included, up to its end.
+        while !(body.ends_with(b"\r\n\r\n") && body.windows(3).any(|w| w == b"0\r\n")) {
+            let n = tokio::time::timeout(DEADLINE, s.read(&mut byte))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n == 1);
+            body.push(byte[0]);
+        }
+    }
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn head_204_304_keep_the_connection_in_frame() {
+    use tokio::io::AsyncWriteExt;
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    // HEAD: the length of what GET would send, and no body (RFC 9110 9.3.2).
+    s.write_all(b"HEAD /page HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s, true).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 21"),
+        "{head}"
+    );
+    // 204 and 304 carry no body (RFC 9110 15.3.5, 15.4.5), whatever follows.
+    for code in [204, 304] {
+        s.write_all(format!("GET /status?code={code} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s, false).await;
+        assert!(head.starts_with(&format!("HTTP/1.1 {code}")), "{head}");
+        assert_eq!(body, "");
+        if code == 304 {
+            assert!(head.contains("etag: \"v1\""), "{head}");
+        }
+    }
+    // The connection is still in step: the next answer is the next request's.
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "backend=b GET /after\n");
+}
+
+#[tokio::test]
+async fn expect_100_continue_then_the_body() {
+    use tokio::io::AsyncWriteExt;
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n").await.unwrap();
+    // The body is held back until the 100 (RFC 9110 10.1.1).
+    let (head, _) = read_response(&mut s, false).await;
+    assert!(head.starts_with("HTTP/1.1 100 Continue"), "{head}");
+    s.write_all(&vec![b'e'; 100_000]).await.unwrap();
+    let (head, body) = read_response(&mut s, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "received=100000\n");
+}
+
+#[tokio::test]
+async fn trailers_on_chunked_http11_pass_through() {
+    use tokio::io::AsyncWriteExt;
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(b"GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s, false).await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    assert!(
+        body.contains("part one,") && body.contains("part two"),
+        "{body}"
+    );
+    assert!(
+        body.to_ascii_lowercase().contains("x-checksum: abc123"),
+        "trailer passed on: {body:?}"
+    );
+}

@@ -5,13 +5,14 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one hop and never travel further. (TE is handled
-/// apart: `TE: trailers` is kept, as gRPC requires it end to end.)
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// Headers that describe one hop and never travel further. TE is handled
+/// apart (`TE: trailers` is kept: gRPC requires it end to end). `Trailer`
+/// is end to end (RFC 9110 section 6.6.2), and hyper only sends the
+/// trailer fields it declares.
+const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -149,14 +150,16 @@ mod tests {
             ("x-secret", "1"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "h2c"),
+            ("trailer", "x-sum"),
             ("te", "gzip, trailers"),
             ("proxy-connection", "keep-alive"),
             ("host", "example.com"),
             ("x-keep", "yes"),
         ]);
         remove_hop_by_hop(&mut h);
-        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["host", "x-keep"]);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "trailer", "x-keep"]);
         // TE: trailers alone travels on (gRPC needs it end to end).
         let mut h = map(&[("te", "trailers")]);
         remove_hop_by_hop(&mut h);

@@ -333,6 +333,32 @@ async fn answer(ctx: Ctx, req: Request<Incoming>) -> Result<Response<BoxBody>, I
         })
     };
     let resp = match req.uri().path() {
+        "/status" => {
+            record(0);
+            let code = query_num(&req, "code") as u16;
+            let mut r = Response::new(Full::new(Bytes::new()).boxed());
+            *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
+            r.headers_mut().insert("x-backend", ctx.id.parse().unwrap());
+            if code == 304 {
+                r.headers_mut().insert("etag", "\"v1\"".parse().unwrap());
+            }
+            return Ok(r);
+        }
+        "/trailers" => {
+            record(0);
+            let (tx, rx) = mpsc::channel::<Frame<Bytes>>(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Frame::data(Bytes::from_static(b"part one,"))).await;
+                let _ = tx.send(Frame::data(Bytes::from_static(b"part two"))).await;
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("x-checksum", "abc123".parse().unwrap());
+                let _ = tx.send(Frame::trailers(trailers)).await;
+            });
+            let mut r = Response::new(FrameBody(rx).boxed());
+            r.headers_mut()
+                .insert("trailer", "x-checksum".parse().unwrap());
+            return Ok(r);
+        }
         "/slow" => {
             record(0);
             tokio::time::sleep(Duration::from_millis(query_num(&req, "ms"))).await;
@@ -400,6 +426,20 @@ async fn answer(ctx: Ctx, req: Request<Incoming>) -> Result<Response<BoxBody>, I
     let mut r = Response::new(resp);
     r.headers_mut().insert("x-backend", ctx.id.parse().unwrap());
     Ok(r)
+}
+
+/// A response body of whole frames (data and trailers) from a channel.
+struct FrameBody(mpsc::Receiver<Frame<Bytes>>);
+
+impl hyper::body::Body for FrameBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(Ok))
+    }
 }
 
 /// A response body fed from a channel, so the test controls its pace.
