@@ -8,7 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -35,6 +35,9 @@ pub struct ConnState {
     /// Milliseconds since `base` (plus one, 0 meaning none) at which bytes of
     /// a request head arrived with no request in flight.
     head_started: AtomicU64,
+    /// HTTP/2: bytes between streams are frames (PING, SETTINGS), not the
+    /// start of a request head, so only the idle timeout applies.
+    multiplexed: AtomicBool,
 }
 
 impl ConnState {
@@ -45,6 +48,7 @@ impl ConnState {
             last_io: AtomicU64::new(0),
             // A new connection owes its first request head at once.
             head_started: AtomicU64::new(1),
+            multiplexed: AtomicBool::new(false),
         })
     }
 
@@ -58,6 +62,7 @@ impl ConnState {
         if read
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == 0
+            && !self.multiplexed.load(Ordering::Relaxed)
         {
             self.head_started.store(now + 1, Ordering::Relaxed);
         }
@@ -65,7 +70,10 @@ impl ConnState {
 
     /// Mark a request as begun; the guard ends it when dropped (with the
     /// response body, once it has been written out).
-    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+    pub fn begin_request(self: &Arc<Self>, version: http::Version) -> InFlight {
+        if version == http::Version::HTTP_2 {
+            self.multiplexed.store(true, Ordering::Relaxed);
+        }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
         InFlight(self.clone())
@@ -230,7 +238,7 @@ mod tests {
         // Fresh connection: owes its head within the header timeout.
         let d = s.next_deadline(&t).unwrap_or_default();
         assert!(d <= Duration::from_secs(10) && d > Duration::from_secs(9));
-        let g = s.begin_request();
+        let g = s.begin_request(http::Version::HTTP_11);
         let d = s.next_deadline(&t).unwrap_or_default();
         assert!(
             d > Duration::from_secs(59),
@@ -247,6 +255,23 @@ mod tests {
         assert!(
             d <= Duration::from_secs(10),
             "a started head gets the header timeout"
+        );
+    }
+
+    #[test]
+    fn frames_between_h2_streams_are_not_a_request_head() {
+        let t = ConnTimeouts {
+            header: Duration::from_secs(10),
+            idle: Duration::from_secs(30),
+            backend: Duration::from_secs(60),
+        };
+        let s = ConnState::new();
+        drop(s.begin_request(http::Version::HTTP_2));
+        s.touch(true);
+        let d = s.next_deadline(&t).unwrap_or_default();
+        assert!(
+            d > Duration::from_secs(29),
+            "an h2 PING keeps the idle timeout: {d:?}"
         );
     }
 }

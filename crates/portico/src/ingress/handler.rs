@@ -90,7 +90,7 @@ pub async fn handle(
     client: Client,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let in_flight = client.state.begin_request();
+    let in_flight = client.state.begin_request(req.version());
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
