@@ -56,6 +56,8 @@ pub enum UpstreamError {
     Request(#[source] hyper::Error),
     #[error("the backend switched protocols though the client asked for no upgrade")]
     UnaskedUpgrade,
+    #[error("the backend's response has both Content-Length and Transfer-Encoding")]
+    AmbiguousFraming,
 }
 
 impl ProxyError {

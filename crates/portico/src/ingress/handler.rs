@@ -457,6 +457,17 @@ async fn send_with_failover(
                 }
                 Ok(Ok(mut resp)) => {
                     health.record_success(addr);
+                    if resp.headers().contains_key(header::TRANSFER_ENCODING)
+                        && resp.headers().contains_key(header::CONTENT_LENGTH)
+                    {
+                        // RFC 9112 6.3: ambiguous framing; the connection's
+                        // state is unknown, so it is dropped, not pooled.
+                        return Err(ProxyError::Backend {
+                            service: service.clone(),
+                            addr,
+                            source: UpstreamError::AmbiguousFraming,
+                        });
+                    }
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         // The connection now belongs to the tunnel: it never
                         // goes back to the pool.
