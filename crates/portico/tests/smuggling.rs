@@ -141,7 +141,7 @@ fn cases() -> Vec<Case> {
 fn status_lines(out: &str) -> usize {
     out.match_indices("HTTP/1.")
         .filter(|(i, _)| {
-            let rest = out[i + 7..].as_bytes();
+            let rest = &out.as_bytes()[i + 7..];
             rest.len() >= 6
                 && rest[1] == b' '
                 && rest[2..5].iter().all(u8::is_ascii_digit)
