@@ -229,24 +229,39 @@ fn decode_unreserved(path: &str) -> std::borrow::Cow<'_, str> {
         return std::borrow::Cow::Borrowed(path);
     }
     let bytes = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    let mut out = String::with_capacity(path.len() + 8);
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = |b: u8| (b as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                let c = (h * 16 + l) as u8;
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    out.push(c as char);
-                    i += 3;
-                    continue;
-                }
+        if bytes[i] != b'%' {
+            // Copy up to the next '%'; `i` is always on a character boundary.
+            let next = path[i..].find('%').map_or(bytes.len(), |n| i + n);
+            out.push_str(&path[i..next]);
+            i = next;
+            continue;
+        }
+        let hex = |b: u8| (b as char).to_digit(16);
+        let escaped = match (bytes.get(i + 1), bytes.get(i + 2)) {
+            (Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
+        };
+        match escaped {
+            // An unreserved character means the same escaped or not.
+            Some(c) if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
+                out.push(c as char);
+            }
+            // A reserved or non-ASCII byte stays escaped.
+            Some(_) => out.push_str(&path[i..i + 3]),
+            // A '%' that starts no valid escape is written as "%25": left
+            // bare, it could join decoded characters into a new escape
+            // ("%%34%31" would become "%41") and the backend would decode a
+            // path other than the one we routed on.
+            None => {
+                out.push_str("%25");
+                i += 1;
+                continue;
             }
         }
-        // Copy up to the next '%' verbatim (the input is valid UTF-8).
-        let next = path[i + 1..].find('%').map_or(bytes.len(), |n| i + 1 + n);
-        out.push_str(&path[i..next]);
-        i = next;
+        i += 3;
     }
     std::borrow::Cow::Owned(out)
 }
@@ -322,8 +337,16 @@ mod tests {
         assert_eq!(n("/a//b"), "/a/b");
         assert_eq!(n("/%7Euser"), "/~user");
         assert_eq!(n("/a%20b"), "/a%20b");
-        assert_eq!(n("/bad%zz%"), "/bad%zz%");
+        assert_eq!(n("/bad%zz%"), "/bad%25zz%25");
+        // Found by the route_match fuzzer: a stray '%' must not join decoded
+        // characters into a new escape (double decoding).
+        assert_eq!(n("/%%34%31"), "/%2541");
+        assert_eq!(n(&n("/%%34%31")), "/%2541");
         assert_eq!(n("/é/../x"), "/x");
+        // Found by the route_match fuzzer: a multi-byte character right
+        // after a decoded escape.
+        assert_eq!(n("/%2e%2eÑ/y"), "/..Ñ/y");
+        assert_eq!(n("/a%2eé"), "/a.é");
         assert_eq!(normalise_path("*"), None);
         assert_eq!(normalise_path("api"), None);
         for p in ["/", "/a/b", "/a/b/", "/x.y/z"] {
