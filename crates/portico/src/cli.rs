@@ -106,6 +106,16 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 100)]
     pub max_headers: usize,
 
+    /// Largest request body in bytes; past it the client gets 413 (0: no
+    /// limit, the default).
+    #[arg(long, default_value_t = 0)]
+    pub max_body_bytes: u64,
+
+    /// Close an HTTP/1.1 connection after this many requests (0: no limit,
+    /// the default).
+    #[arg(long, default_value_t = 0)]
+    pub max_requests_per_connection: u32,
+
     /// Idle keep-alive connections kept per backend replica.
     #[arg(long, default_value_t = 256)]
     pub pool_max_idle: usize,

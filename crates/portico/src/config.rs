@@ -131,6 +131,8 @@ pub struct ProxyConfig {
     pub cli_routes: crate::config_file::CliRoutes,
     pub tls: Vec<crate::ingress::tls::CertPair>,
     pub tls_handshake_timeout: Duration,
+    pub max_body_bytes: Option<u64>,
+    pub max_requests_per_connection: Option<u32>,
 }
 
 impl ProxyConfig {
@@ -260,6 +262,9 @@ impl ProxyConfig {
                 })
                 .collect(),
             tls_handshake_timeout: a.tls_handshake_timeout,
+            max_body_bytes: (a.max_body_bytes > 0).then_some(a.max_body_bytes),
+            max_requests_per_connection: (a.max_requests_per_connection > 0)
+                .then_some(a.max_requests_per_connection),
         })
     }
 }

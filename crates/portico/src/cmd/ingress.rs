@@ -109,6 +109,8 @@ pub async fn serve(
         metrics,
         access_log,
         tunnel_idle: config.serve.timeouts.idle,
+        max_body_bytes: config.max_body_bytes,
+        max_requests_per_connection: config.max_requests_per_connection,
     });
     for check in config.health_checks {
         tracing::info!(service = %check.service, path = %check.path, interval = ?check.interval, "active health check");

@@ -38,6 +38,8 @@ pub struct ConnState {
     /// HTTP/2: bytes between streams are frames (PING, SETTINGS), not the
     /// start of a request head, so only the idle timeout applies.
     multiplexed: AtomicBool,
+    /// Requests begun on this connection.
+    served: AtomicU32,
 }
 
 impl ConnState {
@@ -49,6 +51,7 @@ impl ConnState {
             // A new connection owes its first request head at once.
             head_started: AtomicU64::new(1),
             multiplexed: AtomicBool::new(false),
+            served: AtomicU32::new(0),
         })
     }
 
@@ -75,6 +78,7 @@ impl ConnState {
             self.multiplexed.store(true, Ordering::Relaxed);
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.served.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -107,6 +111,13 @@ impl ConnState {
 /// A request in flight on a connection.
 #[derive(Debug)]
 pub struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    /// Requests begun on this connection so far, this one included.
+    pub fn served(&self) -> u32 {
+        self.0.served.load(Ordering::Relaxed)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {

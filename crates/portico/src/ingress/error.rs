@@ -16,6 +16,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no route for this path")]
     NoRoute,
+    #[error("request body over the --max-body-bytes limit")]
+    BodyTooLarge,
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
     /// Replicas exist but none could be connected to.
@@ -67,6 +69,10 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "No route for this path.\n"),
+            ProxyError::BodyTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Payload too large: the request body is over the limit.\n",
+            ),
             ProxyError::Discovery(e) => match e {
                 DiscoveryError::NotFound(_) => (
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -23,7 +23,7 @@ use super::error::{ProxyError, UpstreamError};
 use super::headers;
 use super::route::{self, RouteTable, UpstreamProtocol};
 use super::tunnel;
-use super::upstream::{Pool, Sender, UpstreamBody, UpstreamRequestBody};
+use super::upstream::{Capped, Pool, Sender, UpstreamBody, UpstreamRequestBody};
 use crate::admin::metrics::{Metrics, RouteStats};
 use crate::discovery::{Discovery, DiscoveryError};
 use arc_swap::ArcSwap;
@@ -62,6 +62,11 @@ pub struct Proxy {
     pub access_log: Option<AccessLog>,
     /// Idle timeout of upgraded (tunnelled) connections.
     pub tunnel_idle: Duration,
+    /// `--max-body-bytes`: request bodies past this get 413.
+    pub max_body_bytes: Option<u64>,
+    /// `--max-requests-per-connection`: after this many, HTTP/1.1
+    /// connections are closed after their response.
+    pub max_requests_per_connection: Option<u32>,
 }
 
 /// What the request path knows of the client connection.
@@ -113,7 +118,11 @@ pub async fn handle(
                 tracing::debug!(client = %client.addr, %method, %uri, %status, error = %e, "request refused");
             }
             let mut resp = local_response(status, text);
-            if status == StatusCode::BAD_REQUEST && version < Version::HTTP_2 {
+            if matches!(
+                status,
+                StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE
+            ) && version < Version::HTTP_2
+            {
                 // After a malformed request the rest of the byte stream
                 // cannot be trusted to be framed as the client meant.
                 resp.headers_mut()
@@ -122,6 +131,14 @@ pub async fn handle(
             resp
         }
     };
+    let mut response = response;
+    if let Some(max) = proxy.max_requests_per_connection {
+        if in_flight.served() >= max && version < Version::HTTP_2 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
     let log = proxy.access_log.clone().map(|sink| Record {
         sink,
         time: std::time::SystemTime::now(),
@@ -176,6 +193,12 @@ async fn proxy_request(
     }
     let (mut parts, body) = req.into_parts();
     let client_version = parts.version;
+    if let (Some(limit), Some(len)) = (proxy.max_body_bytes, body.size_hint().exact()) {
+        // A declared length over the limit is refused before anything moves.
+        if len > limit {
+            return Err(ProxyError::BodyTooLarge);
+        }
+    }
 
     // Route on the host the client addressed and the normalised path.
     let mut hosts = parts.headers.get_all(header::HOST).iter();
@@ -290,13 +313,14 @@ async fn proxy_request(
         *r.headers_mut() = parts.headers.clone();
         r
     });
+    let (body, too_large) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
     let request = Request::from_parts(parts, Either::Left(body));
     let backend_timeout = route
         .options
         .backend_timeout
         .unwrap_or(proxy.backend_timeout);
     let upstream = route.options.upstream;
-    let mut response = send_with_failover(
+    let sent = send_with_failover(
         proxy,
         service,
         request,
@@ -305,7 +329,11 @@ async fn proxy_request(
         upstream,
         exchange,
     )
-    .await?;
+    .await;
+    if too_large.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    let mut response = sent?;
     // Our framing towards the client is ours, whatever the backend spoke.
     *response.version_mut() = client_version;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {

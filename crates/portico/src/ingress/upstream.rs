@@ -20,9 +20,68 @@ use tokio::net::TcpStream;
 use super::error::UpstreamError;
 use crate::discovery::snapshot::Load;
 
-/// What we send to a backend: the client's streamed body, or nothing (a
-/// replayed bodiless request).
-pub type UpstreamRequestBody = Either<Incoming, Empty<Bytes>>;
+/// What we send to a backend: the client's streamed body (capped), or
+/// nothing (a replayed bodiless request).
+pub type UpstreamRequestBody = Either<Capped, Empty<Bytes>>;
+
+/// A client's request body with a byte limit (`--max-body-bytes`). Past it
+/// the body fails, which aborts the upstream request, and `exceeded` says
+/// why, so the client gets 413 rather than 502.
+pub struct Capped {
+    inner: Incoming,
+    left: u64,
+    exceeded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body over the --max-body-bytes limit")]
+pub struct BodyTooLarge;
+
+impl Capped {
+    pub fn new(inner: Incoming, limit: u64) -> (Self, Arc<std::sync::atomic::AtomicBool>) {
+        let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let capped = Self {
+            inner,
+            left: limit,
+            exceeded: exceeded.clone(),
+        };
+        (capped, exceeded)
+    }
+}
+
+impl Body for Capped {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if len > self.left {
+                    self.exceeded
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                }
+                self.left -= len;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 pub type Sender = http1::SendRequest<UpstreamRequestBody>;
 /// HTTP/2 senders are clones of one multiplexed connection per replica.
 pub type H2Sender = hyper::client::conn::http2::SendRequest<UpstreamRequestBody>;

@@ -40,8 +40,23 @@ impl Proc {
 
     /// Start `portico ARGS` and wait for its "<marker> <addr>" log line.
     pub fn start(args: &[&str], marker: &str) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portico"));
+        cmd.args(args);
+        Self::spawn(cmd, args, marker)
+    }
+
+    /// Start `portico ARGS` under `prlimit --nofile=N:N` (soft and hard).
+    pub fn start_with_fd_limit(limit: u32, args: &[&str], marker: &str) -> Proc {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={limit}:{limit}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_portico"))
+            .args(args);
+        Self::spawn(cmd, args, marker)
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str], marker: &str) -> Proc {
+        let mut child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("PORTICO_TEST_LOG").unwrap_or("info".into()),
