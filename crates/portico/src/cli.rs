@@ -106,6 +106,10 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 100)]
     pub max_headers: usize,
 
+    /// Concurrent streams a client may open on one HTTP/2 connection.
+    #[arg(long, default_value_t = 256)]
+    pub max_h2_streams: u32,
+
     /// Largest request body in bytes; past it the client gets 413 (0: no
     /// limit, the default).
     #[arg(long, default_value_t = 0)]

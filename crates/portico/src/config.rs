@@ -231,6 +231,7 @@ impl ProxyConfig {
                 drain_timeout: a.drain_timeout,
                 max_header_bytes: a.max_header_bytes,
                 max_headers: a.max_headers,
+                max_h2_streams: a.max_h2_streams.max(1),
                 tls: None,
             },
             pool: PoolSettings {

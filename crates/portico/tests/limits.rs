@@ -186,3 +186,146 @@ async fn accept_survives_running_out_of_descriptors() {
     }
     assert!(served, "the accept loop recovered");
 }
+
+#[tokio::test]
+async fn h2_rapid_reset_flood_is_cut_off_and_others_are_served() {
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    // CVE-2023-44487: open a stream and reset it at once, thousands of times.
+    let tcp = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    let (client, conn): (h2::client::SendRequest<bytes::Bytes>, _) =
+        h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let mut opened = 0;
+    for _ in 0..5000 {
+        let req = hyper::Request::get(format!("http://{}/flood", ing.addr))
+            .body(())
+            .unwrap();
+        let Ok(ready) = tokio::time::timeout(DEADLINE, client.clone().ready()).await else {
+            break;
+        };
+        let Ok(mut ready) = ready else { break };
+        let Ok((_, mut stream)) = ready.send_request(req, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        opened += 1;
+    }
+    // The flooding connection is ended by the server (GOAWAY), or survives
+    // having cost nothing; either way the ingress serves everyone else.
+    let ended = tokio::time::timeout(DEADLINE, driver).await;
+    println!(
+        "rapid reset: {opened} streams opened and reset; connection ended: {}",
+        ended.is_ok()
+    );
+    for _ in 0..5 {
+        assert_eq!(get(ing.addr, "/normal").await.status, 200);
+    }
+    assert!(
+        b.hits.load(Ordering::SeqCst) < 5000,
+        "reset streams mostly never reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_reader_cannot_hold_a_connection_past_the_timeouts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(
+        t.addr,
+        &["/:svc"],
+        &["--idle-timeout", "300ms", "--backend-timeout", "300ms"],
+    );
+    wait_synced(&ing, 1).await;
+    // Ask for 64 MiB and read nothing: writes stall once buffers fill.
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(b"GET /download?bytes=67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    b.release.notify_one();
+    // Meanwhile others are served.
+    assert_eq!(get(ing.addr, "/other").await.status, 200);
+    // Once the watchdog gives up, the connection is closed: reading now
+    // ends well short of 64 MiB.
+    let started = std::time::Instant::now();
+    let stalled_for = Duration::from_millis(1500);
+    tokio::time::sleep(stalled_for).await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(DEADLINE, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got += n,
+            Err(_) => panic!("connection still open {:?} later", started.elapsed()),
+        }
+    }
+    assert!(got < 64 << 20, "closed before the whole body: {got} bytes");
+}
+
+#[tokio::test]
+async fn a_stalled_body_sender_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(
+        t.addr,
+        &["/:svc"],
+        &["--idle-timeout", "300ms", "--backend-timeout", "300ms"],
+    );
+    wait_synced(&ing, 1).await;
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\npartial")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .expect("never cut off")
+        .ok();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(get(ing.addr, "/other").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_tower_answering_garbage_gets_a_clear_503_not_a_crash() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // One port, UDP and TCP, both answering nonsense.
+    let addr = port_below_ephemeral_range();
+    let udp = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = udp.recv_from(&mut buf).await {
+            let _ = udp
+                .send_to(b"\xffOK|LOOKUP|svc|not-an-ip|99999999", from)
+                .await;
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{not json")
+                    .await;
+            });
+        }
+    });
+    let ing = ingress(addr, &["/:svc"], &[]);
+    for _ in 0..5 {
+        let a = get(ing.addr, "/").await;
+        assert_eq!(a.status, 503, "{}", a.body);
+        assert!(a.body.starts_with("Tower unreachable"), "{}", a.body);
+    }
+    let admin = ing.logged_addr("admin listening on ");
+    assert_eq!(get(admin, "/healthz").await.status, 200);
+    assert_eq!(get(admin, "/readyz").await.status, 503);
+}

@@ -35,6 +35,8 @@ pub struct ServeSettings {
     pub drain_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_h2_streams: u32,
     pub tls: Option<TlsTermination>,
 }
 
@@ -177,8 +179,15 @@ fn http_builder(settings: &ServeSettings) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+        .max_concurrent_streams(settings.max_h2_streams)
+        // Bounds a header block across CONTINUATION frames (CONTINUATION
+        // flood) as the HTTP/1.1 head is bounded.
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid reset (CVE-2023-44487): streams a client opens and resets
+        // before they are served; past this the connection gets GOAWAY.
+        .max_pending_accept_reset_streams(20)
+        // Streams we had to reset for the client's errors; past this, GOAWAY.
+        .max_local_error_reset_streams(1024);
     b
 }
 
