@@ -329,3 +329,102 @@ async fn a_tower_answering_garbage_gets_a_clear_503_not_a_crash() {
     assert_eq!(get(admin, "/healthz").await.status, 200);
     assert_eq!(get(admin, "/readyz").await.status, 503);
 }
+
+/// One HTTP/2 frame: length, type, flags, stream id, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[tokio::test]
+async fn h2_continuation_flood_is_cut_off_with_bounded_memory() {
+    use tokio::io::AsyncWriteExt;
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let rss_before = rss_kib(ing.child.id());
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&frame(0x4, 0, 0, &[])).await.unwrap(); // SETTINGS
+                                                        // HEADERS without END_HEADERS, then CONTINUATION frames that never end
+                                                        // the block, each a 16 KiB literal header field (HPACK: literal, new name).
+    let mut field = vec![0x00, 0x03, b'x', b'-', b'a', 0x7f];
+    let value_len: usize = 16_000;
+    let mut rest = value_len - 127; // HPACK 7-bit prefix integer
+    while rest >= 128 {
+        field.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    field.push(rest as u8);
+    field.extend(std::iter::repeat_n(b'v', value_len));
+    // HEADERS (0x1) with no flags: neither END_HEADERS nor END_STREAM.
+    s.write_all(&frame(0x1, 0, 1, &field)).await.unwrap();
+    let mut sent = 0usize;
+    for _ in 0..1000 {
+        // CONTINUATION (0x9) with no END_HEADERS flag.
+        if s.write_all(&frame(0x9, 0, 1, &field)).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    println!("continuation flood: {sent} frames of 16 KiB written before the server cut it off");
+    assert!(sent < 1000, "the server read 16 MiB of one header block");
+    let rss_after = rss_kib(ing.child.id());
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "memory bounded: {rss_before} -> {rss_after} KiB"
+    );
+    assert_eq!(get(ing.addr, "/normal").await.status, 200);
+}
+
+#[tokio::test]
+async fn h2_ping_flood_keeps_memory_bounded_and_others_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let rss_before = rss_kib(ing.child.id());
+    let s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    // Read (and drop) whatever comes back, so the server is not simply
+    // blocked on a full socket; what is measured is its own bookkeeping.
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    w.write_all(PREFACE).await.unwrap();
+    w.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+    let mut batch = Vec::new();
+    for i in 0..1000u64 {
+        batch.extend(frame(0x6, 0, 0, &i.to_be_bytes()));
+    }
+    let mut sent = 0;
+    for _ in 0..100 {
+        if w.write_all(&batch).await.is_err() {
+            break;
+        }
+        sent += 1000;
+    }
+    println!("ping flood: {sent} PINGs written");
+    assert_eq!(get(ing.addr, "/normal").await.status, 200);
+    let rss_after = rss_kib(ing.child.id());
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "memory bounded: {rss_before} -> {rss_after} KiB"
+    );
+    drop(w);
+    reader.abort();
+}
