@@ -13,35 +13,10 @@ use futures_util::{SinkExt, StreamExt};
 use rustls_pki_types::pem::PemObject;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A WebSocket echo server: text and binary frames come back as sent.
-async fn websocket_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                // Other frames (Close among them) need no echo: tungstenite
-                // queues the close reply itself and sends it on the next
-                // read, which then ends the stream.
-                while let Some(Ok(msg)) = ws.next().await {
-                    let echo = matches!(msg, Message::Text(_) | Message::Binary(_));
-                    if echo && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, task)
-}
-
 #[tokio::test]
 async fn websocket_echo_through_the_ingress() {
     let t = tower("30s");
-    let (echo, _task) = websocket_echo().await;
+    let echo = websocket_echo().await;
     register(t.addr, "ws", echo);
     let web = Backend::start("web").await;
     register(t.addr, "web", web.addr);
@@ -79,7 +54,7 @@ async fn websocket_echo_through_the_ingress() {
 #[tokio::test]
 async fn idle_tunnels_are_closed() {
     let t = tower("30s");
-    let (echo, _task) = websocket_echo().await;
+    let echo = websocket_echo().await;
     register(t.addr, "ws", echo);
     let ing = ingress(t.addr, &["/:ws"], &["--idle-timeout", "300ms"]);
     wait_synced(&ing, 1).await;

@@ -31,27 +31,6 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn ws_echo() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    let echo = matches!(msg, Message::Text(_) | Message::Binary(_));
-                    if echo && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "runs for minutes: scripts/soak.sh"]
 async fn soak() {
@@ -60,7 +39,7 @@ async fn soak() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
     let t = tower("30s");
-    let ws = ws_echo().await;
+    let ws = websocket_echo().await;
     register(t.addr, "ws", ws);
     // Pooled backend connections close after 10 s idle, so that descriptors
     // can be compared soon after the load stops.

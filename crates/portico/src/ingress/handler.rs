@@ -409,10 +409,7 @@ async fn send_with_failover(
             let mut sender = match proxy.pool.h2(addr).await {
                 Ok(s) => s,
                 Err(e) => {
-                    health.record_failure(addr, Instant::now());
-                    if let Some(stats) = &exchange.stats {
-                        stats.connect_error();
-                    }
+                    connect_failed(proxy, exchange, addr);
                     last = Some((addr, e));
                     continue;
                 }
@@ -433,17 +430,9 @@ async fn send_with_failover(
                         resp.map(|body| ResponseBody::upstream(UpstreamBody::unpooled(body, load)))
                     );
                 }
-                Ok(Err(mut e)) => {
-                    let unsent = e.take_message();
-                    let error = UpstreamError::Request(e.into_error());
-                    request = unsent.or_else(|| replay.as_ref().map(rebuild));
-                    if request.is_none() {
-                        return Err(ProxyError::Backend {
-                            service: service.clone(),
-                            addr,
-                            source: error,
-                        });
-                    }
+                Ok(Err(e)) => {
+                    let (again, error) = resend_or_fail(e, replay.as_ref(), service, addr)?;
+                    request = Some(again);
                     last = Some((addr, error));
                     continue;
                 }
@@ -461,10 +450,7 @@ async fn send_with_failover(
                 None => match proxy.pool.connect(addr).await {
                     Ok(s) => s,
                     Err(e) => {
-                        health.record_failure(addr, Instant::now());
-                        if let Some(stats) = &exchange.stats {
-                            stats.connect_error();
-                        }
+                        connect_failed(proxy, exchange, addr);
                         tracing::debug!(backend = %addr, %service, error = %e, "connect failed; trying another replica");
                         last = Some((addr, e));
                         break;
@@ -513,17 +499,9 @@ async fn send_with_failover(
                         ResponseBody::upstream(UpstreamBody::new(body, pool, addr, sender, load))
                     }));
                 }
-                Ok(Err(mut e)) => {
-                    let unsent = e.take_message();
-                    let error = UpstreamError::Request(e.into_error());
-                    request = unsent.or_else(|| replay.as_ref().map(rebuild));
-                    if request.is_none() {
-                        return Err(ProxyError::Backend {
-                            service: service.clone(),
-                            addr,
-                            source: error,
-                        });
-                    }
+                Ok(Err(e)) => {
+                    let (again, error) = resend_or_fail(e, replay.as_ref(), service, addr)?;
+                    request = Some(again);
                     tracing::debug!(backend = %addr, %service, reused, error = %super::error::chain(&error), "request failed before an answer; retrying");
                     last = Some((addr, error));
                     if !reused {
@@ -548,6 +526,38 @@ fn give_up(
         last_addr,
         source,
     })
+}
+
+/// A connect to `addr` failed: nothing was sent, so the next replica may
+/// take the request. The replica is set aside for a while.
+fn connect_failed(proxy: &Proxy, exchange: &Exchange, addr: SocketAddr) {
+    proxy
+        .discovery
+        .health()
+        .record_failure(addr, Instant::now());
+    if let Some(stats) = &exchange.stats {
+        stats.connect_error();
+    }
+}
+
+/// After a failed send: the request to try again, if hyper never sent it or
+/// it may be replayed (idempotent, no body); otherwise the final error.
+fn resend_or_fail(
+    mut e: hyper::client::conn::TrySendError<Request<UpstreamRequestBody>>,
+    replay: Option<&Request<()>>,
+    service: &portico_wire::ServiceName,
+    addr: SocketAddr,
+) -> Result<(Request<UpstreamRequestBody>, UpstreamError), ProxyError> {
+    let unsent = e.take_message();
+    let error = UpstreamError::Request(e.into_error());
+    match unsent.or_else(|| replay.map(rebuild)) {
+        Some(request) => Ok((request, error)),
+        None => Err(ProxyError::Backend {
+            service: service.clone(),
+            addr,
+            source: error,
+        }),
+    }
 }
 
 fn rebuild(template: &Request<()>) -> Request<UpstreamRequestBody> {

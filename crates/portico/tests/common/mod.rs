@@ -160,6 +160,22 @@ pub fn udp(tower: SocketAddr, msg: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// As `udp`, asking again on silence (UDP may drop the datagram, as under
+/// a flood), like Portico's own Tower client; fails after 20 tries.
+pub fn udp_retrying(tower: SocketAddr, msg: &[u8]) -> String {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 65536];
+    for _ in 0..20 {
+        s.send_to(msg, tower).unwrap();
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            return String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+    }
+    panic!("no reply from the Tower in 20 tries");
+}
+
 pub fn register(tower: SocketAddr, name: &str, addr: SocketAddr) {
     let reply = udp(
         tower,
@@ -659,4 +675,30 @@ pub fn port_below_ephemeral_range() -> std::net::SocketAddr {
         }
     }
     panic!("no free port in 20000-30000");
+}
+
+/// A WebSocket echo server (tokio-tungstenite): text and binary frames come
+/// back as sent. Other frames need no echo: tungstenite queues the close
+/// reply itself and sends it on the next read, which then ends the stream.
+pub async fn websocket_echo() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    let echo = matches!(msg, Message::Text(_) | Message::Binary(_));
+                    if echo && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
