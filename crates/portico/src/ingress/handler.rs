@@ -253,13 +253,18 @@ async fn proxy_request(
         _ => path,
     };
 
-    // The backend sees what we routed on: the normalised path, the query as sent.
-    let target = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.into_owned(),
-    };
-    parts.uri = Uri::try_from(target)
-        .map_err(|_| ProxyError::BadRequest("Bad request: the request target is malformed.\n"))?;
+    // The backend sees what we routed on: the normalised path, the query as
+    // sent. Most requests already carry exactly that (an origin-form target,
+    // a normal path, no prefix cut): those keep their target untouched.
+    if matches!(path, Cow::Owned(_)) || parts.uri.authority().is_some() {
+        let target = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.into_owned(),
+        };
+        parts.uri = Uri::try_from(target).map_err(|_| {
+            ProxyError::BadRequest("Bad request: the request target is malformed.\n")
+        })?;
+    }
     parts.version = Version::HTTP_11;
     // An Upgrade (WebSocket...) over HTTP/1.1 is passed on; the tunnel is
     // set up once the backend answers 101.
