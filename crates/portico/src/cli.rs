@@ -188,9 +188,26 @@ pub struct IngressArgs {
     /// How to learn endpoints: `watch` keeps a local table fed by the
     /// Tower's HTTP watch (no registry round trip per request); `lookup`
     /// asks the Tower over UDP per request, as the seed; `auto` watches when
-    /// the Tower has an HTTP API and falls back to lookup when it does not.
+    /// the Tower has an HTTP API and falls back to lookup when it does not;
+    /// `etcd` watches the registrations in etcd directly (needs --etcd).
     #[arg(long, value_enum, default_value_t = DiscoveryMode::Auto)]
     pub discovery: DiscoveryMode,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// Where etcd is, for a Tower storing registrations there or an ingress
+/// watching them.
+#[derive(Debug, Args, Clone)]
+pub struct EtcdArgs {
+    /// etcd members: http://HOST:PORT, comma-separated; tried in turn.
+    #[arg(long, value_name = "URL[,URL..]")]
+    pub etcd: Option<String>,
+
+    /// Key prefix of Portico's registrations in etcd.
+    #[arg(long, default_value = "/portico/v1")]
+    pub etcd_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -204,6 +221,16 @@ pub enum DiscoveryMode {
     Auto,
     Watch,
     Lookup,
+    Etcd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum StoreKind {
+    /// In this process: lost on restart, relearned from heartbeats.
+    #[default]
+    Memory,
+    /// In etcd, shared by every Tower using the same etcd and prefix.
+    Etcd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -239,6 +266,14 @@ pub struct RegistryArgs {
     /// in this file (HMAC-SHA256; reads stay open).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+
+    /// Where registrations live: `memory`, or `etcd` (shared by every Tower
+    /// on the same etcd; needs --etcd).
+    #[arg(long, value_enum, default_value_t = StoreKind::Memory)]
+    pub store: StoreKind,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 #[derive(Debug, Args)]

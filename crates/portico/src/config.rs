@@ -58,6 +58,35 @@ pub enum StartupError {
     Key(#[from] crate::registry::auth::KeyError),
     #[error(transparent)]
     Tls(#[from] crate::ingress::tls::TlsError),
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
+}
+
+/// The etcd client and key layout from `--etcd`/`--etcd-prefix`; `needed_by`
+/// names the flag that asked for etcd, for the error when `--etcd` is missing.
+pub fn etcd_settings(
+    args: &crate::cli::EtcdArgs,
+    needed_by: &'static str,
+) -> Result<(crate::etcd::EtcdClient, crate::etcd::keys::Layout), StartupError> {
+    let Some(list) = args.etcd.as_deref() else {
+        return Err(StartupError::Flag {
+            flag: needed_by,
+            value: "etcd".into(),
+            why: "it needs --etcd http://HOST:PORT[,http://HOST:PORT...]".into(),
+        });
+    };
+    let endpoints = crate::etcd::parse_endpoints(list)?;
+    if !args.etcd_prefix.starts_with('/') || args.etcd_prefix.trim_end_matches('/').is_empty() {
+        return Err(StartupError::Flag {
+            flag: "--etcd-prefix",
+            value: args.etcd_prefix.clone(),
+            why: "a key prefix like /portico/v1: starting with / and not only /".into(),
+        });
+    }
+    Ok((
+        crate::etcd::EtcdClient::new(endpoints),
+        crate::etcd::keys::Layout::new(&args.etcd_prefix),
+    ))
 }
 
 fn bind_advice(what: &str, addr: &SocketAddr, e: &io::Error) -> String {

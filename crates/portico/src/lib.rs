@@ -11,6 +11,8 @@
 //!   and passive health.
 //! - `registry`: the Tower: a pure table, its UDP and HTTP servers, signed
 //!   writes, a client.
+//! - `etcd`: the etcd client (JSON gateway), key layout and list-then-watch,
+//!   for a Tower whose registrations live in etcd and an ingress watching it.
 //! - `admin`: metrics, health, the status page.
 //!
 //! The wire protocol itself is the `portico-wire` crate. ARCHITECTURE.md
@@ -22,5 +24,6 @@ pub mod cmd;
 pub mod config;
 pub mod config_file;
 pub mod discovery;
+pub mod etcd;
 pub mod ingress;
 pub mod registry;

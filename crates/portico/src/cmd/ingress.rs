@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::cli::IngressArgs;
-use crate::config::{resolve_tower, ProxyConfig, StartupError};
+use crate::cli::{DiscoveryMode, IngressArgs};
+use crate::config::{etcd_settings, resolve_tower, ProxyConfig, StartupError};
+use crate::discovery::etcd::EtcdSource;
 use crate::discovery::{Discovery, Source, TowerSource};
 use std::time::Duration;
 
@@ -23,6 +24,29 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartupError> {
     let config = ProxyConfig::from_args(&args.proxy, explicit)?;
+    if args.discovery == DiscoveryMode::Etcd {
+        let (client, layout) = etcd_settings(&args.etcd, "--discovery")?;
+        tracing::info!(
+            etcd = %client.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            prefix = %String::from_utf8_lossy(layout.services_prefix()),
+            "discovery: watching the registrations in etcd"
+        );
+        let source = EtcdSource::new(layout.clone());
+        tokio::spawn(crate::etcd::watch::run(
+            client,
+            layout,
+            source.clone(),
+            "discovery",
+            shutdown.clone(),
+        ));
+        let balance = config.balance;
+        return serve(
+            config,
+            Discovery::new(Source::Etcd(source), balance),
+            shutdown,
+        )
+        .await;
+    }
     let tower = resolve_tower(&args.tower)?;
     let client = TowerClient::new(tower, args.tower_timeout, 2);
     let source = TowerSource::new(client);

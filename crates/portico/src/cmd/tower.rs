@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
-use crate::cli::{RegistryArgs, TowerArgs};
-use crate::config::{parse_listen, registry_limits, StartupError};
+use crate::cli::{RegistryArgs, StoreKind, TowerArgs};
+use crate::config::{etcd_settings, parse_listen, registry_limits, StartupError};
+use crate::etcd::EtcdClient;
 use crate::registry::auth::Key;
 use crate::registry::{http, udp, Registry};
 
@@ -22,6 +23,7 @@ pub async fn run(args: TowerArgs, shutdown: watch::Receiver<bool>) -> Result<(),
 pub struct Bound {
     udp: UdpSocket,
     http: Option<TcpListener>,
+    etcd: Option<EtcdClient>,
 }
 
 /// Validate the registry flags, bind, and make the registry.
@@ -36,8 +38,24 @@ pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Boun
         "same" => HttpAt::Same,
         other => HttpAt::At(parse_listen("--http", other)?),
     };
-    let bound = bind(addr, http).await?;
-    Ok((Registry::new(limits, key), bound))
+    let store = match a.store {
+        StoreKind::Memory => None,
+        StoreKind::Etcd => Some(etcd_settings(&a.etcd, "--store")?),
+    };
+    let mut bound = bind(addr, http).await?;
+    let registry = match store {
+        None => Registry::new(limits, key),
+        Some((client, layout)) => {
+            tracing::info!(
+                etcd = %client.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                prefix = %String::from_utf8_lossy(layout.services_prefix()),
+                "tower: registrations live in etcd"
+            );
+            bound.etcd = Some(client);
+            Registry::with_etcd(limits, key, layout)
+        }
+    };
+    Ok((registry, bound))
 }
 
 enum HttpAt {
@@ -65,7 +83,11 @@ async fn bind(addr: SocketAddr, http: HttpAt) -> Result<Bound, StartupError> {
         let Some(tcp_at) = tcp_at else {
             tracing::info!("tower listening on udp {local}");
             tracing::info!("tower http api off");
-            return Ok(Bound { udp, http: None });
+            return Ok(Bound {
+                udp,
+                http: None,
+                etcd: None,
+            });
         };
         match TcpListener::bind(tcp_at).await {
             Ok(tcp) => {
@@ -75,6 +97,7 @@ async fn bind(addr: SocketAddr, http: HttpAt) -> Result<Bound, StartupError> {
                 return Ok(Bound {
                     udp,
                     http: Some(tcp),
+                    etcd: None,
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries > 1 => last = Some((tcp_at, e)),
@@ -88,6 +111,27 @@ async fn bind(addr: SocketAddr, http: HttpAt) -> Result<Bound, StartupError> {
 /// UDP server, HTTP API and reaper, until shutdown.
 pub async fn serve(bound: Bound, registry: Registry, shutdown: watch::Receiver<bool>) {
     let period = udp::reap_period(registry.limits().ttl);
+    if let Some(client) = bound.etcd {
+        if let Some(layout) = registry.store_layout() {
+            let label = bound
+                .udp
+                .local_addr()
+                .map_or_else(|_| "tower".to_owned(), |a| a.to_string());
+            tokio::spawn(crate::etcd::watch::run(
+                client.clone(),
+                layout,
+                std::sync::Arc::new(registry.clone()),
+                "tower",
+                shutdown.clone(),
+            ));
+            tokio::spawn(crate::registry::etcd::write_loop(
+                registry.clone(),
+                client,
+                label,
+                shutdown.clone(),
+            ));
+        }
+    }
     let api = async {
         if let Some(listener) = bound.http {
             http::serve(listener, registry.clone(), shutdown.clone()).await;

@@ -5,6 +5,7 @@
 //! table directly (`Local`). Passive health sits on top of all three.
 
 pub mod active;
+pub mod etcd;
 pub mod health;
 pub mod snapshot;
 pub mod watch;
@@ -31,6 +32,8 @@ pub enum Source {
     Tower(Arc<TowerSource>),
     /// The Tower's table in this same process (`portico up`).
     Local(Registry),
+    /// etcd, watched directly.
+    Etcd(Arc<etcd::EtcdSource>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +51,15 @@ pub enum Mode {
 pub struct TowerSource {
     pub udp: TowerClient,
     pub http_addr: SocketAddr,
-    table: ArcSwap<Snapshot>,
     mode: AtomicU8,
+    watched: Watched,
+}
+
+/// A snapshot kept current by a watch (of a Tower or of etcd), read by
+/// requests without locks.
+#[derive(Debug, Default)]
+pub struct Watched {
+    table: ArcSwap<Snapshot>,
     synced: AtomicBool,
     ever_synced: AtomicBool,
     /// Bumped on every snapshot swap; requests that ran out of replicas
@@ -66,14 +76,13 @@ impl TowerSource {
         Arc::new(Self {
             udp,
             http_addr,
-            table: ArcSwap::from_pointee(Snapshot::default()),
             mode: AtomicU8::new(Mode::Probing as u8),
-            synced: AtomicBool::new(false),
-            ever_synced: AtomicBool::new(false),
-            generation: AtomicU64::new(0),
-            swapped: Notify::new(),
-            last_update_ms: AtomicU64::new(0),
+            watched: Watched::default(),
         })
+    }
+
+    pub fn watched(&self) -> &Watched {
+        &self.watched
     }
 
     pub fn mode(&self) -> Mode {
@@ -87,8 +96,10 @@ impl TowerSource {
     fn set_mode(&self, mode: Mode) {
         self.mode.store(mode as u8, Ordering::Relaxed);
     }
+}
 
-    /// Whether the snapshot reflects the Tower now (the watch is connected).
+impl Watched {
+    /// Whether the snapshot reflects its source now (the watch is connected).
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
     }
@@ -107,6 +118,27 @@ impl TowerSource {
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.table.load_full()
     }
+
+    pub fn ever_synced(&self) -> bool {
+        self.ever_synced.load(Ordering::Relaxed)
+    }
+
+    /// Swap in the snapshot for a new document and wake requests waiting
+    /// for a newer table.
+    pub fn install(&self, doc: &crate::registry::http::ServicesDoc) {
+        let previous = self.table.load();
+        let next = Snapshot::from_doc(doc, &previous);
+        tracing::debug!(
+            index = doc.index,
+            warm = doc.warm,
+            endpoints = next.endpoint_count(),
+            "discovery: new snapshot"
+        );
+        self.table.store(Arc::new(next));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.swapped.notify_waiters();
+        self.mark_synced();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +153,9 @@ pub enum DiscoveryError {
     Tower(#[from] TowerError),
     #[error("the Tower answered LOOKUP with an error: {0}")]
     TowerRefused(ErrorReply),
+    /// Watching etcd, before the first listing.
+    #[error("the registrations in etcd have not been read yet (is etcd up?)")]
+    NotSynced,
 }
 
 /// The replica to try, and its in-flight mark where the balance policy
@@ -176,10 +211,8 @@ impl Discovery {
                 .into_iter()
                 .map(|(n, a, _)| (n, a, None))
                 .collect(),
-            Source::Tower(t)
-                if t.mode() == Mode::Watch && t.ever_synced.load(Ordering::Relaxed) =>
-            {
-                let snap = t.snapshot();
+            _ if self.watched().is_some() => {
+                let snap = self.watched().map(Watched::snapshot).unwrap_or_default();
                 let mut out: Vec<_> = snap
                     .services()
                     .flat_map(|(name, set)| {
@@ -198,6 +231,27 @@ impl Discovery {
                     .collect(),
                 _ => Vec::new(),
             },
+            Source::Etcd(_) => Vec::new(),
+        }
+    }
+
+    /// The snapshot requests pick from, when the source keeps one and it
+    /// has been filled once.
+    fn watched(&self) -> Option<&Watched> {
+        let w = match &self.source {
+            Source::Tower(t) if t.mode() == Mode::Watch => &t.watched,
+            Source::Etcd(e) => e.watched(),
+            _ => return None,
+        };
+        w.ever_synced().then_some(w)
+    }
+
+    /// The snapshot holder of a watching source, filled or not.
+    fn watched_any(&self) -> Option<&Watched> {
+        match &self.source {
+            Source::Tower(t) if t.mode() == Mode::Watch => Some(&t.watched),
+            Source::Etcd(e) => Some(e.watched()),
+            _ => None,
         }
     }
 
@@ -207,10 +261,11 @@ impl Discovery {
         match &self.source {
             Source::Local(_) => true,
             Source::Tower(t) => match t.mode() {
-                Mode::Watch => t.is_synced(),
+                Mode::Watch => t.watched.is_synced(),
                 Mode::Lookup => matches!(t.udp.call(&Request::Ping).await, Ok(Reply::Pong)),
                 Mode::Probing => false,
             },
+            Source::Etcd(e) => e.watched().is_synced(),
         }
     }
 
@@ -223,18 +278,14 @@ impl Discovery {
                 Mode::Lookup => "lookup",
                 Mode::Probing => "probing",
             },
+            Source::Etcd(_) => "etcd",
         }
     }
 
     /// Seconds since the table last heard from the Tower (watch mode).
     pub fn last_update_age(&self) -> Option<f64> {
-        match &self.source {
-            Source::Tower(t) if t.mode() == Mode::Watch => {
-                let at = t.last_update_ms.load(Ordering::Relaxed);
-                (at > 0).then(|| crate::registry::unix_ms().saturating_sub(at) as f64 / 1000.0)
-            }
-            _ => None,
-        }
+        let at = self.watched_any()?.last_update_ms.load(Ordering::Relaxed);
+        (at > 0).then(|| crate::registry::unix_ms().saturating_sub(at) as f64 / 1000.0)
     }
 
     /// Whether `addr` is set aside by passive health or failing its checks.
@@ -266,30 +317,28 @@ impl Discovery {
                     .map(|(n, a, _)| (n, a))
                     .collect(),
             ),
-            Source::Tower(t)
-                if t.mode() == Mode::Watch && t.ever_synced.load(Ordering::Relaxed) =>
-            {
-                t.snapshot()
-                    .service(service)
-                    .map(|set| set.endpoints().iter().map(|e| e.addr).collect())
-                    .unwrap_or_default()
-            }
+            _ if self.watched().is_some() => self
+                .watched()
+                .map(Watched::snapshot)
+                .unwrap_or_default()
+                .service(service)
+                .map(|set| set.endpoints().iter().map(|e| e.addr).collect())
+                .unwrap_or_default(),
             Source::Tower(t) => match t.udp.call(&Request::List).await {
                 Ok(Reply::List(entries)) => {
                     from_list(entries.into_iter().map(|e| (e.name, e.addr)).collect())
                 }
                 _ => Vec::new(),
             },
+            Source::Etcd(_) => Vec::new(),
         }
     }
 
     /// The version of the endpoint table a pick is about to read (watch mode;
     /// 0 for the other sources, whose answers have no version).
     pub fn generation(&self) -> u64 {
-        match &self.source {
-            Source::Tower(t) => t.generation.load(Ordering::Acquire),
-            Source::Local(_) => 0,
-        }
+        self.watched_any()
+            .map_or(0, |w| w.generation.load(Ordering::Acquire))
     }
 
     /// Wait, at most `limit`, for a table newer than `seen`. True if one came.
@@ -297,12 +346,9 @@ impl Discovery {
     /// replaced faster than the news of it arrives (register new, then stop
     /// old), and a moment's wait beats an error.
     pub async fn newer_than(&self, seen: u64, limit: Duration) -> bool {
-        let Source::Tower(t) = &self.source else {
+        let Some(t) = self.watched_any() else {
             return false;
         };
-        if t.mode() != Mode::Watch {
-            return false;
-        }
         let wait = async {
             loop {
                 let notified = t.swapped.notified();
@@ -322,12 +368,14 @@ impl Discovery {
         service: &ServiceName,
         tried: &[SocketAddr],
     ) -> Result<Picked, DiscoveryError> {
-        if let Source::Tower(t) = &self.source {
-            // Until the watch has answered once there is no table to trust;
-            // asking the Tower per request bridges that moment.
-            if t.mode() == Mode::Watch && t.ever_synced.load(Ordering::Relaxed) {
-                return self.pick_from_snapshot(t, service, tried);
-            }
+        if let Some(w) = self.watched() {
+            return self.pick_from_snapshot(w, service, tried);
+        }
+        // Until a Tower's watch has answered once there is no table to
+        // trust; asking the Tower per request bridges that moment. etcd has
+        // no per-request question to ask.
+        if let Source::Etcd(_) = &self.source {
+            return Err(DiscoveryError::NotSynced);
         }
         self.pick_by_asking(service, tried).await
     }
@@ -335,7 +383,7 @@ impl Discovery {
     /// The request path in watch mode: no I/O, no lock.
     fn pick_from_snapshot(
         &self,
-        t: &TowerSource,
+        t: &Watched,
         service: &ServiceName,
         tried: &[SocketAddr],
     ) -> Result<Picked, DiscoveryError> {
@@ -387,6 +435,7 @@ impl Discovery {
                     .ok_or_else(|| DiscoveryError::NotFound(service.clone()))
             }
             Source::Tower(t) => &t.udp,
+            Source::Etcd(_) => return Err(DiscoveryError::NotSynced),
         };
         match client.call(&Request::Lookup(service.clone())).await? {
             Reply::Lookup(r) => Ok(r.addr),

@@ -13,7 +13,6 @@ use hyper_util::rt::TokioExecutor;
 use portico_wire::{Reply, Request};
 use tokio::sync::watch;
 
-use super::snapshot::Snapshot;
 use super::{Mode, TowerSource};
 use crate::cli::DiscoveryMode;
 use crate::registry::http::ServicesDoc;
@@ -100,6 +99,8 @@ pub async fn run(
             return;
         }
         DiscoveryMode::Watch => source.set_mode(Mode::Watch),
+        // The ingress builds an etcd source instead of a Tower source.
+        DiscoveryMode::Etcd => return,
         DiscoveryMode::Auto => {
             let mut backoff = FIRST_BACKOFF;
             let mut warned = false;
@@ -152,8 +153,9 @@ async fn watch_loop(
     let mut backoff = FIRST_BACKOFF;
     let mut logged_down = false;
     loop {
-        let after = source.is_synced().then(|| {
-            let s = source.snapshot();
+        let watched = source.watched();
+        let after = watched.is_synced().then(|| {
+            let s = watched.snapshot();
             (s.index, s.epoch)
         });
         let fetched = tokio::select! {
@@ -162,11 +164,11 @@ async fn watch_loop(
         };
         match fetched {
             Ok(doc) => {
-                let was_synced = source.is_synced();
-                source.install(&doc);
+                let was_synced = watched.is_synced();
+                watched.install(&doc);
                 if !was_synced {
                     tracing::info!(
-                        endpoints = source.snapshot().endpoint_count(),
+                        endpoints = watched.snapshot().endpoint_count(),
                         "discovery: in sync with the Tower"
                     );
                 }
@@ -174,7 +176,7 @@ async fn watch_loop(
                 backoff = FIRST_BACKOFF;
             }
             Err(e) => {
-                source.set_unsynced();
+                watched.set_unsynced();
                 if !logged_down {
                     tracing::warn!(
                         "discovery: lost the Tower's watch ({}); serving the last known endpoints and reconnecting",
@@ -189,24 +191,5 @@ async fn watch_loop(
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
-    }
-}
-
-impl TowerSource {
-    /// Swap in the snapshot for a freshly fetched document.
-    fn install(&self, doc: &ServicesDoc) {
-        let previous = self.table.load();
-        let next = Snapshot::from_doc(doc, &previous);
-        tracing::debug!(
-            index = doc.index,
-            warm = doc.warm,
-            endpoints = next.endpoint_count(),
-            "discovery: new snapshot"
-        );
-        self.table.store(Arc::new(next));
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.swapped.notify_waiters();
-        self.mark_synced();
     }
 }

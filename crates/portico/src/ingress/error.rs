@@ -86,6 +86,10 @@ impl ProxyError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Tower unreachable: cannot look up the service.\n",
                 ),
+                DiscoveryError::NotSynced => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Registry unavailable: etcd has not been read yet.\n",
+                ),
             },
             ProxyError::Unreachable { .. } => (
                 StatusCode::BAD_GATEWAY,

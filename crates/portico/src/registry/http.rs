@@ -8,7 +8,9 @@
 //! - `POST /v1/register`, `POST /v1/deregister`: `{"name","ip","port"}`,
 //!   plus `"ts_ms"` and `"hmac"` when the Tower requires signatures (the MAC
 //!   is over the UDP form `REGISTER|name|ip|port|ts_ms`).
-//! - `GET /healthz`.
+//! - `GET /healthz`: the process answers.
+//! - `GET /readyz`: 200 while registrations are current (always in memory;
+//!   over etcd, while the watch is in sync), 503 otherwise.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -154,6 +156,21 @@ async fn answer(
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (&Method::GET, "/metrics") => metrics(&registry),
+        (&Method::GET, "/readyz") => {
+            let store = if registry.is_stored() { "etcd" } else { "memory" };
+            if registry.is_current() {
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ready", "store": store}),
+                )
+            } else {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"status": "not ready", "store": store,
+                        "why": "etcd is unreachable; serving the last known registrations"}),
+                )
+            }
+        }
         (&Method::GET, "/v1/services") => {
             services(&registry, shutdown, req.uri().query().unwrap_or("")).await
         }
@@ -167,7 +184,7 @@ async fn answer(
         }
         (&Method::POST, "/v1/register") => write(&registry, req, WireRequest::Register).await,
         (&Method::POST, "/v1/deregister") => write(&registry, req, WireRequest::Deregister).await,
-        (_, "/healthz" | "/metrics" | "/v1/services" | "/v1/register" | "/v1/deregister") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/services" | "/v1/register" | "/v1/deregister") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/services"),
@@ -334,6 +351,30 @@ fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
         "portico_tower_expiries_total {}",
         c.expiries.load(Relaxed)
     );
+    if let Some((owned, backlog)) = registry.store_backlog() {
+        let _ = writeln!(
+            out,
+            "# HELP portico_tower_store_current 1 while the cache of etcd is in sync, else 0."
+        );
+        let _ = writeln!(out, "# TYPE portico_tower_store_current gauge");
+        let _ = writeln!(
+            out,
+            "portico_tower_store_current {}",
+            u8::from(registry.is_current())
+        );
+        let _ = writeln!(
+            out,
+            "# HELP portico_tower_store_owned Registrations this Tower keeps alive in etcd."
+        );
+        let _ = writeln!(out, "# TYPE portico_tower_store_owned gauge");
+        let _ = writeln!(out, "portico_tower_store_owned {owned}");
+        let _ = writeln!(
+            out,
+            "# HELP portico_tower_store_backlog Writes owed to etcd (pending or in flight)."
+        );
+        let _ = writeln!(out, "# TYPE portico_tower_store_backlog gauge");
+        let _ = writeln!(out, "portico_tower_store_backlog {backlog}");
+    }
     let mut r = Response::new(Full::new(Bytes::from(out)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

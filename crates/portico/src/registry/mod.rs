@@ -3,7 +3,9 @@
 
 pub mod auth;
 pub mod client;
+pub mod etcd;
 pub mod http;
+pub mod store;
 pub mod table;
 pub mod udp;
 
@@ -12,10 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use portico_wire::{Envelope, ErrorReply, Reply, Request, ServiceName};
-use tokio::sync::watch;
+use portico_wire::{Envelope, ErrorReply, Registration, Reply, Request, ServiceName};
+use tokio::sync::{watch, Notify};
 
+use crate::etcd::keys::{EndpointKey, Layout};
 use auth::{Key, Verifier};
+use store::{Job, Outcome, StoreState};
 pub use table::{Limits, Table};
 
 /// The registry every transport of a Tower goes through: the table, the
@@ -37,6 +41,16 @@ struct Inner {
     epoch: u64,
     warm_announced: AtomicBool,
     pub(crate) counters: Counters,
+    /// Set when the registrations live in etcd; the table is then the
+    /// local cache of what this Tower serves.
+    store: Option<Store>,
+}
+
+#[derive(Debug)]
+struct Store {
+    state: Mutex<StoreState>,
+    /// Wakes the etcd writer when a write is owed.
+    wake: Notify,
 }
 
 /// What the Tower counts, for its /metrics.
@@ -78,6 +92,23 @@ pub struct View {
 
 impl Registry {
     pub fn new(limits: Limits, key: Option<Key>) -> Self {
+        Self::build(limits, key, None)
+    }
+
+    /// A registry whose registrations live in etcd under `layout`.
+    pub fn with_etcd(limits: Limits, key: Option<Key>, layout: Layout) -> Self {
+        let state = StoreState::new(layout, limits.ttl);
+        Self::build(
+            limits,
+            key,
+            Some(Store {
+                state: Mutex::new(state),
+                wake: Notify::new(),
+            }),
+        )
+    }
+
+    fn build(limits: Limits, key: Option<Key>, store: Option<Store>) -> Self {
         let (revision, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
@@ -88,6 +119,7 @@ impl Registry {
                 epoch: fastrand::u64(..),
                 warm_announced: AtomicBool::new(false),
                 counters: Counters::default(),
+                store,
             }),
         }
     }
@@ -115,6 +147,11 @@ impl Registry {
                 return Reply::Error(ErrorReply::Unauthorized(e.to_string()));
             }
         }
+        if let Some(store) = &self.inner.store {
+            if let Some(reply) = self.handle_stored(store, &envelope.request, now) {
+                return reply;
+            }
+        }
         let mut table = lock(&self.inner.table);
         let reply = table.handle(envelope.request, now);
         let revision = table.revision();
@@ -129,29 +166,169 @@ impl Registry {
     }
 
     pub fn view(&self, now: Instant) -> View {
+        // The store's lock is taken before the table's, never inside it.
+        let warm = self.is_warm(now, self.limits().ttl);
         let table = lock(&self.inner.table);
         View {
             index: table.revision(),
             epoch: self.inner.epoch,
-            warm: self.is_warm(now, table.limits().ttl),
+            warm,
             endpoints: table.endpoints(now),
         }
     }
 
     fn is_warm(&self, now: Instant, ttl: Duration) -> bool {
-        now.duration_since(self.inner.started) >= ttl
+        match &self.inner.store {
+            // etcd remembers what a restarted Tower forgot: once listed, the
+            // Tower knows everything.
+            Some(store) => lock(&store.state).ever_current(),
+            None => now.duration_since(self.inner.started) >= ttl,
+        }
+    }
+
+    /// Writes over etcd: REGISTER and DEREGISTER change what this Tower owns
+    /// and owes etcd; reads are answered from the table like any Tower.
+    fn handle_stored(&self, store: &Store, request: &Request, now: Instant) -> Option<Reply> {
+        let (r, register) = match request {
+            Request::Register(r) => (r, true),
+            Request::Deregister(r) => (r, false),
+            _ => return None,
+        };
+        let key: EndpointKey = (r.name.clone(), r.addr);
+        let mut state = lock(&store.state);
+        let was = state.visible(&key, now);
+        let reply = if register {
+            if !was && !lock(&self.inner.table).has_room_for(&r.name) {
+                return Some(Reply::Error(ErrorReply::RegistryFull));
+            }
+            state.register(key.clone(), now);
+            Reply::Registered(r.name.clone())
+        } else if state.deregister(&key, now) {
+            Reply::Deregistered(r.name.clone())
+        } else {
+            return Some(Reply::Error(ErrorReply::NotFound(r.name.to_string())));
+        };
+        let is = state.visible(&key, now);
+        drop(state);
+        if was != is {
+            self.show(r, is);
+        }
+        store.wake.notify_one();
+        Some(reply)
+    }
+
+    /// Add or remove one replica in the table served.
+    fn show(&self, r: &Registration, visible: bool) {
+        let mut table = lock(&self.inner.table);
+        if visible {
+            table.hold(&r.name, r.addr);
+        } else {
+            table.release(&r.name, r.addr);
+        }
+        let revision = table.revision();
+        drop(table);
+        self.publish(revision);
+    }
+
+    /// Make the table exactly what the store says is served.
+    fn show_all(&self, state: &StoreState, now: Instant) {
+        let keys = state.visible_keys(now);
+        let mut table = lock(&self.inner.table);
+        table.set_held(&keys);
+        let revision = table.revision();
+        drop(table);
+        self.publish(revision);
+    }
+
+    /// Whether this Tower keeps its registrations in etcd.
+    pub fn is_stored(&self) -> bool {
+        self.inner.store.is_some()
+    }
+
+    /// Whether registrations are current: always in memory; over etcd,
+    /// while the watch is in sync.
+    pub fn is_current(&self) -> bool {
+        self.inner
+            .store
+            .as_ref()
+            .is_none_or(|s| lock(&s.state).is_current())
+    }
+
+    /// Registrations this Tower owns, and writes it owes etcd.
+    pub fn store_backlog(&self) -> Option<(usize, usize)> {
+        let s = self.inner.store.as_ref()?;
+        let state = lock(&s.state);
+        Some((state.owned_count(), state.backlog()))
+    }
+
+    pub fn store_layout(&self) -> Option<Layout> {
+        Some(lock(&self.inner.store.as_ref()?.state).layout.clone())
+    }
+
+    /// The writes owed etcd now (for the writer).
+    pub fn store_take_work(&self, max: usize) -> Vec<Job> {
+        match &self.inner.store {
+            Some(s) => lock(&s.state).take_work(max),
+            None => Vec::new(),
+        }
+    }
+
+    /// Wait until a write may be owed.
+    pub async fn store_wait(&self) {
+        match &self.inner.store {
+            Some(s) => s.wake.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    pub fn store_complete(&self, job: &Job, outcome: Outcome) {
+        let Some(store) = &self.inner.store else {
+            return;
+        };
+        let now = Instant::now();
+        let key = match job {
+            Job::Put { key, .. } | Job::KeepAlive { key, .. } | Job::Remove { key, .. } => key,
+        };
+        let mut state = lock(&store.state);
+        let was = state.visible(key, now);
+        state.complete(job, outcome);
+        let is = state.visible(key, now);
+        drop(state);
+        if was != is {
+            self.show(
+                &Registration {
+                    name: key.0.clone(),
+                    addr: key.1,
+                },
+                is,
+            );
+        }
     }
 
     /// Reap expired entries, and announce the end of the warm-up once.
     /// Returns how many entries went and when to reap next: the next
     /// expiry, so that watchers learn of it at once.
     pub fn reap(&self, now: Instant, period: Duration) -> (usize, Instant) {
+        if let Some(store) = &self.inner.store {
+            let mut state = lock(&store.state);
+            let before = state.owned_count();
+            if state.reap(now) {
+                self.show_all(&state, now);
+            }
+            let reaped = before - state.owned_count();
+            let next = state.next_expiry().map_or(now + period, |t| t.min(now + period));
+            drop(state);
+            if reaped > 0 {
+                self.inner
+                    .counters
+                    .expiries
+                    .fetch_add(reaped as u64, Ordering::Relaxed);
+                store.wake.notify_one();
+            }
+            return (reaped, next);
+        }
         let mut table = lock(&self.inner.table);
         let reaped = table.reap(now);
-        self.inner
-            .counters
-            .expiries
-            .fetch_add(reaped as u64, Ordering::Relaxed);
         self.inner
             .counters
             .expiries
@@ -202,5 +379,57 @@ impl Registry {
             *r = revision;
             changed
         });
+    }
+}
+
+/// The Tower's side of the etcd watch: the cache feeds the table served.
+impl crate::etcd::watch::Sink for Registry {
+    fn replace(&self, kvs: &[crate::etcd::KeyValue], revision: i64) {
+        let Some(store) = &self.inner.store else {
+            return;
+        };
+        let mut state = lock(&store.state);
+        state.replace(kvs, revision);
+        self.show_all(&state, Instant::now());
+        drop(state);
+        // A re-list can find writes owed (keys etcd lost).
+        store.wake.notify_one();
+    }
+
+    fn apply(&self, events: &[crate::etcd::Event], revision: i64) {
+        let Some(store) = &self.inner.store else {
+            return;
+        };
+        let mut state = lock(&store.state);
+        state.apply(events, revision);
+        self.show_all(&state, Instant::now());
+    }
+
+    fn revision(&self) -> i64 {
+        self.inner
+            .store
+            .as_ref()
+            .map_or(0, |s| lock(&s.state).revision())
+    }
+
+    fn set_current(&self, current: bool) {
+        let Some(store) = &self.inner.store else {
+            return;
+        };
+        let mut state = lock(&store.state);
+        let first = current && !state.ever_current();
+        let returned = state.set_current(current);
+        drop(state);
+        if first {
+            // The end of the warm-up, for watchers of this Tower.
+            let mut table = lock(&self.inner.table);
+            table.bump_revision();
+            let revision = table.revision();
+            drop(table);
+            self.publish(revision);
+        }
+        if returned {
+            store.wake.notify_one();
+        }
     }
 }

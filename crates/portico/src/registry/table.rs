@@ -32,10 +32,22 @@ impl Default for Limits {
 #[derive(Debug)]
 struct Entry {
     addr: SocketAddr,
-    expires: Instant,
+    /// `None` for an entry held by an external store (etcd), which ends it
+    /// by saying so rather than by time.
+    expires: Option<Instant>,
     /// Value of the table's serve counter when this replica was last handed
     /// out; 0 for never, so a new replica is served next.
     last_served: u64,
+}
+
+impl Entry {
+    fn live(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|t| t > now)
+    }
+
+    fn left(&self, now: Instant, ttl: Duration) -> Duration {
+        self.expires.map_or(ttl, |t| t.saturating_duration_since(now))
+    }
 }
 
 /// Every live registration, by service name.
@@ -97,11 +109,11 @@ impl Table {
         let expires = now + self.limits.ttl;
         if let Some(entries) = self.services.get_mut(&r.name) {
             if let Some(e) = entries.iter_mut().find(|e| e.addr == r.addr) {
-                if e.expires <= now {
+                if !e.live(now) {
                     // Expired but not yet reaped: for watchers it is new again.
                     self.revision += 1;
                 }
-                e.expires = expires;
+                e.expires = Some(expires);
                 return Ok(());
             }
         }
@@ -121,7 +133,7 @@ impl Table {
             .or_default()
             .push(Entry {
                 addr: r.addr,
-                expires,
+                expires: Some(expires),
                 last_served: 0,
             });
         self.total += 1;
@@ -152,7 +164,7 @@ impl Table {
         let entries = self.services.get_mut(name)?;
         let entry = entries
             .iter_mut()
-            .filter(|e| e.expires > now)
+            .filter(|e| e.live(now))
             .min_by_key(|e| e.last_served)?;
         self.serve_counter += 1;
         entry.last_served = self.serve_counter;
@@ -161,14 +173,15 @@ impl Table {
 
     /// Every live replica, sorted by name then address, with the time left.
     pub fn endpoints(&self, now: Instant) -> Vec<(ServiceName, SocketAddr, Duration)> {
+        let ttl = self.limits.ttl;
         let mut out: Vec<_> = self
             .services
             .iter()
             .flat_map(|(name, entries)| {
                 entries
                     .iter()
-                    .filter(move |e| e.expires > now)
-                    .map(move |e| (name.clone(), e.addr, e.expires.duration_since(now)))
+                    .filter(move |e| e.live(now))
+                    .map(move |e| (name.clone(), e.addr, e.left(now, ttl)))
             })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -190,7 +203,11 @@ impl Table {
     /// When the next entry expires, if any: the reaper wakes then, so that
     /// watchers learn of an expiry at once rather than at the next sweep.
     pub fn next_expiry(&self) -> Option<Instant> {
-        self.services.values().flatten().map(|e| e.expires).min()
+        self.services
+            .values()
+            .flatten()
+            .filter_map(|e| e.expires)
+            .min()
     }
 
     /// Mark a change that is not in the entries themselves (the Tower
@@ -203,7 +220,7 @@ impl Table {
     pub fn reap(&mut self, now: Instant) -> usize {
         let before = self.total;
         self.services.retain(|_, entries| {
-            entries.retain(|e| e.expires > now);
+            entries.retain(|e| e.live(now));
             !entries.is_empty()
         });
         self.total = self.services.values().map(Vec::len).sum();
@@ -212,6 +229,66 @@ impl Table {
             self.revision += 1;
         }
         reaped
+    }
+
+    /// Whether one more replica of `name` would pass the caps.
+    pub fn has_room_for(&self, name: &ServiceName) -> bool {
+        self.total < self.limits.max_total
+            && self.services.get(name).map_or(0, Vec::len) < self.limits.max_per_name
+    }
+
+    /// Add a replica held by an external store. True if it was not there.
+    pub fn hold(&mut self, name: &ServiceName, addr: SocketAddr) -> bool {
+        let entries = self.services.entry(name.clone()).or_default();
+        if let Some(e) = entries.iter_mut().find(|e| e.addr == addr) {
+            e.expires = None;
+            return false;
+        }
+        entries.push(Entry {
+            addr,
+            expires: None,
+            last_served: 0,
+        });
+        self.total += 1;
+        self.revision += 1;
+        true
+    }
+
+    /// Remove a replica, whoever holds it. True if it was there.
+    pub fn release(&mut self, name: &ServiceName, addr: SocketAddr) -> bool {
+        self.deregister(&Registration {
+            name: name.clone(),
+            addr,
+        })
+    }
+
+    /// Make the table exactly `held` (all held by the external store),
+    /// keeping the round-robin state of the replicas that stay. True if
+    /// anything changed.
+    pub fn set_held(&mut self, held: &[(ServiceName, SocketAddr)]) -> bool {
+        let mut wanted: HashMap<&ServiceName, Vec<SocketAddr>> = HashMap::new();
+        for (name, addr) in held {
+            wanted.entry(name).or_default().push(*addr);
+        }
+        let before = self.revision;
+        let gone: Vec<(ServiceName, SocketAddr)> = self
+            .services
+            .iter()
+            .flat_map(|(name, entries)| {
+                let keep = wanted.get(name);
+                entries
+                    .iter()
+                    .filter(move |e| !keep.is_some_and(|k| k.contains(&e.addr)))
+                    .map(move |e| (name.clone(), e.addr))
+            })
+            .collect();
+        for (name, addr) in gone {
+            self.release(&name, addr);
+        }
+        for (name, addr) in held {
+            self.hold(name, *addr);
+        }
+        self.revision != before
     }
 
     /// Replicas held, live or expired-but-unreaped.
@@ -394,6 +471,32 @@ mod tests {
             Reply::Registered(_)
         ));
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn held_entries_live_until_released_and_keep_their_turn() {
+        let (mut t, now) = table();
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let web = ServiceName::parse("web").unwrap();
+        assert!(t.set_held(&[(web.clone(), a), (web.clone(), b)]));
+        let r0 = t.revision();
+        assert!(!t.set_held(&[(web.clone(), b), (web.clone(), a)]));
+        assert_eq!(t.revision(), r0, "the same set is no change");
+        // Held entries do not expire with time.
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(t.reap(later), 0);
+        assert_eq!(t.endpoints(later).len(), 2);
+        assert_eq!(t.endpoints(later)[0].2, t.limits().ttl);
+        let first = t.lookup(&web, later).unwrap();
+        // Dropping the other replica keeps the round robin's memory of this one.
+        let other = if first == a { b } else { a };
+        assert!(t.set_held(&[(web.clone(), first)]));
+        assert_eq!(t.lookup(&web, later), Some(first));
+        assert!(t.set_held(&[(web.clone(), first), (web.clone(), other)]));
+        assert_eq!(t.lookup(&web, later), Some(other), "a new replica is served first");
+        assert!(t.set_held(&[]));
+        assert!(t.is_empty());
     }
 
     #[test]

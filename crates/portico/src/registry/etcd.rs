@@ -1,0 +1,126 @@
+//! The Tower's etcd writer: turns what the store state owes etcd into calls,
+//! a few at a time, and feeds the outcomes back. A REGISTER never waits on
+//! it; while etcd is down the owed writes wait here (bounded by the number
+//! of registrations, since each is owed at most once) and go out on return.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::store::{Job, Outcome};
+use super::Registry;
+use crate::etcd::keys::Layout;
+use crate::etcd::{EtcdClient, EtcdError};
+
+/// Calls to etcd in flight at once.
+const CONCURRENCY: usize = 32;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Write what is owed until shutdown. `tower` names this Tower in the
+/// values written (for people reading etcd).
+pub async fn write_loop(
+    registry: Registry,
+    client: EtcdClient,
+    tower: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(layout) = registry.store_layout() else {
+        return;
+    };
+    let ttl = registry.limits().ttl;
+    let mut backoff = FIRST_BACKOFF;
+    let mut failing = false;
+    loop {
+        let jobs = registry.store_take_work(CONCURRENCY);
+        if jobs.is_empty() {
+            tokio::select! {
+                _ = registry.store_wait() => continue,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+        let mut set = JoinSet::new();
+        for job in jobs {
+            let client = client.clone();
+            let layout = layout.clone();
+            let tower = tower.clone();
+            set.spawn(async move {
+                let outcome = run(&client, &layout, &job, ttl, &tower).await;
+                (job, outcome)
+            });
+        }
+        let mut error = None;
+        while let Some(done) = set.join_next().await {
+            let Ok((job, outcome)) = done else {
+                continue;
+            };
+            match outcome {
+                Ok(o) => registry.store_complete(&job, o),
+                Err(e) => {
+                    registry.store_complete(&job, Outcome::Failed);
+                    error = Some(e);
+                }
+            }
+        }
+        match error {
+            None => {
+                if failing {
+                    tracing::info!("tower: writing to etcd again");
+                    failing = false;
+                }
+                backoff = FIRST_BACKOFF;
+            }
+            Some(e) => {
+                if !failing {
+                    tracing::warn!(
+                        "tower: cannot write to etcd ({}); registrations are served from this Tower and written when etcd answers",
+                        crate::ingress::error::chain(&e)
+                    );
+                    failing = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn run(
+    client: &EtcdClient,
+    layout: &Layout,
+    job: &Job,
+    ttl: Duration,
+    tower: &str,
+) -> Result<Outcome, EtcdError> {
+    match job {
+        Job::Put { key, reuse } => {
+            let lease = match reuse {
+                Some(l) if client.keep_alive(*l).await? => *l,
+                _ => client.grant(ttl).await?,
+            };
+            let value = Layout::value(&key.0, key.1, tower);
+            let revision = client.put(&layout.key(&key.0, key.1), &value, lease).await?;
+            Ok(Outcome::Put { lease, revision })
+        }
+        Job::KeepAlive { lease, .. } => Ok(Outcome::KeepAlive {
+            alive: client.keep_alive(*lease).await?,
+        }),
+        Job::Remove {
+            key,
+            delete_key,
+            leases,
+        } => {
+            if *delete_key {
+                client.delete(&layout.key(&key.0, key.1)).await?;
+            }
+            for lease in leases {
+                client.revoke(*lease).await?;
+            }
+            Ok(Outcome::Removed)
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! A Tower over etcd: which registrations it serves, and what it still owes
+//! etcd. Pure: the time is passed in, and the writes to etcd come out as
+//! jobs whose outcomes are passed back, so every race with etcd (a write in
+//! flight while the workload deregisters, a lease lost, a store that comes
+//! back) is a unit test.
+//!
+//! Two sources meet here:
+//! - the cache of etcd (every Tower's registrations), fed by list-then-watch;
+//! - the registrations this Tower owns: those its workloads heartbeat to it.
+//!   Each is a key bound to its own lease; a heartbeat renews the lease, and
+//!   re-writes the key when etcd no longer has it.
+//!
+//! A registration is served when etcd has it, or when this Tower owns it and
+//! etcd has not confirmed it yet (just registered, or etcd is down): a
+//! workload's REGISTER is answered at once and never waits on etcd. One this
+//! Tower removed (DEREGISTER, or its heartbeats stopped) is hidden at once,
+//! before etcd confirms, so a re-list during an outage cannot bring it back.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::etcd::keys::{Cache, EndpointKey, Layout};
+use crate::etcd::{Event, KeyValue};
+
+#[derive(Debug)]
+struct Owned {
+    expires: Instant,
+    lease: Option<i64>,
+    /// The etcd revision of this Tower's last write of the key.
+    put_revision: Option<i64>,
+    work: Work,
+    busy: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Work {
+    Idle,
+    KeepAlive,
+    Put,
+}
+
+/// What is owed etcd for a registration this Tower removed.
+#[derive(Debug, Default)]
+struct Removal {
+    /// Delete the key whatever lease holds it (DEREGISTER).
+    delete_key: bool,
+    /// Revoke these leases of ours (deletes the key only if still bound).
+    leases: Vec<i64>,
+    busy: bool,
+}
+
+/// A write for the etcd writer to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// Bind the key to a live lease: `reuse` if etcd still has it, else a
+    /// new one.
+    Put {
+        key: EndpointKey,
+        reuse: Option<i64>,
+    },
+    KeepAlive {
+        key: EndpointKey,
+        lease: i64,
+    },
+    Remove {
+        key: EndpointKey,
+        delete_key: bool,
+        leases: Vec<i64>,
+    },
+}
+
+/// How a job went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Put { lease: i64, revision: i64 },
+    KeepAlive { alive: bool },
+    Removed,
+    /// etcd could not be reached or refused; the job is owed again.
+    Failed,
+}
+
+#[derive(Debug)]
+pub struct StoreState {
+    pub layout: Layout,
+    ttl: Duration,
+    cache: Cache,
+    current: bool,
+    ever_current: bool,
+    owned: HashMap<EndpointKey, Owned>,
+    removals: HashMap<EndpointKey, Removal>,
+}
+
+impl StoreState {
+    pub fn new(layout: Layout, ttl: Duration) -> Self {
+        Self {
+            layout,
+            ttl,
+            cache: Cache::default(),
+            current: false,
+            ever_current: false,
+            owned: HashMap::new(),
+            removals: HashMap::new(),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Whether the cache reflects etcd now.
+    pub fn is_current(&self) -> bool {
+        self.current
+    }
+
+    pub fn ever_current(&self) -> bool {
+        self.ever_current
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.cache.revision()
+    }
+
+    pub fn owned_count(&self) -> usize {
+        self.owned.len()
+    }
+
+    /// Writes owed to etcd (pending or in flight).
+    pub fn backlog(&self) -> usize {
+        self.owned.values().filter(|o| o.work != Work::Idle).count() + self.removals.len()
+    }
+
+    /// Whether `key` is served now.
+    pub fn visible(&self, key: &EndpointKey, now: Instant) -> bool {
+        let removal = self.removals.get(key);
+        if removal.is_some_and(|r| r.delete_key) {
+            return false;
+        }
+        if let Some(o) = self.owned.get(key) {
+            let unconfirmed = o.put_revision.is_none_or(|rev| self.cache.revision() < rev);
+            if o.expires > now && unconfirmed {
+                return true;
+            }
+        }
+        match self.cache.get(key) {
+            Some(held) => !removal.is_some_and(|r| r.leases.contains(&held.lease)),
+            None => false,
+        }
+    }
+
+    /// Every registration served now.
+    pub fn visible_keys(&self, now: Instant) -> Vec<EndpointKey> {
+        let mut keys: Vec<EndpointKey> = self
+            .cache
+            .iter()
+            .map(|(k, _)| k.clone())
+            .filter(|k| self.visible(k, now))
+            .collect();
+        keys.extend(
+            self.owned
+                .keys()
+                .filter(|k| self.cache.get(k).is_none() && self.visible(k, now))
+                .cloned(),
+        );
+        keys
+    }
+
+    /// A REGISTER (first or heartbeat) received by this Tower.
+    pub fn register(&mut self, key: EndpointKey, now: Instant) {
+        let expires = now + self.ttl;
+        // A registration removed a moment ago and not yet deleted in etcd:
+        // the delete must not land after the new write.
+        if let Some(r) = self.removals.get_mut(&key) {
+            if !r.busy {
+                r.delete_key = false;
+                if r.leases.is_empty() {
+                    self.removals.remove(&key);
+                }
+            }
+        }
+        let in_etcd = self.cache.get(&key).is_some();
+        let cache_rev = self.cache.revision();
+        let o = self.owned.entry(key).or_insert(Owned {
+            expires,
+            lease: None,
+            put_revision: None,
+            work: Work::Put,
+            busy: false,
+        });
+        o.expires = expires;
+        let wanted = match (o.lease, o.put_revision) {
+            // Our write was seen by the watch, and since removed by someone
+            // (a DEREGISTER at another Tower, a lease that ran out): a
+            // heartbeat means the workload is alive, so write it again.
+            (Some(_), Some(rev)) if cache_rev >= rev && !in_etcd => {
+                o.put_revision = None;
+                Work::Put
+            }
+            (Some(_), _) => Work::KeepAlive,
+            (None, _) => Work::Put,
+        };
+        o.work = o.work.max(wanted);
+    }
+
+    /// A DEREGISTER received by this Tower. False if it serves no such
+    /// registration.
+    pub fn deregister(&mut self, key: &EndpointKey, now: Instant) -> bool {
+        let found = self.visible(key, now) || self.owned.contains_key(key);
+        if !found {
+            return false;
+        }
+        let lease = self.owned.remove(key).and_then(|o| o.lease);
+        let r = self.removals.entry(key.clone()).or_default();
+        r.delete_key = true;
+        r.leases.extend(lease);
+        true
+    }
+
+    /// Drop owned registrations whose heartbeats stopped; their leases are
+    /// revoked (which deletes the key only if it is still ours). True if
+    /// any was served.
+    pub fn reap(&mut self, now: Instant) -> bool {
+        let expired: Vec<EndpointKey> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.expires <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut changed = false;
+        for key in expired {
+            let was_visible = self.visible(&key, now);
+            if let Some(lease) = self.owned.remove(&key).and_then(|o| o.lease) {
+                self.removals.entry(key.clone()).or_default().leases.push(lease);
+            }
+            changed |= was_visible != self.visible(&key, now);
+        }
+        changed
+    }
+
+    /// When the next owned registration expires.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.owned.values().map(|o| o.expires).min()
+    }
+
+    /// A full listing from etcd.
+    pub fn replace(&mut self, kvs: &[KeyValue], revision: i64) {
+        let layout = self.layout.clone();
+        self.cache.replace(&layout, kvs, revision);
+        // What we wrote and etcd no longer has (a lost lease, a store that
+        // lost its data) is written again.
+        for (key, o) in &mut self.owned {
+            let confirmed = o.put_revision.is_some_and(|rev| revision >= rev);
+            if confirmed && self.cache.get(key).is_none() {
+                o.put_revision = None;
+                o.work = Work::Put;
+            }
+        }
+    }
+
+    pub fn apply(&mut self, events: &[Event], revision: i64) {
+        let layout = self.layout.clone();
+        self.cache.apply(&layout, events, revision);
+    }
+
+    /// Whether the cache reflects etcd now. On a return, every lease this
+    /// Tower holds is checked (etcd may have lost or expired it meanwhile).
+    pub fn set_current(&mut self, current: bool) -> bool {
+        let returned = current && !self.current;
+        self.current = current;
+        if returned {
+            self.ever_current = true;
+            for o in self.owned.values_mut() {
+                if o.lease.is_some() {
+                    o.work = o.work.max(Work::KeepAlive);
+                }
+            }
+        }
+        returned
+    }
+
+    /// The writes owed now, each marked in flight until `complete`.
+    pub fn take_work(&mut self, max: usize) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        for (key, r) in &mut self.removals {
+            if jobs.len() >= max {
+                return jobs;
+            }
+            if !r.busy {
+                r.busy = true;
+                jobs.push(Job::Remove {
+                    key: key.clone(),
+                    delete_key: r.delete_key,
+                    leases: r.leases.clone(),
+                });
+            }
+        }
+        for (key, o) in &mut self.owned {
+            if jobs.len() >= max {
+                break;
+            }
+            // A removal of the same key in flight goes first.
+            if o.busy || o.work == Work::Idle || self.removals.get(key).is_some_and(|r| r.busy) {
+                continue;
+            }
+            let job = match (o.work, o.lease) {
+                (Work::KeepAlive, Some(lease)) => Job::KeepAlive {
+                    key: key.clone(),
+                    lease,
+                },
+                _ => Job::Put {
+                    key: key.clone(),
+                    reuse: o.lease,
+                },
+            };
+            o.busy = true;
+            o.work = Work::Idle;
+            jobs.push(job);
+        }
+        jobs
+    }
+
+    /// The outcome of a job from `take_work`.
+    pub fn complete(&mut self, job: &Job, outcome: Outcome) {
+        match (job, outcome) {
+            (Job::Remove { key, .. }, Outcome::Failed) => {
+                if let Some(r) = self.removals.get_mut(key) {
+                    r.busy = false;
+                }
+            }
+            (
+                Job::Remove {
+                    key,
+                    delete_key,
+                    leases,
+                },
+                _,
+            ) => {
+                if let Some(r) = self.removals.get_mut(key) {
+                    r.busy = false;
+                    if *delete_key {
+                        r.delete_key = false;
+                    }
+                    r.leases.retain(|l| !leases.contains(l));
+                    if !r.delete_key && r.leases.is_empty() {
+                        self.removals.remove(key);
+                    }
+                }
+            }
+            (Job::Put { key, .. }, Outcome::Put { lease, revision }) => match self.owned.get_mut(key) {
+                Some(o) => {
+                    o.busy = false;
+                    o.lease = Some(lease);
+                    o.put_revision = Some(revision);
+                    // The lease was just granted or renewed: heartbeats
+                    // during the write are answered by it.
+                    o.work = Work::Idle;
+                }
+                // Deregistered or expired while the write was in flight:
+                // take it back.
+                None => self.removals.entry(key.clone()).or_default().leases.push(lease),
+            },
+            (Job::KeepAlive { key, .. }, Outcome::KeepAlive { alive }) => {
+                if let Some(o) = self.owned.get_mut(key) {
+                    o.busy = false;
+                    if !alive {
+                        o.lease = None;
+                        o.put_revision = None;
+                        o.work = Work::Put;
+                    }
+                }
+            }
+            (Job::Put { key, .. } | Job::KeepAlive { key, .. }, _) => {
+                if let Some(o) = self.owned.get_mut(key) {
+                    o.busy = false;
+                    let retry = if matches!(job, Job::Put { .. }) {
+                        Work::Put
+                    } else {
+                        Work::KeepAlive
+                    };
+                    o.work = o.work.max(retry);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use portico_wire::ServiceName;
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    fn key(n: &str, a: &str) -> EndpointKey {
+        (ServiceName::parse(n).unwrap(), a.parse().unwrap())
+    }
+
+    fn state() -> (StoreState, Instant) {
+        (StoreState::new(Layout::new("/p"), TTL), Instant::now())
+    }
+
+    fn kv(s: &StoreState, k: &EndpointKey, lease: i64, rev: i64) -> KeyValue {
+        KeyValue {
+            key: s.layout.key(&k.0, k.1),
+            value: Vec::new(),
+            mod_revision: rev,
+            lease,
+        }
+    }
+
+    fn put_event(s: &StoreState, k: &EndpointKey, lease: i64, rev: i64) -> Event {
+        Event {
+            kind: None,
+            kv: kv(s, k, lease, rev),
+        }
+    }
+
+    fn delete_event(s: &StoreState, k: &EndpointKey, rev: i64) -> Event {
+        Event {
+            kind: Some("DELETE".into()),
+            kv: kv(s, k, 0, rev),
+        }
+    }
+
+    /// Run every owed job against a pretend etcd that grants lease `lease`
+    /// and writes at `revision`.
+    fn settle(s: &mut StoreState, lease: i64, revision: i64) -> Vec<Job> {
+        let jobs = s.take_work(100);
+        for j in &jobs {
+            let outcome = match j {
+                Job::Put { .. } => Outcome::Put { lease, revision },
+                Job::KeepAlive { .. } => Outcome::KeepAlive { alive: true },
+                Job::Remove { .. } => Outcome::Removed,
+            };
+            s.complete(j, outcome);
+        }
+        jobs
+    }
+
+    #[test]
+    fn a_registration_is_served_at_once_and_written_once() {
+        let (mut s, now) = state();
+        let k = key("web", "10.0.0.1:80");
+        s.register(k.clone(), now);
+        assert!(s.visible(&k, now), "served before etcd confirms");
+        let jobs = s.take_work(10);
+        assert_eq!(jobs, [Job::Put { key: k.clone(), reuse: None }]);
+        assert!(s.take_work(10).is_empty(), "a job in flight is not handed out twice");
+        s.register(k.clone(), now);
+        assert!(s.take_work(10).is_empty(), "a heartbeat during the write waits for it");
+        s.complete(&jobs[0], Outcome::Put { lease: 7, revision: 5 });
+        assert!(s.take_work(10).is_empty(), "the write renewed the lease");
+        assert!(s.visible(&k, now), "still served while the watch lags");
+        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        assert!(s.visible(&k, now));
+        assert_eq!(s.visible_keys(now), [k]);
+    }
+
+    #[test]
+    fn heartbeats_keep_the_lease_alive_and_a_lost_lease_is_written_again() {
+        let (mut s, now) = state();
+        let k = key("web", "10.0.0.1:80");
+        s.register(k.clone(), now);
+        settle(&mut s, 7, 5);
+        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        s.register(k.clone(), now + Duration::from_secs(10));
+        let jobs = s.take_work(10);
+        assert_eq!(jobs, [Job::KeepAlive { key: k.clone(), lease: 7 }]);
+        s.complete(&jobs[0], Outcome::KeepAlive { alive: false });
+        assert_eq!(s.take_work(10), [Job::Put { key: k.clone(), reuse: None }]);
+    }
+
+    #[test]
+    fn a_key_deleted_elsewhere_is_written_again_on_the_next_heartbeat() {
+        let (mut s, now) = state();
+        let k = key("web", "10.0.0.1:80");
+        s.register(k.clone(), now);
+        settle(&mut s, 7, 5);
+        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        s.apply(&[delete_event(&s, &k, 6)], 6);
+        assert!(!s.visible(&k, now), "a delete in etcd is seen at once");
+        s.register(k.clone(), now);
+        assert!(s.visible(&k, now), "the heartbeat brings it back");
+        assert_eq!(s.take_work(10), [Job::Put { key: k, reuse: Some(7) }]);
+    }
+
+    #[test]
+    fn deregister_hides_at_once_and_deletes_the_key() {
+        let (mut s, now) = state();
+        let k = key("web", "10.0.0.1:80");
+        s.register(k.clone(), now);
+        settle(&mut s, 7, 5);
+        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        assert!(s.deregister(&k, now));
+        assert!(!s.visible(&k, now));
+        assert!(!s.deregister(&k, now), "twice is not found");
+        // etcd is down: the delete fails and stays owed; a re-list that
+        // still has the key does not bring it back.
+        let jobs = s.take_work(10);
+        assert_eq!(
+            jobs,
+            [Job::Remove { key: k.clone(), delete_key: true, leases: vec![7] }]
+        );
+        s.complete(&jobs[0], Outcome::Failed);
+        s.replace(&[kv(&s, &k, 7, 5)], 5);
+        assert!(!s.visible(&k, now));
+        let jobs = s.take_work(10);
+        s.complete(&jobs[0], Outcome::Removed);
+        assert_eq!(s.backlog(), 0);
+        s.apply(&[delete_event(&s, &k, 6)], 6);
+        assert!(s.visible_keys(now).is_empty());
+    }
+
+    #[test]
+    fn a_deregistration_elsewhere_registered_is_deleted_here_too() {
+        let (mut s, now) = state();
+        let k = key("web", "10.0.0.1:80");
+        s.replace(&[kv(&s, &k, 99, 3)], 3);
+        assert!(s.visible(&k, now));
+        assert!(s.deregister(&k, now));
+        assert_eq!(
+            s.take_work(10),
+            [Job::Remove { key: k, delete_key: true, leases: vec![] }]
+        );
+    }
+
+    #[test]
+    fn expiry_revokes_only_our_lease() {
+        let (mut s, now) = state();
+        let k = key("web", "10.0.0.1:80");
+        s.register(k.clone(), now);
+        settle(&mut s, 7, 5);
+        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        let later = now + TTL;
+        assert!(s.reap(later));
+        assert!(!s.visible(&k, later), "our expired lease hides the key");
+        assert_eq!(
+            s.take_work(10),
+            [Job::Remove { key: k.clone(), delete_key: false, leases: vec![7] }]
+        );
+        // Meanwhile the workload moved to another Tower, which re-bound the
+        // key to its own lease: that is served, our revoke does not touch it.
+        s.apply(&[put_event(&s, &k, 42, 6)], 6);
+        assert!(s.visible(&k, later));
+    }
+
+    #[test]
+    fn a_write_that_lands_after_a_deregister_is_taken_back() {
+        let (mut s, now) = state();
+        let k = key("web", "10.0.0.1:80");
+        s.register(k.clone(), now);
+        let jobs = s.take_work(10);
+        assert!(s.deregister(&k, now));
+        s.complete(&jobs[0], Outcome::Put { lease: 7, revision: 5 });
+        let jobs = s.take_work(10);
+        assert_eq!(
+            jobs,
+            [Job::Remove { key: k.clone(), delete_key: true, leases: vec![7] }]
+        );
+        // A re-register while the removal is in flight waits for it.
+        s.register(k.clone(), now);
+        assert!(s.take_work(10).is_empty());
+        s.complete(&jobs[0], Outcome::Removed);
+        assert_eq!(s.take_work(10), [Job::Put { key: k, reuse: None }]);
+    }
+
+    #[test]
+    fn a_relist_that_lost_our_key_writes_it_again_and_keeps_serving_it() {
+        let (mut s, now) = state();
+        let k = key("web", "10.0.0.1:80");
+        s.register(k.clone(), now);
+        settle(&mut s, 7, 5);
+        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        // etcd came back without its data.
+        s.replace(&[], 9);
+        assert!(s.visible(&k, now), "still heartbeated here: served");
+        assert_eq!(s.take_work(10), [Job::Put { key: k, reuse: Some(7) }]);
+    }
+
+    #[test]
+    fn a_return_of_etcd_checks_every_lease() {
+        let (mut s, now) = state();
+        let a = key("web", "10.0.0.1:80");
+        let b = key("web", "10.0.0.2:80");
+        s.register(a.clone(), now);
+        s.register(b.clone(), now);
+        settle(&mut s, 7, 5);
+        assert!(s.set_current(true));
+        let mut jobs = s.take_work(10);
+        jobs.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
+        assert_eq!(
+            jobs,
+            [
+                Job::KeepAlive { key: a, lease: 7 },
+                Job::KeepAlive { key: b, lease: 7 }
+            ]
+        );
+        assert!(!s.set_current(true), "no change, no checks");
+    }
+
+    #[test]
+    fn other_towers_registrations_come_and_go_with_etcd() {
+        let (mut s, now) = state();
+        let k = key("api", "[::1]:9000");
+        s.apply(&[put_event(&s, &k, 11, 4)], 4);
+        assert_eq!(s.visible_keys(now), std::slice::from_ref(&k));
+        // No expiry here: the other Tower's lease decides.
+        s.reap(now + TTL * 10);
+        assert!(s.visible(&k, now + TTL * 10));
+        s.apply(&[delete_event(&s, &k, 5)], 5);
+        assert!(s.visible_keys(now).is_empty());
+    }
+}
