@@ -183,7 +183,12 @@ mod tests {
             b"/portico/v1/services/bad|name/10.0.0.1:80",
             b"/portico/v1/services/web/\xff",
         ] {
-            assert_eq!(l.parse(foreign), None, "{:?}", String::from_utf8_lossy(foreign));
+            assert_eq!(
+                l.parse(foreign),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(foreign)
+            );
         }
     }
 
@@ -193,13 +198,19 @@ mod tests {
         let mut c = Cache::default();
         assert!(c.replace(
             &l,
-            &[kv(&l, "a", "10.0.0.1:80", 5, 2), kv(&l, "a", "10.0.0.2:80", 5, 3)],
+            &[
+                kv(&l, "a", "10.0.0.1:80", 5, 2),
+                kv(&l, "a", "10.0.0.2:80", 5, 3)
+            ],
             3
         ));
         assert_eq!(c.len(), 2);
         assert!(!c.replace(
             &l,
-            &[kv(&l, "a", "10.0.0.1:80", 5, 2), kv(&l, "a", "10.0.0.2:80", 5, 3)],
+            &[
+                kv(&l, "a", "10.0.0.1:80", 5, 2),
+                kv(&l, "a", "10.0.0.2:80", 5, 3)
+            ],
             3
         ));
         let del = Event {
@@ -233,7 +244,14 @@ mod tests {
             mod_revision: 8,
             lease: 0,
         };
-        assert!(!c.apply(&l, &[Event { kind: None, kv: junk }], 8));
+        assert!(!c.apply(
+            &l,
+            &[Event {
+                kind: None,
+                kv: junk
+            }],
+            8
+        ));
         assert_eq!(c.foreign, 1);
     }
 }

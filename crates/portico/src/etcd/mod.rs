@@ -137,12 +137,10 @@ impl EtcdClient {
     /// already moved on).
     pub fn rotate_from(&self, failed: usize) {
         let next = (failed + 1) % self.inner.endpoints.len();
-        let _ = self.inner.current.compare_exchange(
-            failed,
-            next,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        let _ =
+            self.inner
+                .current
+                .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     fn label(&self, i: usize) -> String {

@@ -103,7 +103,9 @@ async fn run(
                 _ => client.grant(ttl).await?,
             };
             let value = Layout::value(&key.0, key.1, tower);
-            let revision = client.put(&layout.key(&key.0, key.1), &value, lease).await?;
+            let revision = client
+                .put(&layout.key(&key.0, key.1), &value, lease)
+                .await?;
             Ok(Outcome::Put { lease, revision })
         }
         Job::KeepAlive { lease, .. } => Ok(Outcome::KeepAlive {

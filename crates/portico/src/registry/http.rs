@@ -157,7 +157,11 @@ async fn answer(
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (&Method::GET, "/metrics") => metrics(&registry),
         (&Method::GET, "/readyz") => {
-            let store = if registry.is_stored() { "etcd" } else { "memory" };
+            let store = if registry.is_stored() {
+                "etcd"
+            } else {
+                "memory"
+            };
             if registry.is_current() {
                 json(
                     StatusCode::OK,
@@ -184,9 +188,11 @@ async fn answer(
         }
         (&Method::POST, "/v1/register") => write(&registry, req, WireRequest::Register).await,
         (&Method::POST, "/v1/deregister") => write(&registry, req, WireRequest::Deregister).await,
-        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/services" | "/v1/register" | "/v1/deregister") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
-        }
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/v1/services" | "/v1/register"
+            | "/v1/deregister",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/services"),
     };
     Ok(resp)

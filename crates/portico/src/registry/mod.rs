@@ -316,7 +316,9 @@ impl Registry {
                 self.show_all(&state, now);
             }
             let reaped = before - state.owned_count();
-            let next = state.next_expiry().map_or(now + period, |t| t.min(now + period));
+            let next = state
+                .next_expiry()
+                .map_or(now + period, |t| t.min(now + period));
             drop(state);
             if reaped > 0 {
                 self.inner

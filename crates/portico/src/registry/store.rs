@@ -72,8 +72,13 @@ pub enum Job {
 /// How a job went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    Put { lease: i64, revision: i64 },
-    KeepAlive { alive: bool },
+    Put {
+        lease: i64,
+        revision: i64,
+    },
+    KeepAlive {
+        alive: bool,
+    },
     Removed,
     /// etcd could not be reached or refused; the job is owed again.
     Failed,
@@ -229,7 +234,11 @@ impl StoreState {
         for key in expired {
             let was_visible = self.visible(&key, now);
             if let Some(lease) = self.owned.remove(&key).and_then(|o| o.lease) {
-                self.removals.entry(key.clone()).or_default().leases.push(lease);
+                self.removals
+                    .entry(key.clone())
+                    .or_default()
+                    .leases
+                    .push(lease);
             }
             changed |= was_visible != self.visible(&key, now);
         }
@@ -345,19 +354,26 @@ impl StoreState {
                     }
                 }
             }
-            (Job::Put { key, .. }, Outcome::Put { lease, revision }) => match self.owned.get_mut(key) {
-                Some(o) => {
-                    o.busy = false;
-                    o.lease = Some(lease);
-                    o.put_revision = Some(revision);
-                    // The lease was just granted or renewed: heartbeats
-                    // during the write are answered by it.
-                    o.work = Work::Idle;
+            (Job::Put { key, .. }, Outcome::Put { lease, revision }) => {
+                match self.owned.get_mut(key) {
+                    Some(o) => {
+                        o.busy = false;
+                        o.lease = Some(lease);
+                        o.put_revision = Some(revision);
+                        // The lease was just granted or renewed: heartbeats
+                        // during the write are answered by it.
+                        o.work = Work::Idle;
+                    }
+                    // Deregistered or expired while the write was in flight:
+                    // take it back.
+                    None => self
+                        .removals
+                        .entry(key.clone())
+                        .or_default()
+                        .leases
+                        .push(lease),
                 }
-                // Deregistered or expired while the write was in flight:
-                // take it back.
-                None => self.removals.entry(key.clone()).or_default().leases.push(lease),
-            },
+            }
             (Job::KeepAlive { key, .. }, Outcome::KeepAlive { alive }) => {
                 if let Some(o) = self.owned.get_mut(key) {
                     o.busy = false;
@@ -444,11 +460,29 @@ mod tests {
         s.register(k.clone(), now);
         assert!(s.visible(&k, now), "served before etcd confirms");
         let jobs = s.take_work(10);
-        assert_eq!(jobs, [Job::Put { key: k.clone(), reuse: None }]);
-        assert!(s.take_work(10).is_empty(), "a job in flight is not handed out twice");
+        assert_eq!(
+            jobs,
+            [Job::Put {
+                key: k.clone(),
+                reuse: None
+            }]
+        );
+        assert!(
+            s.take_work(10).is_empty(),
+            "a job in flight is not handed out twice"
+        );
         s.register(k.clone(), now);
-        assert!(s.take_work(10).is_empty(), "a heartbeat during the write waits for it");
-        s.complete(&jobs[0], Outcome::Put { lease: 7, revision: 5 });
+        assert!(
+            s.take_work(10).is_empty(),
+            "a heartbeat during the write waits for it"
+        );
+        s.complete(
+            &jobs[0],
+            Outcome::Put {
+                lease: 7,
+                revision: 5,
+            },
+        );
         assert!(s.take_work(10).is_empty(), "the write renewed the lease");
         assert!(s.visible(&k, now), "still served while the watch lags");
         s.apply(&[put_event(&s, &k, 7, 5)], 5);
@@ -465,9 +499,21 @@ mod tests {
         s.apply(&[put_event(&s, &k, 7, 5)], 5);
         s.register(k.clone(), now + Duration::from_secs(10));
         let jobs = s.take_work(10);
-        assert_eq!(jobs, [Job::KeepAlive { key: k.clone(), lease: 7 }]);
+        assert_eq!(
+            jobs,
+            [Job::KeepAlive {
+                key: k.clone(),
+                lease: 7
+            }]
+        );
         s.complete(&jobs[0], Outcome::KeepAlive { alive: false });
-        assert_eq!(s.take_work(10), [Job::Put { key: k.clone(), reuse: None }]);
+        assert_eq!(
+            s.take_work(10),
+            [Job::Put {
+                key: k.clone(),
+                reuse: None
+            }]
+        );
     }
 
     #[test]
@@ -481,7 +527,13 @@ mod tests {
         assert!(!s.visible(&k, now), "a delete in etcd is seen at once");
         s.register(k.clone(), now);
         assert!(s.visible(&k, now), "the heartbeat brings it back");
-        assert_eq!(s.take_work(10), [Job::Put { key: k, reuse: Some(7) }]);
+        assert_eq!(
+            s.take_work(10),
+            [Job::Put {
+                key: k,
+                reuse: Some(7)
+            }]
+        );
     }
 
     #[test]
@@ -499,7 +551,11 @@ mod tests {
         let jobs = s.take_work(10);
         assert_eq!(
             jobs,
-            [Job::Remove { key: k.clone(), delete_key: true, leases: vec![7] }]
+            [Job::Remove {
+                key: k.clone(),
+                delete_key: true,
+                leases: vec![7]
+            }]
         );
         s.complete(&jobs[0], Outcome::Failed);
         s.replace(&[kv(&s, &k, 7, 5)], 5);
@@ -520,7 +576,11 @@ mod tests {
         assert!(s.deregister(&k, now));
         assert_eq!(
             s.take_work(10),
-            [Job::Remove { key: k, delete_key: true, leases: vec![] }]
+            [Job::Remove {
+                key: k,
+                delete_key: true,
+                leases: vec![]
+            }]
         );
     }
 
@@ -536,7 +596,11 @@ mod tests {
         assert!(!s.visible(&k, later), "our expired lease hides the key");
         assert_eq!(
             s.take_work(10),
-            [Job::Remove { key: k.clone(), delete_key: false, leases: vec![7] }]
+            [Job::Remove {
+                key: k.clone(),
+                delete_key: false,
+                leases: vec![7]
+            }]
         );
         // Meanwhile the workload moved to another Tower, which re-bound the
         // key to its own lease: that is served, our revoke does not touch it.
@@ -551,17 +615,33 @@ mod tests {
         s.register(k.clone(), now);
         let jobs = s.take_work(10);
         assert!(s.deregister(&k, now));
-        s.complete(&jobs[0], Outcome::Put { lease: 7, revision: 5 });
+        s.complete(
+            &jobs[0],
+            Outcome::Put {
+                lease: 7,
+                revision: 5,
+            },
+        );
         let jobs = s.take_work(10);
         assert_eq!(
             jobs,
-            [Job::Remove { key: k.clone(), delete_key: true, leases: vec![7] }]
+            [Job::Remove {
+                key: k.clone(),
+                delete_key: true,
+                leases: vec![7]
+            }]
         );
         // A re-register while the removal is in flight waits for it.
         s.register(k.clone(), now);
         assert!(s.take_work(10).is_empty());
         s.complete(&jobs[0], Outcome::Removed);
-        assert_eq!(s.take_work(10), [Job::Put { key: k, reuse: None }]);
+        assert_eq!(
+            s.take_work(10),
+            [Job::Put {
+                key: k,
+                reuse: None
+            }]
+        );
     }
 
     #[test]
@@ -574,7 +654,13 @@ mod tests {
         // etcd came back without its data.
         s.replace(&[], 9);
         assert!(s.visible(&k, now), "still heartbeated here: served");
-        assert_eq!(s.take_work(10), [Job::Put { key: k, reuse: Some(7) }]);
+        assert_eq!(
+            s.take_work(10),
+            [Job::Put {
+                key: k,
+                reuse: Some(7)
+            }]
+        );
     }
 
     #[test]

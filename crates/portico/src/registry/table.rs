@@ -46,7 +46,8 @@ impl Entry {
     }
 
     fn left(&self, now: Instant, ttl: Duration) -> Duration {
-        self.expires.map_or(ttl, |t| t.saturating_duration_since(now))
+        self.expires
+            .map_or(ttl, |t| t.saturating_duration_since(now))
     }
 }
 
@@ -494,7 +495,11 @@ mod tests {
         assert!(t.set_held(&[(web.clone(), first)]));
         assert_eq!(t.lookup(&web, later), Some(first));
         assert!(t.set_held(&[(web.clone(), first), (web.clone(), other)]));
-        assert_eq!(t.lookup(&web, later), Some(other), "a new replica is served first");
+        assert_eq!(
+            t.lookup(&web, later),
+            Some(other),
+            "a new replica is served first"
+        );
         assert!(t.set_held(&[]));
         assert!(t.is_empty());
     }

@@ -20,6 +20,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 
+pub mod etcd;
+
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A running `portico` process; killed when dropped.

@@ -1,0 +1,405 @@
+//! The registry on etcd, end to end: real etcd members (Debian's
+//! etcd-server) on loopback, real Towers with `--store etcd`, real ingresses
+//! watching a Tower or etcd itself, real backends. No mock of etcd.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::etcd::Etcd;
+use common::*;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn etcd_tower(etcd: &str, ttl: &str) -> Proc {
+    Proc::start(
+        &[
+            "tower",
+            "--listen",
+            "127.0.0.1:0",
+            "--ttl",
+            ttl,
+            "--store",
+            "etcd",
+            "--etcd",
+            etcd,
+        ],
+        "tower listening on udp ",
+    )
+}
+
+/// An ingress that watches etcd directly.
+fn etcd_ingress(etcd: &str, routes: &[&str]) -> Proc {
+    ingress(
+        dead_addr(),
+        routes,
+        &["--discovery", "etcd", "--etcd", etcd],
+    )
+}
+
+async fn wait_logged(p: &Proc, what: &str) {
+    let log = p.log.clone();
+    eventually(DEADLINE, what, || {
+        log.lock().unwrap().iter().any(|l| l.contains(what))
+    })
+    .await;
+}
+
+fn lookup(tower: SocketAddr, name: &str) -> String {
+    udp_retrying(tower, format!("LOOKUP|{name}").as_bytes())
+}
+
+fn deregister(tower: SocketAddr, name: &str, addr: SocketAddr) {
+    assert_eq!(
+        udp(
+            tower,
+            format!("DEREGISTER|{name}|{}|{}", addr.ip(), addr.port()).as_bytes()
+        ),
+        format!("OK|DEREGISTERED|{name}")
+    );
+}
+
+/// The endpoints a Tower serves for `name`, from LIST.
+fn listed(tower: SocketAddr, name: &str) -> Vec<SocketAddr> {
+    let reply = udp_retrying(tower, b"LIST");
+    let mut out: Vec<SocketAddr> = reply
+        .split('|')
+        .skip(3)
+        .flat_map(|part| part.split(','))
+        .filter_map(|entry| {
+            let mut f = entry.split(':');
+            let (n, ip, port) = (f.next()?, f.next()?, f.next()?);
+            (n == name).then(|| format!("{ip}:{port}").parse().ok())?
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Wait until `tower` serves exactly `want` for `name`.
+async fn wait_listed(tower: SocketAddr, name: &str, want: &[SocketAddr]) {
+    let mut want = want.to_vec();
+    want.sort();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let got = listed(tower, name);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tower {tower} lists {got:?} for {name}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Send requests until the ones answered come from exactly `ids` (20 in a
+/// row cover them all and nothing else).
+async fn wait_routed(ingress: SocketAddr, ids: &[&str]) {
+    let deadline = Instant::now() + DEADLINE;
+    let mut client = Client::connect(ingress).await;
+    loop {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut failed = 0;
+        for _ in 0..20 {
+            let a = client.get("/").await;
+            match a.headers.get("x-backend") {
+                Some(id) if a.status == 200 => {
+                    seen.insert(id.to_str().unwrap().to_owned());
+                }
+                _ => failed += 1,
+            }
+        }
+        let want: std::collections::BTreeSet<String> =
+            ids.iter().map(|s| (*s).to_owned()).collect();
+        if seen == want && (failed == 0 || ids.is_empty()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ingress {ingress} routes to {seen:?} ({failed} failed of 20), want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn readyz(addr: SocketAddr) -> u16 {
+    get(addr, "/readyz").await.status
+}
+
+/// Wait until `/readyz` at `addr` answers `want`.
+async fn wait_ready(addr: SocketAddr, want: u16) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let got = readyz(addr).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr}/readyz is {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_replica_registered_on_one_tower_is_served_and_routed_everywhere() {
+    let etcd = Etcd::start(1);
+    let eps = etcd.endpoints();
+    let a = etcd_tower(&eps, "30s");
+    let b = etcd_tower(&eps, "30s");
+    let x = Backend::start("x").await;
+    register(a.addr, "web", x.addr);
+
+    // Tower B knows it through etcd, and answers LOOKUP with it.
+    wait_listed(b.addr, "web", &[x.addr]).await;
+    assert_eq!(
+        lookup(b.addr, "web"),
+        format!("OK|LOOKUP|web|127.0.0.1|{}", x.addr.port())
+    );
+    // The key layout the README documents, bound to a lease.
+    assert_eq!(
+        etcd.keys("/portico/v1/services/"),
+        [format!("/portico/v1/services/web/{}", x.addr)]
+    );
+
+    // An ingress watching Tower B routes to it, and so does one watching etcd.
+    let via_b = ingress(b.addr, &["/:web"], &[]);
+    let via_etcd = etcd_ingress(&eps, &["/:web"]);
+    wait_routed(via_b.addr, &["x"]).await;
+    wait_routed(via_etcd.addr, &["x"]).await;
+    assert_eq!(readyz(b.addr).await, 200);
+    assert_eq!(
+        readyz(via_etcd.logged_addr("admin listening on ")).await,
+        200
+    );
+
+    // A DEREGISTER at B removes what A registered, everywhere.
+    deregister(b.addr, "web", x.addr);
+    wait_listed(a.addr, "web", &[]).await;
+    wait_routed(via_etcd.addr, &[]).await;
+    wait_routed(via_b.addr, &[]).await;
+    assert!(etcd.keys("/portico/v1/services/").is_empty());
+}
+
+#[tokio::test]
+async fn a_killed_tower_lets_its_registrations_expire_by_lease() {
+    let etcd = Etcd::start(1);
+    let eps = etcd.endpoints();
+    let mut a = etcd_tower(&eps, "2s");
+    let b = etcd_tower(&eps, "2s");
+    let x = Backend::start("x").await;
+    let y = Backend::start("y").await;
+    register(a.addr, "web", x.addr);
+    register(b.addr, "web", y.addr);
+    wait_listed(b.addr, "web", &[x.addr, y.addr]).await;
+
+    // No DEREGISTER: Tower A dies, and x's workload with it.
+    a.signal(nix::sys::signal::Signal::SIGKILL);
+    a.wait_exit(DEADLINE);
+    let killed = Instant::now();
+    // y is kept alive at B by its heartbeats; x only by A's lease.
+    let heartbeat = {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, tower, addr) = (stop.clone(), b.addr, y.addr);
+        let h = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                register(tower, "web", addr);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        (stop, h)
+    };
+    wait_listed(b.addr, "web", &[y.addr]).await;
+    println!(
+        "x gone from Tower B {:?} after Tower A died",
+        killed.elapsed()
+    );
+    assert!(!etcd
+        .keys("/portico/v1/services/")
+        .contains(&format!("/portico/v1/services/web/{}", x.addr)));
+    heartbeat.0.store(true, Ordering::SeqCst);
+    heartbeat.1.join().unwrap();
+}
+
+#[tokio::test]
+async fn an_etcd_restart_loses_no_registration_and_brings_back_no_stale_one() {
+    let mut etcd = Etcd::start(1);
+    let eps = etcd.endpoints();
+    let a = etcd_tower(&eps, "30s");
+    let b = etcd_tower(&eps, "30s");
+    let (x, y, z) = (
+        Backend::start("x").await,
+        Backend::start("y").await,
+        Backend::start("z").await,
+    );
+    register(a.addr, "web", x.addr);
+    register(a.addr, "web", y.addr);
+    let via_etcd = etcd_ingress(&eps, &["/:web"]);
+    let via_b = ingress(b.addr, &["/:web"], &[]);
+    let admin = via_etcd.logged_addr("admin listening on ");
+    wait_routed(via_etcd.addr, &["x", "y"]).await;
+    wait_routed(via_b.addr, &["x", "y"]).await;
+
+    etcd.kill(0);
+    // Everyone keeps serving the last known endpoints, and says it is not
+    // ready.
+    wait_ready(admin, 503).await;
+    wait_ready(b.addr, 503).await;
+    wait_routed(via_etcd.addr, &["x", "y"]).await;
+    wait_routed(via_b.addr, &["x", "y"]).await;
+    // Changes while etcd is down are served at once by the Tower that
+    // received them.
+    deregister(a.addr, "web", y.addr);
+    register(a.addr, "web", z.addr);
+    wait_listed(a.addr, "web", &[x.addr, z.addr]).await;
+
+    etcd.restart(0);
+    // On return: the deregistered replica stays gone, the new one arrives,
+    // and the one registered before the outage survived it.
+    wait_listed(b.addr, "web", &[x.addr, z.addr]).await;
+    wait_routed(via_etcd.addr, &["x", "z"]).await;
+    wait_routed(via_b.addr, &["x", "z"]).await;
+    let mut keys = etcd.keys("/portico/v1/services/");
+    keys.sort();
+    let mut want = vec![
+        format!("/portico/v1/services/web/{}", x.addr),
+        format!("/portico/v1/services/web/{}", z.addr),
+    ];
+    want.sort();
+    assert_eq!(keys, want);
+    wait_ready(admin, 200).await;
+    wait_ready(b.addr, 200).await;
+    // Nothing stale comes back later either (a re-list, a resumed watch).
+    wait_routed(via_etcd.addr, &["x", "z"]).await;
+    assert_eq!(listed(a.addr, "web"), {
+        let mut v = vec![x.addr, z.addr];
+        v.sort();
+        v
+    });
+}
+
+/// A member that hangs (SIGSTOP: connections open, nothing answered) is
+/// what a partition looks like from outside: the watch just goes quiet.
+/// The probe notices, readiness drops, routing goes on, and all resumes
+/// when it answers again.
+#[tokio::test]
+async fn a_hung_etcd_is_noticed_and_routing_goes_on() {
+    let etcd = Etcd::start(1);
+    let eps = etcd.endpoints();
+    let a = etcd_tower(&eps, "30s");
+    let x = Backend::start("x").await;
+    let y = Backend::start("y").await;
+    register(a.addr, "web", x.addr);
+    let via_etcd = etcd_ingress(&eps, &["/:web"]);
+    let admin = via_etcd.logged_addr("admin listening on ");
+    wait_routed(via_etcd.addr, &["x"]).await;
+
+    let pid = etcd.members[0].pid();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    wait_ready(admin, 503).await;
+    wait_ready(a.addr, 503).await;
+    wait_routed(via_etcd.addr, &["x"]).await;
+    register(a.addr, "web", y.addr);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    wait_ready(admin, 200).await;
+    wait_routed(via_etcd.addr, &["x", "y"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_cluster_losing_its_leader_keeps_registering_and_routing() {
+    let mut etcd = Etcd::start(3);
+    let eps = etcd.endpoints();
+    let a = etcd_tower(&eps, "30s");
+    // B lists the members in another order, so the two use different ones.
+    let reversed: Vec<&str> = eps.split(',').rev().collect();
+    let b = etcd_tower(&reversed.join(","), "30s");
+    let x = Backend::start("x").await;
+    let y = Backend::start("y").await;
+    register(a.addr, "web", x.addr);
+    let via_etcd = etcd_ingress(&eps, &["/:web"]);
+    let via_b = ingress(b.addr, &["/:web"], &[]);
+    wait_routed(via_etcd.addr, &["x"]).await;
+    wait_routed(via_b.addr, &["x"]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stats, tasks) = spawn_load(via_etcd.addr, 4, 1, stop.clone());
+    let leader = etcd.leader();
+    etcd.kill(leader);
+    let killed = Instant::now();
+
+    register(b.addr, "web", y.addr);
+    wait_listed(a.addr, "web", &[x.addr, y.addr]).await;
+    println!(
+        "leader killed; a registration at B reached A {:?} later",
+        killed.elapsed()
+    );
+    wait_routed(via_b.addr, &["x", "y"]).await;
+    deregister(a.addr, "web", x.addr);
+    wait_listed(b.addr, "web", &[y.addr]).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, non_2xx, errors) = stats.summary();
+    println!("load through the leader loss: ok={ok} non_2xx={non_2xx} socket_errors={errors}");
+    assert!(ok > 0);
+    assert_eq!((non_2xx, errors), (0, 0));
+    wait_routed(via_etcd.addr, &["y"]).await;
+    assert_ne!(etcd.leader(), leader, "a new leader was elected");
+}
+
+/// Register-to-routed delay, 100 registrations each: through etcd (to an
+/// ingress watching etcd, and to one watching another Tower) and through
+/// the in-memory Tower, in the same run. Prints the figures; asserts only
+/// that every registration was routed.
+#[tokio::test]
+async fn register_to_routed_delay_through_etcd_and_in_memory() {
+    let etcd = Etcd::start(1);
+    let eps = etcd.endpoints();
+    let a = etcd_tower(&eps, "30s");
+    let b = etcd_tower(&eps, "30s");
+    let mem = tower("30s");
+    let x = Backend::start("x").await;
+    let via_etcd = etcd_ingress(&eps, &["/:web"]);
+    let via_b = ingress(b.addr, &["/:web"], &[]);
+    let via_mem = ingress(mem.addr, &["/:web"], &[]);
+    wait_logged(&via_etcd, "in sync with etcd").await;
+    wait_synced(&via_b, 1).await;
+    wait_synced(&via_mem, 1).await;
+    for (label, tower, ing) in [
+        ("etcd, ingress watching etcd", a.addr, via_etcd.addr),
+        ("etcd, ingress watching another Tower", a.addr, via_b.addr),
+        ("in-memory Tower", mem.addr, via_mem.addr),
+    ] {
+        let mut client = Client::connect(ing).await;
+        let mut delays = Vec::new();
+        for _ in 0..100 {
+            let sent = Instant::now();
+            register(tower, "web", x.addr);
+            loop {
+                if client.get("/").await.status == 200 {
+                    break;
+                }
+                assert!(sent.elapsed() < DEADLINE, "{label}: never routed");
+            }
+            delays.push(sent.elapsed());
+            deregister(tower, "web", x.addr);
+            let gone = Instant::now();
+            while client.get("/").await.status == 200 {
+                assert!(gone.elapsed() < DEADLINE, "{label}: never unrouted");
+            }
+        }
+        delays.sort();
+        println!(
+            "register -> routed, {label}: median {:?}, p90 {:?}, worst {:?} (n={})",
+            delays[delays.len() / 2],
+            delays[delays.len() * 9 / 10],
+            delays[delays.len() - 1],
+            delays.len()
+        );
+    }
+}
