@@ -282,6 +282,56 @@ async fn an_etcd_restart_loses_no_registration_and_brings_back_no_stale_one() {
     });
 }
 
+/// A watch that resumes past etcd's compaction lists everything again.
+/// Tower B talks to one member only; while that member is down, Tower A
+/// registers through another and the history is compacted away.
+#[tokio::test]
+async fn a_watch_resuming_past_a_compaction_lists_again() {
+    let mut etcd = Etcd::start(3);
+    let m0 = format!("http://{}", etcd.members[0].client);
+    let m1 = format!("http://{}", etcd.members[1].client);
+    let a = etcd_tower(&m1, "30s");
+    let b = etcd_tower(&m0, "30s");
+    let x = Backend::start("x").await;
+    let y = Backend::start("y").await;
+    register(a.addr, "web", x.addr);
+    wait_listed(b.addr, "web", &[x.addr]).await;
+
+    etcd.kill(0);
+    wait_ready(b.addr, 503).await;
+    register(a.addr, "web", y.addr);
+    deregister(a.addr, "web", x.addr);
+    wait_listed(a.addr, "web", &[y.addr]).await;
+    let member1 = etcd.members[1].client;
+    let revision = loop {
+        // Once A's writes are in etcd, compact all history up to now.
+        if etcd.keys("/portico/v1/services/") == [format!("/portico/v1/services/web/{}", y.addr)] {
+            let (_, status) =
+                common::etcd::post(member1, "/v3/kv/range", r#"{"key":"AA=="}"#).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+            break v["header"]["revision"].as_str().unwrap().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (code, _) = common::etcd::post(
+        member1,
+        "/v3/kv/compaction",
+        &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+
+    etcd.restart(0);
+    wait_listed(b.addr, "web", &[y.addr]).await;
+    wait_ready(b.addr, 200).await;
+    assert!(
+        b.log_text()
+            .contains("compacted past the last revision seen"),
+        "{}",
+        b.log_text()
+    );
+}
+
 /// A member that hangs (SIGSTOP: connections open, nothing answered) is
 /// what a partition looks like from outside: the watch just goes quiet.
 /// The probe notices, readiness drops, routing goes on, and all resumes
