@@ -80,3 +80,6 @@ fn raise_fd_limit() {
         }
     }
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -160,7 +160,13 @@ pub async fn serve(
         ));
     }
     tracing::info!("ingress listening on {local}");
-    ingress::serve(listener, proxy, serve_settings, shutdown).await;
+    // On a worker thread, not the thread that blocks on main's future: a
+    // connection accepted there would be handed to a worker (a wake-up
+    // across threads) for every new connection.
+    let serving = tokio::spawn(ingress::serve(listener, proxy, serve_settings, shutdown));
+    if let Err(e) = serving.await {
+        tracing::error!(error = %e, "the accept loop ended abnormally");
+    }
     Ok(())
 }
 

@@ -28,9 +28,16 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(&X_REQUEST_ID) {
         return id.clone();
     }
-    let id = format!("{:032x}", fastrand::u128(..));
+    // 32 hex digits, formatted on the stack: this runs for every request.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let mut n = fastrand::u128(..);
+    for b in id.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
     // Hex digits are always a valid header value.
-    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    let value = HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
     headers.insert(&X_REQUEST_ID, value.clone());
     value
 }
