@@ -1,0 +1,742 @@
+#!/usr/bin/env python3
+"""Portico's benchmark: Portico next to nginx, HAProxy and no proxy at all
+("direct"), on this machine, in the same run. Standard library only.
+
+Layout: the proxy under test is pinned to one core (--proxy-cpu); wrk, the
+load generator and the two backend replicas (nginx, one worker each) share
+another (--load-cpu). Every proxy gets one worker thread or process.
+
+Measured, each with the proxy started fresh:
+  cells    wrk closed-loop load at 1, 50, 500, 2000 connections, keep-alive and
+           a new connection per request: requests/s, the proxy's CPU time per
+           request (utime+stime from /proc, over its processes), p50/p99.
+  latency  a fixed request rate (portico-loadgen rate): p50/p99/p99.9, with
+           no coordinated omission; the same rate for every proxy.
+  memory   10,000 idle keep-alive connections held (portico-loadgen idle):
+           resident memory per connection, and the time to answer a request
+           on a new connection meanwhile.
+  churn    Portico under keep-alive load with a registration change every
+           100 ms, against the same load without.
+  lookup   Portico in the seed's per-request LOOKUP mode (CPU includes the
+           Tower's).
+
+Writes DIR/results.json, DIR/summary.md and DIR/chart.svg.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CLK = os.sysconf("SC_CLK_TCK")
+SERVICE = "bench"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Proc:
+    """A process started in its own session, stopped with its children."""
+
+    def __init__(self, argv, cpu, cwd=None, stdout=subprocess.DEVNULL):
+        self.argv = argv
+        self.p = subprocess.Popen(
+            ["taskset", "-c", cpu] + argv,
+            cwd=cwd,
+            stdout=stdout,
+            stderr=subprocess.DEVNULL if stdout == subprocess.DEVNULL else None,
+            start_new_session=True,
+        )
+
+    def pids(self):
+        """This process and its descendants."""
+        children = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(d))
+            except OSError:
+                continue
+        out, todo = [], [self.p.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+        return out
+
+    def stop(self):
+        if self.p.poll() is not None:
+            return
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            self.p.wait(timeout=5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.p.wait()
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / CLK
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def listening(port):
+    want = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    parts = line.split()
+                    if parts[1].endswith(want) and parts[3] == "0A":
+                        return True
+        except OSError:
+            pass
+    return False
+
+
+def wait_listening(port, proc=None, within=10):
+    deadline = time.time() + within
+    while not listening(port):
+        if proc is not None and proc.p.poll() is not None:
+            raise RuntimeError(f"{proc.argv[0]} exited with {proc.p.returncode}")
+        if time.time() > deadline:
+            raise RuntimeError(f"nothing listens on port {port} after {within} s")
+        time.sleep(0.02)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render(template, out, **values):
+    with open(os.path.join(HERE, "conf", template)) as f:
+        text = f.read()
+    for k, v in values.items():
+        text = text.replace(f"@{k}@", str(v))
+    with open(out, "w") as f:
+        f.write(text)
+
+
+class Tower:
+    """A Portico Tower with the two replicas registered (and kept so)."""
+
+    def __init__(self, portico, cpu, backends):
+        self.port = free_port()
+        self.proc = Proc([portico, "tower", "--listen", f"127.0.0.1:{self.port}",
+                          "--log-level", "warn"], cpu)
+        wait_listening(self.port, self.proc)
+        self.backends = backends
+        self.stop_flag = threading.Event()
+        self.paused = set()
+        for b in backends:
+            self.send(f"REGISTER|{SERVICE}|127.0.0.1|{b}")
+        self.thread = threading.Thread(target=self.heartbeat, daemon=True)
+        self.thread.start()
+
+    def send(self, msg):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            for _ in range(5):
+                s.sendto(msg.encode(), ("127.0.0.1", self.port))
+                try:
+                    return s.recv(65536).decode()
+                except socket.timeout:
+                    continue
+        raise RuntimeError(f"the Tower does not answer {msg}")
+
+    def heartbeat(self):
+        while not self.stop_flag.wait(5):
+            for b in self.backends:
+                if b not in self.paused:
+                    self.send(f"REGISTER|{SERVICE}|127.0.0.1|{b}")
+
+    def stop(self):
+        self.stop_flag.set()
+        self.proc.stop()
+
+
+def parse_duration_us(text):
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return None
+    v = float(m.group(1))
+    return v * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
+
+
+def wrk(port, conns, seconds, close, cpu, threads=1):
+    # wrk takes whole seconds.
+    seconds = max(1, round(seconds))
+    argv = ["taskset", "-c", cpu, "wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s",
+            "--latency", "--timeout", "2s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://127.0.0.1:{port}/")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+    found = re.search(r"(\d+) requests in", out)
+    if not found:
+        raise RuntimeError(f"wrk printed no result: {out!r}")
+    requests = int(found.group(1))
+    non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    sock = 0
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        sock = sum(int(x) for x in m.groups())
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    return {
+        "requests": requests,
+        "ok": requests - non2xx,
+        "non2xx": non2xx,
+        "socket_errors": sock,
+        "p50_us": parse_duration_us(lat.get("50", "")),
+        "p99_us": parse_duration_us(lat.get("99", "")),
+    }
+
+
+class Bench:
+    def __init__(self, args):
+        self.a = args
+        self.work = os.path.join(args.out, "work")
+        os.makedirs(self.work, exist_ok=True)
+        self.results = {"cells": [], "latency": [], "memory": [], "churn": None}
+        body = "x" * args.body_bytes
+        self.backend_ports = [free_port(), free_port()]
+        self.backends = []
+        for i, port in enumerate(self.backend_ports, 1):
+            d = os.path.join(self.work, f"backend{i}")
+            os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+            render("backend.nginx.conf.in", os.path.join(d, "nginx.conf"), NOFILE=args.nofile,
+                   CONNS=args.nofile - 100, PORT=port, NAME=f"b{i}", BODY=body)
+            p = Proc(["nginx", "-p", d, "-c", "nginx.conf"], args.load_cpu)
+            wait_listening(port, p)
+            self.backends.append(p)
+        self.tower = Tower(args.portico, args.proxy_cpu, self.backend_ports)
+
+    def stop(self):
+        self.tower.stop()
+        for b in self.backends:
+            b.stop()
+
+    def start(self, name):
+        """Start proxy `name` fresh: (port, Proc or None, CPU pids extra)."""
+        a, b1, b2 = self.a, *self.backend_ports
+        if name == "direct":
+            return b1, None
+        port = free_port()
+        d = os.path.join(self.work, name)
+        os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+        if name in ("portico", "portico-lookup"):
+            argv = [a.portico, "ingress", "--listen", f"127.0.0.1:{port}",
+                    "--tower", f"127.0.0.1:{self.tower.port}", "--route", f"/:{SERVICE}",
+                    "--threads", "1", "--admin", "off", "--log-level", "warn",
+                    "--max-connections", str(a.nofile - 1000)]
+            if name == "portico-lookup":
+                argv += ["--discovery", "lookup"]
+            p = Proc(argv, a.proxy_cpu)
+        elif name == "nginx":
+            render("proxy.nginx.conf.in", os.path.join(d, "nginx.conf"), NOFILE=a.nofile,
+                   CONNS=a.nofile - 100, PORT=port, B1=b1, B2=b2)
+            p = Proc(["nginx", "-p", d, "-c", "nginx.conf"], a.proxy_cpu)
+        elif name == "haproxy":
+            # HAProxy sizes its descriptors from maxconn (two per connection)
+            # and refuses to start past the open-file limit.
+            render("proxy.haproxy.cfg.in", os.path.join(d, "haproxy.cfg"),
+                   MAXCONN=self.haproxy_maxconn(), PORT=port, B1=b1, B2=b2)
+            p = Proc(["haproxy", "-db", "-f", os.path.join(d, "haproxy.cfg")], a.proxy_cpu)
+        else:
+            raise ValueError(name)
+        wait_listening(port, p)
+        return port, p
+
+    def haproxy_maxconn(self):
+        return (self.a.nofile - 200) // 2 - 20
+
+    def idle_capacity(self, name):
+        """How many idle connections `name` can hold under this machine's
+        open-file limit (HAProxy reserves a server socket per client)."""
+        if name == "haproxy":
+            return min(self.a.idle_conns, self.haproxy_maxconn() - 100)
+        return self.a.idle_conns
+
+    def cpu_pids(self, name, proc):
+        pids = proc.pids() if proc else []
+        return pids
+
+    def cell(self, name, mode, conns):
+        a = self.a
+        port, proc = self.start(name)
+        try:
+            wrk(port, 1, a.warmup, False, a.load_cpu)
+            pids = self.cpu_pids(name, proc)
+            tower_pids = self.tower.proc.pids()
+            c0, t0 = cpu_seconds(pids), cpu_seconds(tower_pids)
+            r = wrk(port, conns, a.duration, mode == "close", a.load_cpu)
+            c1, t1 = cpu_seconds(pids), cpu_seconds(tower_pids)
+        finally:
+            if proc:
+                proc.stop()
+        ok = max(r["ok"], 1)
+        r.update({
+            "proxy": name, "mode": mode, "conns": conns,
+            "rps": r["ok"] / a.duration,
+            "cpu_us_per_req": (c1 - c0) * 1e6 / ok if proc else None,
+            "tower_cpu_us_per_req": (t1 - t0) * 1e6 / ok if name == "portico-lookup" else None,
+        })
+        log(f"  {mode:9} c={conns:<5} {name:15} {r['rps']:9.0f} req/s  "
+            f"cpu {fmt(r['cpu_us_per_req'])} us/req  p99 {fmt(r['p99_us'])} us  "
+            f"errors {r['non2xx'] + r['socket_errors']}")
+        return r
+
+    def run_cells(self):
+        a = self.a
+        proxies = a.proxies
+        for rnd in range(a.rounds):
+            for mode in a.modes:
+                for conns in a.conns:
+                    k = rnd % len(proxies)
+                    for name in proxies[k:] + proxies[:k]:
+                        r = self.cell(name, mode, conns)
+                        r["round"] = rnd
+                        self.results["cells"].append(r)
+            if a.lookup:
+                for mode in a.modes:
+                    r = self.cell("portico-lookup", mode, 50)
+                    r["round"] = rnd
+                    self.results["cells"].append(r)
+
+    def run_latency(self):
+        a = self.a
+        for name in a.proxies:
+            port, proc = self.start(name)
+            try:
+                wrk(port, 1, a.warmup, False, a.load_cpu)
+                out = subprocess.run(
+                    ["taskset", "-c", a.load_cpu, a.loadgen, "rate", f"127.0.0.1:{port}",
+                     str(a.rate), str(a.rate_conns), str(a.duration)],
+                    capture_output=True, text=True, timeout=a.duration + 60).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+            finally:
+                if proc:
+                    proc.stop()
+            r["proxy"] = name
+            log(f"  latency at {a.rate} req/s {name:15} p50 {r['p50_us']} us  p99 {r['p99_us']} us  "
+                f"p99.9 {r['p999_us']} us  errors {r['errors']}")
+            self.results["latency"].append(r)
+
+    def run_memory(self):
+        a = self.a
+        for name in [p for p in a.proxies if p != "direct"]:
+            port, proc = self.start(name)
+            try:
+                wrk(port, 50, a.warmup, False, a.load_cpu)
+                time.sleep(0.5)
+                base = rss_kib(proc.pids())
+                gen = subprocess.Popen(
+                    ["taskset", "-c", a.load_cpu, a.loadgen, "idle", f"127.0.0.1:{port}",
+                     str(self.idle_capacity(name)), str(a.idle_hold)],
+                    stdout=subprocess.PIPE, text=True)
+                first = json.loads(gen.stdout.readline())
+                held = 0
+                end = time.time() + min(2.0, a.idle_hold)
+                while time.time() < end:
+                    held = max(held, rss_kib(proc.pids()))
+                    time.sleep(0.1)
+                last = json.loads(gen.stdout.readline())
+                gen.wait(timeout=30)
+            finally:
+                proc.stop()
+            opened = max(first["open"], 1)
+            r = {"proxy": name, "rss_base_kib": base, "rss_held_kib": held,
+                 "open": first["open"], "failed": first["failed"],
+                 "kib_per_conn": (held - base) / opened,
+                 "probe_p50_us": last["probe_p50_us"], "probe_max_us": last["probe_max_us"],
+                 "probes": last["probes"], "probe_errors": last["probe_errors"],
+                 "still_open": last["still_open"], "checked_after": last["checked_after"]}
+            log(f"  memory {name:15} {r['open']} held (+{r['failed']} failed): "
+                f"{r['kib_per_conn']:.1f} KiB/conn; new-connection request max "
+                f"{r['probe_max_us']} us")
+            self.results["memory"].append(r)
+
+    def run_churn(self):
+        """Keep-alive load with and without a registration change every
+        100 ms (the second replica deregistered, then registered again)."""
+        a = self.a
+        runs = {"steady": [], "churn": []}
+        for _ in range(a.churn_pairs):
+            for kind in ("steady", "churn"):
+                stop = threading.Event()
+                changes = [0]
+
+                def churn():
+                    b2 = self.backend_ports[1]
+                    up = True
+                    while not stop.wait(0.1):
+                        verb = "DEREGISTER" if up else "REGISTER"
+                        if up:
+                            self.tower.paused.add(b2)
+                        self.tower.send(f"{verb}|{SERVICE}|127.0.0.1|{b2}")
+                        if not up:
+                            self.tower.paused.discard(b2)
+                        up = not up
+                        changes[0] += 1
+
+                t = threading.Thread(target=churn, daemon=True)
+                if kind == "churn":
+                    t.start()
+                try:
+                    r = self.cell("portico", "keepalive", 50)
+                finally:
+                    stop.set()
+                    if kind == "churn":
+                        t.join()
+                    self.tower.send(f"REGISTER|{SERVICE}|127.0.0.1|{self.backend_ports[1]}")
+                    self.tower.paused.discard(self.backend_ports[1])
+                r["changes"] = changes[0]
+                runs[kind].append(r)
+        steady = statistics.median(r["rps"] for r in runs["steady"])
+        churned = statistics.median(r["rps"] for r in runs["churn"])
+        self.results["churn"] = {
+            "steady_rps": steady, "churn_rps": churned,
+            "cost": 1 - churned / steady if steady else None,
+            "errors": sum(r["non2xx"] + r["socket_errors"] for r in runs["churn"]),
+            "changes": sum(r["changes"] for r in runs["churn"]),
+            "runs": runs,
+        }
+        log(f"  churn: {steady:.0f} -> {churned:.0f} req/s "
+            f"({100 * self.results['churn']['cost']:.1f}% cost)")
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def versions(a):
+    def first_line(argv):
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (p.stdout + p.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "portico": first_line([a.portico, "--version"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "haproxy": first_line(["haproxy", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+    }
+
+
+def medians(cells):
+    """One row per (proxy, mode, conns): the median over rounds."""
+    groups = {}
+    for c in cells:
+        groups.setdefault((c["proxy"], c["mode"], c["conns"]), []).append(c)
+    out = {}
+    for k, rows in groups.items():
+        def med(field):
+            vals = [r[field] for r in rows if r[field] is not None]
+            return statistics.median(vals) if vals else None
+        out[k] = {f: med(f) for f in ("rps", "cpu_us_per_req", "tower_cpu_us_per_req",
+                                      "p50_us", "p99_us")}
+        out[k]["errors"] = sum(r["non2xx"] + r["socket_errors"] for r in rows)
+    return out
+
+
+def summary(res, args):
+    m = medians(res["cells"])
+    v = res["machine"]
+    lines = [
+        f"# Benchmark results, {v['date']}",
+        "",
+        f"Machine: {v['cores']} cores ({v['cpu']}), Linux {v['kernel']}. "
+        f"{v['portico']}; {v['nginx']}; {v['haproxy']}; {v['wrk']}.",
+        "",
+        "Command: `" + res["command"] + "`",
+        "",
+        f"Proxy pinned to CPU {args.proxy_cpu}, one worker each; wrk, the load generator and "
+        f"two nginx backend replicas on CPU {args.load_cpu}. {args.body_bytes}-byte responses. "
+        f"{args.duration} s per cell, median of {args.rounds} round(s). "
+        "CPU is the proxy's utime+stime over the run divided by the responses.",
+        "",
+    ]
+    proxies = [p for p in args.proxies]
+    for mode in args.modes:
+        lines += [f"## {'Keep-alive' if mode == 'keepalive' else 'A new connection per request'}", ""]
+        head = "| connections | " + " | ".join(f"{p} req/s" for p in proxies) + " | " + \
+            " | ".join(f"{p} CPU µs/req" for p in proxies if p != "direct") + \
+            " | Portico CPU / nginx | Portico CPU / HAProxy |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for c in args.conns:
+            row = [str(c)]
+            row += [fmt(m.get((p, mode, c), {}).get("rps"), 0) for p in proxies]
+            row += [fmt(m.get((p, mode, c), {}).get("cpu_us_per_req")) for p in proxies if p != "direct"]
+            pc = m.get(("portico", mode, c), {}).get("cpu_us_per_req")
+            nc = m.get(("nginx", mode, c), {}).get("cpu_us_per_req")
+            hc = m.get(("haproxy", mode, c), {}).get("cpu_us_per_req")
+            row.append(fmt(pc / nc, 2) if pc and nc else "-")
+            row.append(fmt(pc / hc, 2) if pc and hc else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        errs = {p: sum(m[k]["errors"] for k in m if k[0] == p and k[1] == mode) for p in proxies}
+        lines += ["", "Errors (non-2xx + socket errors): " +
+                  ", ".join(f"{p} {n}" for p, n in errs.items()), ""]
+    if res["latency"]:
+        lines += [f"## Latency at a fixed {args.rate} req/s over {args.rate_conns} connections", "",
+                  "| proxy | p50 µs | p99 µs | p99.9 µs | max µs | errors |", "|---|---|---|---|---|---|"]
+        for r in res["latency"]:
+            lines.append(f"| {r['proxy']} | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | "
+                         f"{r['max_us']} | {r['errors']} |")
+        lines.append("")
+    if res["memory"]:
+        lines += [f"## {args.idle_conns} idle keep-alive connections", "",
+                  "| proxy | held | RSS before MiB | RSS held MiB | KiB per connection | "
+                  "new-connection request p50 / max µs | still answering after |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in res["memory"]:
+            lines.append(
+                f"| {r['proxy']} | {r['open']} | {r['rss_base_kib'] / 1024:.1f} | "
+                f"{r['rss_held_kib'] / 1024:.1f} | {r['kib_per_conn']:.1f} | "
+                f"{r['probe_p50_us']} / {r['probe_max_us']} | {r['still_open']}/{r['checked_after']} |")
+        lines.append("")
+    if res["churn"]:
+        c = res["churn"]
+        lines += ["## Discovery churn", "",
+                  f"Portico, keep-alive, 50 connections: {c['steady_rps']:.0f} req/s steady, "
+                  f"{c['churn_rps']:.0f} req/s with a registration change every 100 ms "
+                  f"({c['changes']} changes): a cost of {100 * c['cost']:.1f}% "
+                  f"(medians of {args.churn_pairs} interleaved pairs), {c['errors']} errors.", ""]
+    look = [(k, v) for k, v in m.items() if k[0] == "portico-lookup"]
+    if look:
+        lines += ["## The seed's design: one UDP LOOKUP per request", "",
+                  "| mode | connections | req/s | ingress CPU µs/req | Tower CPU µs/req |",
+                  "|---|---|---|---|---|"]
+        for (p, mode, c), v in sorted(look):
+            lines.append(f"| {mode} | {c} | {fmt(v['rps'], 0)} | {fmt(v['cpu_us_per_req'])} | "
+                         f"{fmt(v['tower_cpu_us_per_req'])} |")
+        lines.append("")
+    lines += ["## Targets (issue 8)", ""] + targets(res, args, m) + [""]
+    return "\n".join(lines)
+
+
+def targets(res, args, m):
+    out = []
+    for mode in args.modes:
+        for c in args.conns:
+            pc = m.get(("portico", mode, c), {}).get("cpu_us_per_req")
+            nc = m.get(("nginx", mode, c), {}).get("cpu_us_per_req")
+            hc = m.get(("haproxy", mode, c), {}).get("cpu_us_per_req")
+            if pc and nc and hc:
+                ok = pc <= 0.8 * nc and pc < hc
+                out.append(f"- CPU {mode} c={c}: {pc / nc:.2f}x nginx, {pc / hc:.2f}x HAProxy "
+                           f"(target <= 0.80x nginx and < 1x HAProxy): {'met' if ok else 'NOT met'}")
+            if c >= 50:
+                pr = m.get(("portico", mode, c), {}).get("rps")
+                best = max(m.get((p, mode, c), {}).get("rps") or 0 for p in ("nginx", "haproxy"))
+                if pr and best:
+                    out.append(f"- req/s {mode} c={c}: {pr / best:.2f}x the better of nginx and "
+                               f"HAProxy: {'met' if pr >= best else 'NOT met'}")
+    lat = {r["proxy"]: r for r in res["latency"]}
+    if "portico" in lat and "nginx" in lat:
+        p, n = lat["portico"]["p99_us"], lat["nginx"]["p99_us"]
+        out.append(f"- p99 at {args.rate} req/s: Portico {p} µs, nginx {n} µs: "
+                   f"{'met' if p <= n else 'NOT met'}")
+    for r in res["memory"]:
+        if r["proxy"] == "portico":
+            out.append(f"- {r['open']} idle connections: {r['kib_per_conn']:.1f} KiB each "
+                       f"(target < 20): {'met' if r['kib_per_conn'] < 20 else 'NOT met'}; "
+                       f"new-connection request max {r['probe_max_us'] / 1000:.1f} ms (target < 100): "
+                       f"{'met' if r['probe_max_us'] < 100_000 and r['probe_errors'] == 0 else 'NOT met'}")
+    if res["churn"]:
+        cost = res["churn"]["cost"]
+        out.append(f"- churn: {100 * cost:.1f}% of throughput (target < 5%): "
+                   f"{'met' if cost < 0.05 else 'NOT met'}")
+    return out
+
+
+COLORS = {"portico": "#2b6cb0", "nginx": "#38a169", "haproxy": "#dd6b20",
+          "direct": "#718096", "portico-lookup": "#90cdf4"}
+
+
+def chart(res, args):
+    """Four panels of grouped bars, as a standalone SVG."""
+    m = medians(res["cells"])
+    W, H = 1200, 980
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{W}" height="{H}" fill="white"/>',
+             f'<text x="20" y="28" font-size="18">Portico vs nginx vs HAProxy, '
+             f'{res["machine"]["date"]}, {res["machine"]["cores"]} cores, proxy on one core</text>']
+
+    def panel(x, y, w, h, title, groups, series, unit):
+        parts.append(f'<text x="{x}" y="{y - 8}" font-size="14">{title}</text>')
+        vals = [v for _, vs in series for v in vs if v]
+        top = max(vals) * 1.15 if vals else 1
+        parts.append(f'<line x1="{x}" y1="{y + h}" x2="{x + w}" y2="{y + h}" stroke="#333"/>')
+        for i in range(5):
+            gy = y + h - h * i / 4
+            parts.append(f'<line x1="{x}" y1="{gy}" x2="{x + w}" y2="{gy}" stroke="#eee"/>')
+            parts.append(f'<text x="{x - 4}" y="{gy + 4}" text-anchor="end" fill="#555">'
+                         f'{top * i / 4:.3g}</text>')
+        gw = w / max(len(groups), 1)
+        bw = gw * 0.8 / max(len(series), 1)
+        for gi, g in enumerate(groups):
+            gx = x + gi * gw + gw * 0.1
+            parts.append(f'<text x="{gx + gw * 0.4}" y="{y + h + 16}" text-anchor="middle">{g}</text>')
+            for si, (name, vs) in enumerate(series):
+                v = vs[gi]
+                if not v:
+                    continue
+                bh = h * v / top
+                parts.append(f'<rect x="{gx + si * bw:.1f}" y="{y + h - bh:.1f}" width="{bw - 1:.1f}" '
+                             f'height="{bh:.1f}" fill="{COLORS.get(name, "#999")}">'
+                             f'<title>{name} {g}: {v:.4g} {unit}</title></rect>')
+        for si, (name, _) in enumerate(series):
+            lx = x + w - 130
+            ly = y + 6 + si * 15
+            parts.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" '
+                         f'fill="{COLORS.get(name, "#999")}"/><text x="{lx + 14}" y="{ly}">{name}</text>')
+
+    cells = [(mode, c) for mode in args.modes for c in args.conns]
+    groups = [f"{'ka' if mode == 'keepalive' else 'new'} {c}" for mode, c in cells]
+    panel(70, 80, 1100, 170, "Requests per second (higher is better; ka = keep-alive, "
+          "new = a connection per request)", groups,
+          [(p, [m.get((p, mo, c), {}).get("rps") for mo, c in cells]) for p in args.proxies], "req/s")
+    panel(70, 320, 1100, 170, "Proxy CPU µs per request (lower is better)", groups,
+          [(p, [m.get((p, mo, c), {}).get("cpu_us_per_req") for mo, c in cells])
+           for p in args.proxies if p != "direct"], "µs")
+    lat = res["latency"]
+    panel(70, 570, 520, 170, f"p99 latency µs at a fixed {args.rate} req/s (lower is better)",
+          ["p50", "p99", "p99.9"],
+          [(r["proxy"], [r["p50_us"], r["p99_us"], r["p999_us"]]) for r in lat], "µs")
+    mem = res["memory"]
+    panel(650, 570, 520, 170, f"KiB per idle connection, {args.idle_conns} held (lower is better)",
+          ["KiB/conn"], [(r["proxy"], [r["kib_per_conn"]]) for r in mem], "KiB")
+    if res["churn"]:
+        c = res["churn"]
+        panel(70, 800, 520, 150, "Portico req/s, keep-alive 50: steady vs a change every 100 ms",
+              ["steady", "churn"], [("portico", [c["steady_rps"], c["churn_rps"]])], "req/s")
+    look = {k: v for k, v in m.items() if k[0] == "portico-lookup"}
+    if look:
+        lmodes = sorted(look)
+        panel(650, 800, 520, 150, "CPU µs/req at 50 connections: watch vs the seed's LOOKUP per request",
+              [f"{'ka' if k[1] == 'keepalive' else 'new'}" for k in lmodes],
+              [("portico", [m.get(("portico", k[1], k[2]), {}).get("cpu_us_per_req") for k in lmodes]),
+               ("portico-lookup", [(look[k]["cpu_us_per_req"] or 0) + (look[k]["tower_cpu_us_per_req"] or 0)
+                                   for k in lmodes])], "µs")
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for the results")
+    ap.add_argument("--portico", required=True)
+    ap.add_argument("--loadgen", required=True)
+    ap.add_argument("--proxies", default="portico,nginx,haproxy,direct")
+    ap.add_argument("--modes", default="keepalive,close")
+    ap.add_argument("--conns", default="1,50,500,2000")
+    ap.add_argument("--duration", type=float, default=5)
+    ap.add_argument("--warmup", type=float, default=1)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rate", type=int, default=10000, help="fixed rate for the latency test")
+    ap.add_argument("--rate-conns", type=int, default=50)
+    ap.add_argument("--idle-conns", type=int, default=10000)
+    ap.add_argument("--idle-hold", type=float, default=3)
+    ap.add_argument("--churn-pairs", type=int, default=2)
+    ap.add_argument("--body-bytes", type=int, default=1024)
+    ap.add_argument("--proxy-cpu", default="0")
+    ap.add_argument("--load-cpu", default="1")
+    ap.add_argument("--skip", default="", help="comma list of: cells,latency,memory,churn,lookup")
+    a = ap.parse_args()
+    a.proxies = a.proxies.split(",")
+    a.modes = a.modes.split(",")
+    a.conns = [int(c) for c in a.conns.split(",")]
+    skip = set(filter(None, a.skip.split(",")))
+    a.lookup = "lookup" not in skip
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    a.nofile = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    need = max(a.conns + [a.idle_conns]) + 500
+    if hard < need:
+        sys.exit(f"the open-file limit is {hard}; this run needs {need} (lower --conns/--idle-conns)")
+    os.makedirs(a.out, exist_ok=True)
+    b = Bench(a)
+    res = b.results
+    res["machine"] = versions(a)
+    res["command"] = " ".join(["bench/run.sh"] + sys.argv[1:])
+    try:
+        if "cells" not in skip:
+            log("cells:")
+            b.run_cells()
+        if "latency" not in skip:
+            log("latency:")
+            b.run_latency()
+        if "memory" not in skip:
+            log("memory:")
+            b.run_memory()
+        if "churn" not in skip and "portico" in a.proxies:
+            log("churn:")
+            b.run_churn()
+    finally:
+        b.stop()
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    text = summary(res, a)
+    with open(os.path.join(a.out, "summary.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(a.out, "chart.svg"), "w") as f:
+        f.write(chart(res, a))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

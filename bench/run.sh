@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Portico's benchmark, one command: installs wrk, nginx and HAProxy from apt
+# when missing, builds Portico and the load generator (release), and runs
+# bench.py, which measures Portico, nginx, HAProxy and no proxy ("direct")
+# side by side and writes results.json, summary.md and chart.svg.
+#
+#   bench/run.sh                 # the full run (about 15 minutes on 2 cores)
+#   bench/run.sh --publish       # ... and copy summary.md and chart.svg to docs/bench/
+#   bench/run.sh --smoke         # seconds: checks the benchmark works (CI); debug build
+#   bench/run.sh --rounds 3 ...  # any option of bench.py (bench/bench.py --help)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+missing=()
+for tool in wrk nginx haproxy taskset; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    pkgs=("${missing[@]/taskset/util-linux}")
+    echo "installing: ${pkgs[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+
+publish=0
+profile=release
+args=()
+for a in "$@"; do
+    case "$a" in
+        --publish) publish=1 ;;
+        --smoke)
+            profile=debug
+            args+=(--duration 1 --warmup 1 --conns 1,50 --rate 1000 --idle-conns 300
+                   --idle-hold 0.5 --churn-pairs 1) ;;
+        *) args+=("$a") ;;
+    esac
+done
+
+if [[ $profile == release ]]; then
+    cargo build --release --locked -p portico -p portico-loadgen >&2
+else
+    cargo build --locked -p portico -p portico-loadgen >&2
+fi
+out="bench/results/$(date -u +%Y%m%d-%H%M%S)"
+for ((i = 0; i < ${#args[@]}; i++)); do
+    [[ ${args[$i]} == --out ]] && out=${args[$((i + 1))]}
+done
+python3 bench/bench.py --out "$out" --portico "target/$profile/portico" \
+    --loadgen "target/$profile/portico-loadgen" "${args[@]}"
+echo "results in $out" >&2
+if ((publish)); then
+    mkdir -p docs/bench
+    cp "$out/summary.md" docs/bench/latest.md
+    cp "$out/chart.svg" docs/bench/latest.svg
+    cp "$out/results.json" docs/bench/latest.json
+    echo "published to docs/bench/" >&2
+fi
