@@ -80,6 +80,3 @@ fn raise_fd_limit() {
         }
     }
 }
-
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

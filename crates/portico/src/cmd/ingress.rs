@@ -130,6 +130,7 @@ pub async fn serve(
         attempts: config.attempts,
         backend_timeout: config.backend_timeout,
         max_uri_bytes: config.max_uri_bytes,
+        max_header_bytes: config.serve.max_header_bytes,
         metrics,
         access_log,
         tunnel_idle: config.serve.timeouts.idle,

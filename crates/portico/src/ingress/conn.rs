@@ -200,7 +200,7 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
 
 /// Drive one connection future until it ends, a timeout passes, or shutdown
 /// is asked (then it is closed gracefully: in-flight requests finish).
-pub async fn supervise<F>(
+pub async fn supervise<F, E>(
     conn: F,
     graceful: impl FnOnce(Pin<&mut F>),
     state: &ConnState,
@@ -208,7 +208,8 @@ pub async fn supervise<F>(
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    F: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     tokio::pin!(conn);
     let mut graceful = Some(graceful);

@@ -58,6 +58,8 @@ pub struct Proxy {
     pub backend_timeout: Duration,
     /// Longest request target accepted; longer gets 414.
     pub max_uri_bytes: usize,
+    /// Largest request head (target and header fields); larger gets 431.
+    pub max_header_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub access_log: Option<AccessLog>,
     /// Idle timeout of upgraded (tunnelled) connections.
@@ -190,6 +192,20 @@ async fn proxy_request(
                 "Request target too long.\n",
             ));
         }
+    }
+    // hyper bounds the head only while it is incomplete: a head that arrives
+    // whole in one read can pass its buffer limit. The limit is ours.
+    let head_bytes = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
+        + req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if head_bytes > proxy.max_header_bytes {
+        return Ok(local_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Request header fields too large.\n",
+        ));
     }
     let (mut parts, body) = req.into_parts();
     let client_version = parts.version;

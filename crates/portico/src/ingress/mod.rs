@@ -17,9 +17,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -69,7 +69,7 @@ pub async fn serve(
     settings: ServeSettings,
     shutdown: watch::Receiver<bool>,
 ) {
-    let builder = Arc::new(http_builder(&settings));
+    let protocols = Arc::new(Protocols::new(&settings));
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let sweeper = tokio::spawn(sweep_pool(proxy.pool.clone()));
@@ -104,7 +104,7 @@ pub async fn serve(
         }
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                let builder = builder.clone();
+                let protocols = protocols.clone();
                 let proxy = proxy.clone();
                 let timeouts = settings.timeouts;
                 let shutdown = shutdown.clone();
@@ -115,27 +115,36 @@ pub async fn serve(
                     let metrics = proxy.metrics.clone();
                     match tls {
                         None => {
-                            serve_connection(
-                                stream, peer, false, &builder, proxy, timeouts, shutdown,
-                            )
-                            .await
+                            serve_plain(stream, peer, &protocols, proxy, timeouts, shutdown).await
                         }
-                        // The handshake runs here, off the accept loop.
+                        // The handshake runs here, off the accept loop. Boxed:
+                        // a TLS session is kilobytes, and every plain
+                        // connection's task would otherwise be sized for it.
                         Some(TlsTermination {
                             acceptor,
                             handshake_timeout: limit,
-                        }) => match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => {
-                                serve_connection(
-                                    tls, peer, true, &builder, proxy, timeouts, shutdown,
-                                )
-                                .await
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "tls handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, ?limit, "tls handshake timed out"),
-                        },
+                        }) => {
+                            Box::pin(async move {
+                                match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                    Ok(Ok(tls)) => {
+                                        // HTTP/2 over TLS is chosen by ALPN.
+                                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                                        serve_connection(
+                                            tls, peer, true, h2, &protocols, proxy, timeouts,
+                                            shutdown,
+                                        )
+                                        .await
+                                    }
+                                    Ok(Err(e)) => {
+                                        tracing::debug!(%peer, error = %e, "tls handshake failed")
+                                    }
+                                    Err(_) => {
+                                        tracing::debug!(%peer, ?limit, "tls handshake timed out")
+                                    }
+                                }
+                            })
+                            .await
+                        }
                     }
                     metrics.active_connections.dec();
                     drop(permit);
@@ -170,34 +179,105 @@ pub async fn serve(
     }
 }
 
-fn http_builder(settings: &ServeSettings) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        // The connection watchdog keeps the header and idle timeouts.
-        .header_read_timeout(None)
-        .max_buf_size(settings.max_header_bytes.max(8192))
-        .max_headers(settings.max_headers)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(settings.max_h2_streams)
-        // Bounds a header block across CONTINUATION frames (CONTINUATION
-        // flood) as the HTTP/1.1 head is bounded.
-        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
-        // Rapid reset (CVE-2023-44487): streams a client opens and resets
-        // before they are served; past this the connection gets GOAWAY.
-        .max_pending_accept_reset_streams(20)
-        // Streams we had to reset for the client's errors; past this, GOAWAY.
-        .max_local_error_reset_streams(1024);
-    b
+/// The HTTP/1.1 and HTTP/2 server settings, built once.
+struct Protocols {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
 }
 
+impl Protocols {
+    fn new(settings: &ServeSettings) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            // The connection watchdog keeps the header and idle timeouts.
+            .header_read_timeout(None)
+            .max_buf_size(settings.max_header_bytes.max(8192))
+            .max_headers(settings.max_headers)
+            .keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(settings.max_h2_streams)
+            // Bounds a header block across CONTINUATION frames (CONTINUATION
+            // flood) as the HTTP/1.1 head is bounded.
+            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+            // Rapid reset (CVE-2023-44487): streams a client opens and resets
+            // before they are served; past this the connection gets GOAWAY.
+            .max_pending_accept_reset_streams(20)
+            // Streams we had to reset for the client's errors; past this, GOAWAY.
+            .max_local_error_reset_streams(1024);
+        Self { h1, h2 }
+    }
+}
+
+/// The client preface of HTTP/2 with prior knowledge (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plain connection starts with the HTTP/2 preface. The bytes are
+/// peeked, not read, so that hyper reads them into its own buffer and no
+/// rewind layer sits under every later read. `None` if the client closed
+/// or sent nothing in time.
+async fn starts_with_h2_preface(stream: &TcpStream) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // A prefix of the preface so far (a slow client): peeking again at
+        // once would spin on the same bytes.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A plain TCP connection: HTTP/1.1, or h2c with prior knowledge.
+async fn serve_plain(
+    stream: TcpStream,
+    peer: SocketAddr,
+    protocols: &Protocols,
+    proxy: Arc<Proxy>,
+    timeouts: ConnTimeouts,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let sniffed = tokio::select! {
+        s = tokio::time::timeout(timeouts.header, starts_with_h2_preface(&stream)) => s,
+        _ = shutdown.wait_for(|stop| *stop) => return,
+    };
+    let h2 = match sniffed {
+        Ok(Some(h2)) => h2,
+        Ok(None) => return,
+        Err(_) => {
+            tracing::debug!(%peer, "closing connection: nothing sent within the header timeout");
+            return;
+        }
+    };
+    if h2 {
+        // Boxed: an HTTP/2 connection's state is large, and HTTP/1.1
+        // connections are the many.
+        Box::pin(serve_connection(
+            stream, peer, false, true, protocols, proxy, timeouts, shutdown,
+        ))
+        .await
+    } else {
+        serve_connection(
+            stream, peer, false, false, protocols, proxy, timeouts, shutdown,
+        )
+        .await
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<IO>(
     stream: IO,
     peer: SocketAddr,
     tls: bool,
-    builder: &auto::Builder<TokioExecutor>,
+    h2: bool,
+    protocols: &Protocols,
     proxy: Arc<Proxy>,
     timeouts: ConnTimeouts,
     shutdown: watch::Receiver<bool>,
@@ -210,18 +290,35 @@ async fn serve_connection<IO>(
         state: state.clone(),
         tls,
     };
-    let service = service_fn(move |req| handler::handle(proxy.clone(), client.clone(), req));
+    // The request's future is boxed: hyper keeps a slot for it for the
+    // connection's whole life, and an idle keep-alive connection should not
+    // hold kilobytes for a request it is not serving.
+    let service =
+        service_fn(move |req| Box::pin(handler::handle(proxy.clone(), client.clone(), req)));
     let io = TokioIo::new(Tracked::new(stream, state.clone()));
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    conn::supervise(
-        conn,
-        |c| c.graceful_shutdown(),
-        &state,
-        timeouts,
-        peer,
-        shutdown,
-    )
-    .await;
+    if h2 {
+        let conn = protocols.h2.serve_connection(io, service);
+        conn::supervise(
+            conn,
+            |c| c.graceful_shutdown(),
+            &state,
+            timeouts,
+            peer,
+            shutdown,
+        )
+        .await;
+    } else {
+        let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+        conn::supervise(
+            conn,
+            |c| c.graceful_shutdown(),
+            &state,
+            timeouts,
+            peer,
+            shutdown,
+        )
+        .await;
+    }
 }
 
 /// Tell a client over the limit why it is refused, then close. Its request
