@@ -602,6 +602,15 @@ def targets(res, args, m):
     return out
 
 
+def tick(v):
+    """A short axis label: 72k, 4.5, 120."""
+    if v >= 10_000:
+        return f"{v / 1000:.0f}k"
+    if v >= 1000:
+        return f"{v / 1000:.1f}k"
+    return f"{v:.3g}"
+
+
 COLORS = {"portico": "#2b6cb0", "nginx": "#38a169", "haproxy": "#dd6b20",
           "direct": "#718096", "portico-lookup": "#90cdf4"}
 
@@ -625,7 +634,7 @@ def chart(res, args):
             gy = y + h - h * i / 4
             parts.append(f'<line x1="{x}" y1="{gy}" x2="{x + w}" y2="{gy}" stroke="#eee"/>')
             parts.append(f'<text x="{x - 4}" y="{gy + 4}" text-anchor="end" fill="#555">'
-                         f'{top * i / 4:.3g}</text>')
+                         f'{tick(top * i / 4)}</text>')
         gw = w / max(len(groups), 1)
         bw = gw * 0.8 / max(len(series), 1)
         for gi, g in enumerate(groups):
@@ -640,7 +649,7 @@ def chart(res, args):
                              f'height="{bh:.1f}" fill="{COLORS.get(name, "#999")}">'
                              f'<title>{name} {g}: {v:.4g} {unit}</title></rect>')
         for si, (name, _) in enumerate(series):
-            lx = x + w - 130
+            lx = x + w + 8 if w < 600 else x + w - 130
             ly = y + 6 + si * 15
             parts.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" '
                          f'fill="{COLORS.get(name, "#999")}"/><text x="{lx + 14}" y="{ly}">{name}</text>')
@@ -654,20 +663,20 @@ def chart(res, args):
           [(p, [m.get((p, mo, c), {}).get("cpu_us_per_req") for mo, c in cells])
            for p in args.proxies if p != "direct"], "µs")
     lat = res["latency"]
-    panel(70, 570, 520, 170, f"p99 latency µs at a fixed {args.rate} req/s (lower is better)",
+    panel(70, 570, 440, 170, f"Latency µs at a fixed {args.rate} req/s (lower is better)",
           ["p50", "p99", "p99.9"],
           [(r["proxy"], [r["p50_us"], r["p99_us"], r["p999_us"]]) for r in lat], "µs")
     mem = res["memory"]
-    panel(650, 570, 520, 170, f"KiB per idle connection, {args.idle_conns} held (lower is better)",
+    panel(650, 570, 440, 170, f"KiB per idle connection, {args.idle_conns} held (lower is better)",
           ["KiB/conn"], [(r["proxy"], [r["kib_per_conn"]]) for r in mem], "KiB")
     if res["churn"]:
         c = res["churn"]
-        panel(70, 800, 520, 150, "Portico req/s, keep-alive 50: steady vs a change every 100 ms",
+        panel(70, 800, 440, 150, "Portico req/s, keep-alive 50: steady vs a change every 100 ms",
               ["steady", "churn"], [("portico", [c["steady_rps"], c["churn_rps"]])], "req/s")
     look = {k: v for k, v in m.items() if k[0] == "portico-lookup"}
     if look:
         lmodes = sorted(look)
-        panel(650, 800, 520, 150, "CPU µs/req at 50 connections: watch vs the seed's LOOKUP per request",
+        panel(650, 800, 440, 150, "CPU µs/req at 50 connections: watch vs the seed's LOOKUP per request",
               [f"{'ka' if k[1] == 'keepalive' else 'new'}" for k in lmodes],
               [("portico", [m.get(("portico", k[1], k[2]), {}).get("cpu_us_per_req") for k in lmodes]),
                ("portico-lookup", [(look[k]["cpu_us_per_req"] or 0) + (look[k]["tower_cpu_us_per_req"] or 0)

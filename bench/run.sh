@@ -4,9 +4,9 @@
 # bench.py, which measures Portico, nginx, HAProxy and no proxy ("direct")
 # side by side and writes results.json, summary.md and chart.svg.
 #
-#   bench/run.sh                 # the full run (about 15 minutes on 2 cores)
+#   bench/run.sh                 # the full run (about 10 minutes on 2 cores)
 #   bench/run.sh --publish       # ... and copy summary.md and chart.svg to docs/bench/
-#   bench/run.sh --smoke         # seconds: checks the benchmark works (CI); debug build
+#   bench/run.sh --smoke         # a minute: checks the benchmark works (CI); debug build
 #   bench/run.sh --rounds 3 ...  # any option of bench.py (bench/bench.py --help)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,7 +30,7 @@ for a in "$@"; do
         --publish) publish=1 ;;
         --smoke)
             profile=debug
-            args+=(--duration 1 --warmup 1 --conns 1,50 --rate 1000 --idle-conns 300
+            args+=(--duration 1 --warmup 1 --conns 50 --rate 1000 --idle-conns 300
                    --idle-hold 0.5 --churn-pairs 1) ;;
         *) args+=("$a") ;;
     esac
