@@ -29,7 +29,10 @@ struct Owned {
     /// The etcd revision of this Tower's last write of the key.
     put_revision: Option<i64>,
     work: Work,
-    busy: bool,
+    /// Tells this registration from an earlier one of the same replica
+    /// (deregistered, then registered again) whose write may still be in
+    /// flight: that write's outcome is not this one's.
+    generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -46,7 +49,6 @@ struct Removal {
     delete_key: bool,
     /// Revoke these leases of ours (deletes the key only if still bound).
     leases: Vec<i64>,
-    busy: bool,
 }
 
 /// A write for the etcd writer to do.
@@ -93,6 +95,11 @@ pub struct StoreState {
     ever_current: bool,
     owned: HashMap<EndpointKey, Owned>,
     removals: HashMap<EndpointKey, Removal>,
+    /// Keys with a job in flight, and the generation of the registration
+    /// it was for. One job per key at a time: writes to one key never race
+    /// each other in etcd.
+    busy: HashMap<EndpointKey, Option<u64>>,
+    next_generation: u64,
 }
 
 impl StoreState {
@@ -105,6 +112,8 @@ impl StoreState {
             ever_current: false,
             owned: HashMap::new(),
             removals: HashMap::new(),
+            busy: HashMap::new(),
+            next_generation: 0,
         }
     }
 
@@ -175,7 +184,7 @@ impl StoreState {
         // A registration removed a moment ago and not yet deleted in etcd:
         // the delete must not land after the new write.
         if let Some(r) = self.removals.get_mut(&key) {
-            if !r.busy {
+            if !self.busy.contains_key(&key) {
                 r.delete_key = false;
                 if r.leases.is_empty() {
                     self.removals.remove(&key);
@@ -184,13 +193,17 @@ impl StoreState {
         }
         let in_etcd = self.cache.get(&key).is_some();
         let cache_rev = self.cache.revision();
-        let o = self.owned.entry(key).or_insert(Owned {
+        let generation = self.next_generation;
+        let o = self.owned.entry(key).or_insert_with(|| Owned {
             expires,
             lease: None,
             put_revision: None,
             work: Work::Put,
-            busy: false,
+            generation,
         });
+        if o.generation == generation {
+            self.next_generation += 1;
+        }
         o.expires = expires;
         let wanted = match (o.lease, o.put_revision) {
             // Our write was seen by the watch, and since removed by someone
@@ -289,12 +302,12 @@ impl StoreState {
     /// The writes owed now, each marked in flight until `complete`.
     pub fn take_work(&mut self, max: usize) -> Vec<Job> {
         let mut jobs = Vec::new();
-        for (key, r) in &mut self.removals {
+        for (key, r) in &self.removals {
             if jobs.len() >= max {
                 return jobs;
             }
-            if !r.busy {
-                r.busy = true;
+            if !self.busy.contains_key(key) {
+                self.busy.insert(key.clone(), None);
                 jobs.push(Job::Remove {
                     key: key.clone(),
                     delete_key: r.delete_key,
@@ -306,8 +319,8 @@ impl StoreState {
             if jobs.len() >= max {
                 break;
             }
-            // A removal of the same key in flight goes first.
-            if o.busy || o.work == Work::Idle || self.removals.get(key).is_some_and(|r| r.busy) {
+            // A removal of the same key goes first (it was taken above).
+            if o.work == Work::Idle || self.busy.contains_key(key) {
                 continue;
             }
             let job = match (o.work, o.lease) {
@@ -320,7 +333,7 @@ impl StoreState {
                     reuse: o.lease,
                 },
             };
-            o.busy = true;
+            self.busy.insert(key.clone(), Some(o.generation));
             o.work = Work::Idle;
             jobs.push(job);
         }
@@ -329,12 +342,14 @@ impl StoreState {
 
     /// The outcome of a job from `take_work`.
     pub fn complete(&mut self, job: &Job, outcome: Outcome) {
+        let key = match job {
+            Job::Put { key, .. } | Job::KeepAlive { key, .. } | Job::Remove { key, .. } => key,
+        };
+        let generation = self.busy.remove(key).flatten();
+        // The registration the job was for, if it is still this Tower's.
+        let same = |o: &&mut Owned| Some(o.generation) == generation;
         match (job, outcome) {
-            (Job::Remove { key, .. }, Outcome::Failed) => {
-                if let Some(r) = self.removals.get_mut(key) {
-                    r.busy = false;
-                }
-            }
+            (Job::Remove { .. }, Outcome::Failed) => {}
             (
                 Job::Remove {
                     key,
@@ -344,7 +359,6 @@ impl StoreState {
                 _,
             ) => {
                 if let Some(r) = self.removals.get_mut(key) {
-                    r.busy = false;
                     if *delete_key {
                         r.delete_key = false;
                     }
@@ -355,17 +369,16 @@ impl StoreState {
                 }
             }
             (Job::Put { key, .. }, Outcome::Put { lease, revision }) => {
-                match self.owned.get_mut(key) {
+                match self.owned.get_mut(key).filter(same) {
                     Some(o) => {
-                        o.busy = false;
                         o.lease = Some(lease);
                         o.put_revision = Some(revision);
                         // The lease was just granted or renewed: heartbeats
                         // during the write are answered by it.
                         o.work = Work::Idle;
                     }
-                    // Deregistered or expired while the write was in flight:
-                    // take it back.
+                    // Deregistered or expired while the write was in flight
+                    // (and perhaps registered again since): take it back.
                     None => self
                         .removals
                         .entry(key.clone())
@@ -375,8 +388,7 @@ impl StoreState {
                 }
             }
             (Job::KeepAlive { key, .. }, Outcome::KeepAlive { alive }) => {
-                if let Some(o) = self.owned.get_mut(key) {
-                    o.busy = false;
+                if let Some(o) = self.owned.get_mut(key).filter(same) {
                     if !alive {
                         o.lease = None;
                         o.put_revision = None;
@@ -385,8 +397,7 @@ impl StoreState {
                 }
             }
             (Job::Put { key, .. } | Job::KeepAlive { key, .. }, _) => {
-                if let Some(o) = self.owned.get_mut(key) {
-                    o.busy = false;
+                if let Some(o) = self.owned.get_mut(key).filter(same) {
                     let retry = if matches!(job, Job::Put { .. }) {
                         Work::Put
                     } else {
@@ -695,5 +706,201 @@ mod tests {
         assert!(s.visible(&k, now + TTL * 10));
         s.apply(&[delete_event(&s, &k, 5)], 5);
         assert!(s.visible_keys(now).is_empty());
+    }
+
+    /// A pretend etcd for the model test: keys bound to leases, a revision,
+    /// and the watch events it owes.
+    #[derive(Default)]
+    struct FakeEtcd {
+        up: bool,
+        revision: i64,
+        next_lease: i64,
+        leases: std::collections::HashSet<i64>,
+        keys: HashMap<EndpointKey, i64>,
+        events: Vec<(Event, i64)>,
+    }
+
+    impl FakeEtcd {
+        fn put(&mut self, s: &StoreState, key: &EndpointKey, lease: i64) -> i64 {
+            self.revision += 1;
+            self.keys.insert(key.clone(), lease);
+            self.events
+                .push((put_event(s, key, lease, self.revision), self.revision));
+            self.revision
+        }
+
+        fn delete(&mut self, s: &StoreState, key: &EndpointKey) {
+            if self.keys.remove(key).is_some() {
+                self.revision += 1;
+                self.events
+                    .push((delete_event(s, key, self.revision), self.revision));
+            }
+        }
+
+        fn drop_lease(&mut self, s: &StoreState, lease: i64) {
+            self.leases.remove(&lease);
+            let bound: Vec<EndpointKey> = self
+                .keys
+                .iter()
+                .filter(|(_, l)| **l == lease)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in bound {
+                self.delete(s, &k);
+            }
+        }
+
+        fn run(&mut self, s: &StoreState, job: &Job) -> Outcome {
+            if !self.up {
+                return Outcome::Failed;
+            }
+            match job {
+                Job::Put { key, reuse } => {
+                    let lease = match reuse {
+                        Some(l) if self.leases.contains(l) => *l,
+                        _ => {
+                            self.next_lease += 1;
+                            self.leases.insert(self.next_lease);
+                            self.next_lease
+                        }
+                    };
+                    let revision = self.put(s, key, lease);
+                    Outcome::Put { lease, revision }
+                }
+                Job::KeepAlive { lease, .. } => Outcome::KeepAlive {
+                    alive: self.leases.contains(lease),
+                },
+                Job::Remove {
+                    key,
+                    delete_key,
+                    leases,
+                } => {
+                    if *delete_key {
+                        self.delete(s, key);
+                    }
+                    for l in leases {
+                        self.drop_lease(s, *l);
+                    }
+                    Outcome::Removed
+                }
+            }
+        }
+    }
+
+    /// Random registrations, deregistrations, expiries, outages, lost
+    /// leases and re-lists against a pretend etcd. Whenever etcd is up and
+    /// every owed write and watch event has gone through (after one round
+    /// of heartbeats), etcd holds exactly the live registrations, and the
+    /// Tower serves exactly those: nothing lost, nothing resurrected.
+    #[test]
+    fn a_tower_and_etcd_converge_whatever_happens_between() {
+        for seed in 0..std::env::var("STORE_SEEDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300)
+        {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (mut s, start) = state();
+            let mut etcd = FakeEtcd {
+                up: true,
+                ..FakeEtcd::default()
+            };
+            let keys: Vec<EndpointKey> = (1..=6)
+                .map(|i| {
+                    key(
+                        if i % 2 == 0 { "a" } else { "b" },
+                        &format!("10.0.0.{i}:80"),
+                    )
+                })
+                .collect();
+            let mut now = start;
+            let mut in_flight: Vec<Job> = Vec::new();
+            for _ in 0..300 {
+                let k = &keys[rng.usize(..keys.len())];
+                match rng.u8(..100) {
+                    0..=29 => s.register(k.clone(), now),
+                    30..=39 => {
+                        s.deregister(k, now);
+                    }
+                    40..=49 => now += Duration::from_secs(rng.u64(1..20)),
+                    50..=54 => {
+                        s.reap(now);
+                    }
+                    55..=59 => {
+                        etcd.up = !etcd.up;
+                        s.set_current(etcd.up);
+                    }
+                    60..=62 => {
+                        // etcd loses a lease (expired while this Tower was cut off).
+                        if let Some(&l) = etcd.leases.iter().next() {
+                            etcd.drop_lease(&s, l);
+                        }
+                    }
+                    63..=65 if etcd.up => {
+                        // The watch re-lists.
+                        let kvs: Vec<KeyValue> = etcd
+                            .keys
+                            .iter()
+                            .map(|(k, l)| kv(&s, k, *l, etcd.revision))
+                            .collect();
+                        etcd.events.clear();
+                        s.replace(&kvs, etcd.revision);
+                    }
+                    66..=79 => in_flight.extend(s.take_work(rng.usize(1..4))),
+                    80..=89 if !in_flight.is_empty() => {
+                        let job = in_flight.remove(rng.usize(..in_flight.len()));
+                        let outcome = etcd.run(&s, &job);
+                        s.complete(&job, outcome);
+                    }
+                    _ if etcd.up && !etcd.events.is_empty() => {
+                        let n = rng.usize(1..=etcd.events.len());
+                        let batch: Vec<(Event, i64)> = etcd.events.drain(..n).collect();
+                        let rev = batch.last().map_or(0, |b| b.1);
+                        let events: Vec<Event> = batch.into_iter().map(|b| b.0).collect();
+                        s.apply(&events, rev);
+                    }
+                    _ => {}
+                }
+            }
+            // Quiesce: etcd up, in-flight writes finish, a round of
+            // heartbeats from whatever is still alive, everything drains.
+            etcd.up = true;
+            s.set_current(true);
+            for job in std::mem::take(&mut in_flight) {
+                let outcome = etcd.run(&s, &job);
+                s.complete(&job, outcome);
+            }
+            s.reap(now);
+            let alive: Vec<EndpointKey> = keys
+                .iter()
+                .filter(|k| s.owned.get(*k).is_some_and(|o| o.expires > now))
+                .cloned()
+                .collect();
+            for k in &alive {
+                s.register(k.clone(), now);
+            }
+            for _ in 0..20 {
+                for job in s.take_work(100) {
+                    let outcome = etcd.run(&s, &job);
+                    s.complete(&job, outcome);
+                }
+                let events: Vec<(Event, i64)> = etcd.events.drain(..).collect();
+                if let Some(rev) = events.last().map(|e| e.1) {
+                    s.apply(&events.into_iter().map(|e| e.0).collect::<Vec<_>>(), rev);
+                }
+            }
+            let mut in_etcd: Vec<EndpointKey> = etcd.keys.keys().cloned().collect();
+            in_etcd.sort();
+            let mut served = s.visible_keys(now);
+            served.sort();
+            let mut want = alive.clone();
+            want.sort();
+            assert_eq!(
+                in_etcd, want,
+                "seed {seed}: etcd holds the live registrations"
+            );
+            assert_eq!(served, want, "seed {seed}: the Tower serves them");
+            assert_eq!(s.backlog(), 0, "seed {seed}: nothing owed");
+        }
     }
 }
