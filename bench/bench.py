@@ -688,8 +688,10 @@ def chart(res, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for the results")
-    ap.add_argument("--portico", required=True)
-    ap.add_argument("--loadgen", required=True)
+    ap.add_argument("--portico")
+    ap.add_argument("--loadgen")
+    ap.add_argument("--report", action="store_true",
+                    help="only rewrite summary.md and chart.svg from OUT/results.json")
     ap.add_argument("--proxies", default="portico,nginx,haproxy,direct")
     ap.add_argument("--modes", default="keepalive,close")
     ap.add_argument("--conns", default="1,50,500,2000")
@@ -706,6 +708,15 @@ def main():
     ap.add_argument("--load-cpu", default="1")
     ap.add_argument("--skip", default="", help="comma list of: cells,latency,memory,churn,lookup")
     a = ap.parse_args()
+    if a.report:
+        with open(os.path.join(a.out, "results.json")) as f:
+            res = json.load(f)
+        for k, v in res.get("settings", {}).items():
+            setattr(a, k, v)
+        write_reports(res, a)
+        return
+    if not a.portico or not a.loadgen:
+        ap.error("--portico and --loadgen are needed to run (bench/run.sh passes them)")
     a.proxies = a.proxies.split(",")
     a.modes = a.modes.split(",")
     a.conns = [int(c) for c in a.conns.split(",")]
@@ -721,7 +732,10 @@ def main():
     b = Bench(a)
     res = b.results
     res["machine"] = versions(a)
-    res["command"] = " ".join(["bench/run.sh"] + sys.argv[1:])
+    res["command"] = os.environ.get("BENCH_COMMAND") or " ".join(["bench/bench.py"] + sys.argv[1:])
+    res["settings"] = {k: getattr(a, k) for k in (
+        "proxies", "modes", "conns", "duration", "rounds", "rate", "rate_conns", "idle_conns",
+        "churn_pairs", "body_bytes", "proxy_cpu", "load_cpu")}
     try:
         if "cells" not in skip:
             log("cells:")
@@ -739,6 +753,10 @@ def main():
         b.stop()
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
+    write_reports(res, a)
+
+
+def write_reports(res, a):
     text = summary(res, a)
     with open(os.path.join(a.out, "summary.md"), "w") as f:
         f.write(text)

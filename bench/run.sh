@@ -45,7 +45,7 @@ out="bench/results/$(date -u +%Y%m%d-%H%M%S)"
 for ((i = 0; i < ${#args[@]}; i++)); do
     [[ ${args[$i]} == --out ]] && out=${args[$((i + 1))]}
 done
-python3 bench/bench.py --out "$out" --portico "target/$profile/portico" \
+BENCH_COMMAND="bash bench/run.sh $*" python3 bench/bench.py --out "$out" --portico "target/$profile/portico" \
     --loadgen "target/$profile/portico-loadgen" "${args[@]}"
 echo "results in $out" >&2
 if ((publish)); then
