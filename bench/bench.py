@@ -297,16 +297,12 @@ class Bench:
             return min(self.a.idle_conns, self.haproxy_maxconn() - 100)
         return self.a.idle_conns
 
-    def cpu_pids(self, name, proc):
-        pids = proc.pids() if proc else []
-        return pids
-
     def cell(self, name, mode, conns):
         a = self.a
         port, proc = self.start(name)
         try:
             wrk(port, 1, a.warmup, False, a.load_cpu)
-            pids = self.cpu_pids(name, proc)
+            pids = proc.pids() if proc else []
             tower_pids = self.tower.proc.pids()
             c0, t0 = cpu_seconds(pids), cpu_seconds(tower_pids)
             r = wrk(port, conns, a.duration, mode == "close", a.load_cpu)

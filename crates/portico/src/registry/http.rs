@@ -311,75 +311,84 @@ async fn write(
     }
 }
 
+/// One metric family in the text format: HELP, TYPE, then its samples
+/// (`labels` is `{k="v"}` or empty).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
 /// The Tower's Prometheus metrics, in the text format.
 fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
-    use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let c = registry.counters();
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP portico_tower_registrations Registrations held now (live or not yet reaped)."
+    family(
+        &mut out,
+        "portico_tower_registrations",
+        "gauge",
+        "Registrations held now (live or not yet reaped).",
+        &[("", registry.len() as u64)],
     );
-    let _ = writeln!(out, "# TYPE portico_tower_registrations gauge");
-    let _ = writeln!(out, "portico_tower_registrations {}", registry.len());
-    let _ = writeln!(
-        out,
-        "# HELP portico_tower_requests_total Requests by command, over UDP and HTTP."
+    let by_command: Vec<String> = super::COMMANDS
+        .iter()
+        .map(|name| format!("{{command=\"{name}\"}}"))
+        .collect();
+    let requests: Vec<(&str, u64)> = by_command
+        .iter()
+        .zip(c.requests.iter())
+        .map(|(labels, n)| (labels.as_str(), n.load(Relaxed)))
+        .collect();
+    family(
+        &mut out,
+        "portico_tower_requests_total",
+        "counter",
+        "Requests by command, over UDP and HTTP.",
+        &requests,
     );
-    let _ = writeln!(out, "# TYPE portico_tower_requests_total counter");
-    for (name, n) in super::COMMANDS.iter().zip(c.requests.iter()) {
-        let _ = writeln!(
-            out,
-            "portico_tower_requests_total{{command=\"{name}\"}} {}",
-            n.load(Relaxed)
-        );
-    }
-    let _ = writeln!(out, "# HELP portico_tower_errors_total Requests refused: malformed, or writes without a valid signature.");
-    let _ = writeln!(out, "# TYPE portico_tower_errors_total counter");
-    let _ = writeln!(
-        out,
-        "portico_tower_errors_total{{kind=\"malformed\"}} {}",
-        c.errors.load(Relaxed)
+    family(
+        &mut out,
+        "portico_tower_errors_total",
+        "counter",
+        "Requests refused: malformed, or writes without a valid signature.",
+        &[
+            ("{kind=\"malformed\"}", c.errors.load(Relaxed)),
+            ("{kind=\"unauthorized\"}", c.unauthorized.load(Relaxed)),
+        ],
     );
-    let _ = writeln!(
-        out,
-        "portico_tower_errors_total{{kind=\"unauthorized\"}} {}",
-        c.unauthorized.load(Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP portico_tower_expiries_total Registrations that expired without a heartbeat."
-    );
-    let _ = writeln!(out, "# TYPE portico_tower_expiries_total counter");
-    let _ = writeln!(
-        out,
-        "portico_tower_expiries_total {}",
-        c.expiries.load(Relaxed)
+    family(
+        &mut out,
+        "portico_tower_expiries_total",
+        "counter",
+        "Registrations that expired without a heartbeat.",
+        &[("", c.expiries.load(Relaxed))],
     );
     if let Some((owned, backlog)) = registry.store_backlog() {
-        let _ = writeln!(
-            out,
-            "# HELP portico_tower_store_current 1 while the cache of etcd is in sync, else 0."
+        family(
+            &mut out,
+            "portico_tower_store_current",
+            "gauge",
+            "1 while the cache of etcd is in sync, else 0.",
+            &[("", u64::from(registry.is_current()))],
         );
-        let _ = writeln!(out, "# TYPE portico_tower_store_current gauge");
-        let _ = writeln!(
-            out,
-            "portico_tower_store_current {}",
-            u8::from(registry.is_current())
+        family(
+            &mut out,
+            "portico_tower_store_owned",
+            "gauge",
+            "Registrations this Tower keeps alive in etcd.",
+            &[("", owned as u64)],
         );
-        let _ = writeln!(
-            out,
-            "# HELP portico_tower_store_owned Registrations this Tower keeps alive in etcd."
+        family(
+            &mut out,
+            "portico_tower_store_backlog",
+            "gauge",
+            "Writes owed to etcd (pending or in flight).",
+            &[("", backlog as u64)],
         );
-        let _ = writeln!(out, "# TYPE portico_tower_store_owned gauge");
-        let _ = writeln!(out, "portico_tower_store_owned {owned}");
-        let _ = writeln!(
-            out,
-            "# HELP portico_tower_store_backlog Writes owed to etcd (pending or in flight)."
-        );
-        let _ = writeln!(out, "# TYPE portico_tower_store_backlog gauge");
-        let _ = writeln!(out, "portico_tower_store_backlog {backlog}");
     }
     let mut r = Response::new(Full::new(Bytes::from(out)));
     r.headers_mut().insert(

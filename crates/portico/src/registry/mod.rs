@@ -286,9 +286,7 @@ impl Registry {
             return;
         };
         let now = Instant::now();
-        let key = match job {
-            Job::Put { key, .. } | Job::KeepAlive { key, .. } | Job::Remove { key, .. } => key,
-        };
+        let key = job.key();
         let mut state = lock(&store.state);
         let was = state.visible(key, now);
         state.complete(job, outcome);

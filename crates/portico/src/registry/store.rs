@@ -71,6 +71,15 @@ pub enum Job {
     },
 }
 
+impl Job {
+    /// The registration the job is for.
+    pub fn key(&self) -> &EndpointKey {
+        match self {
+            Job::Put { key, .. } | Job::KeepAlive { key, .. } | Job::Remove { key, .. } => key,
+        }
+    }
+}
+
 /// How a job went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -342,10 +351,7 @@ impl StoreState {
 
     /// The outcome of a job from `take_work`.
     pub fn complete(&mut self, job: &Job, outcome: Outcome) {
-        let key = match job {
-            Job::Put { key, .. } | Job::KeepAlive { key, .. } | Job::Remove { key, .. } => key,
-        };
-        let generation = self.busy.remove(key).flatten();
+        let generation = self.busy.remove(job.key()).flatten();
         // The registration the job was for, if it is still this Tower's.
         let same = |o: &&mut Owned| Some(o.generation) == generation;
         match (job, outcome) {
@@ -449,6 +455,16 @@ mod tests {
         }
     }
 
+    /// A state where `k` is registered here, written to etcd with lease 7
+    /// at revision 5, and seen back by the watch.
+    fn confirmed(k: &EndpointKey) -> (StoreState, Instant) {
+        let (mut s, now) = state();
+        s.register(k.clone(), now);
+        settle(&mut s, 7, 5);
+        s.apply(&[put_event(&s, k, 7, 5)], 5);
+        (s, now)
+    }
+
     /// Run every owed job against a pretend etcd that grants lease `lease`
     /// and writes at `revision`.
     fn settle(s: &mut StoreState, lease: i64, revision: i64) -> Vec<Job> {
@@ -503,11 +519,8 @@ mod tests {
 
     #[test]
     fn heartbeats_keep_the_lease_alive_and_a_lost_lease_is_written_again() {
-        let (mut s, now) = state();
         let k = key("web", "10.0.0.1:80");
-        s.register(k.clone(), now);
-        settle(&mut s, 7, 5);
-        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        let (mut s, now) = confirmed(&k);
         s.register(k.clone(), now + Duration::from_secs(10));
         let jobs = s.take_work(10);
         assert_eq!(
@@ -529,11 +542,8 @@ mod tests {
 
     #[test]
     fn a_key_deleted_elsewhere_is_written_again_on_the_next_heartbeat() {
-        let (mut s, now) = state();
         let k = key("web", "10.0.0.1:80");
-        s.register(k.clone(), now);
-        settle(&mut s, 7, 5);
-        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        let (mut s, now) = confirmed(&k);
         s.apply(&[delete_event(&s, &k, 6)], 6);
         assert!(!s.visible(&k, now), "a delete in etcd is seen at once");
         s.register(k.clone(), now);
@@ -549,11 +559,8 @@ mod tests {
 
     #[test]
     fn deregister_hides_at_once_and_deletes_the_key() {
-        let (mut s, now) = state();
         let k = key("web", "10.0.0.1:80");
-        s.register(k.clone(), now);
-        settle(&mut s, 7, 5);
-        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        let (mut s, now) = confirmed(&k);
         assert!(s.deregister(&k, now));
         assert!(!s.visible(&k, now));
         assert!(!s.deregister(&k, now), "twice is not found");
@@ -597,11 +604,8 @@ mod tests {
 
     #[test]
     fn expiry_revokes_only_our_lease() {
-        let (mut s, now) = state();
         let k = key("web", "10.0.0.1:80");
-        s.register(k.clone(), now);
-        settle(&mut s, 7, 5);
-        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        let (mut s, now) = confirmed(&k);
         let later = now + TTL;
         assert!(s.reap(later));
         assert!(!s.visible(&k, later), "our expired lease hides the key");
@@ -657,11 +661,8 @@ mod tests {
 
     #[test]
     fn a_relist_that_lost_our_key_writes_it_again_and_keeps_serving_it() {
-        let (mut s, now) = state();
         let k = key("web", "10.0.0.1:80");
-        s.register(k.clone(), now);
-        settle(&mut s, 7, 5);
-        s.apply(&[put_event(&s, &k, 7, 5)], 5);
+        let (mut s, now) = confirmed(&k);
         // etcd came back without its data.
         s.replace(&[], 9);
         assert!(s.visible(&k, now), "still heartbeated here: served");
