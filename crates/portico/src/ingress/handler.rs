@@ -23,7 +23,7 @@ use super::error::{ProxyError, UpstreamError};
 use super::headers;
 use super::route::{self, RouteTable, UpstreamProtocol};
 use super::tunnel;
-use super::upstream::{Capped, Pool, Sender, UpstreamBody, UpstreamRequestBody};
+use super::upstream::{Capped, Conn, Pool, UpstreamBody, UpstreamRequestBody};
 use crate::admin::metrics::{Metrics, RouteStats};
 use crate::discovery::{Discovery, DiscoveryError};
 use arc_swap::ArcSwap;
@@ -466,7 +466,7 @@ async fn send_with_failover(
         let mut pooled = proxy.pool.checkout(addr).await;
         loop {
             let reused = pooled.is_some();
-            let mut sender: Sender = match pooled.take() {
+            let mut conn: Conn = match pooled.take() {
                 Some(s) => s,
                 None => match proxy.pool.connect(addr).await {
                     Ok(s) => s,
@@ -481,7 +481,7 @@ async fn send_with_failover(
             let Some(req) = request.take() else {
                 break;
             };
-            let sent = tokio::time::timeout(backend_timeout, sender.try_send_request(req)).await;
+            let sent = tokio::time::timeout(backend_timeout, conn.send(req)).await;
             match sent {
                 Err(_elapsed) => {
                     return Err(ProxyError::Timeout {
@@ -511,13 +511,13 @@ async fn send_with_failover(
                         if let Some(p) = protocol {
                             headers::set_upgrade(resp.headers_mut(), p);
                         }
-                        drop(sender);
+                        conn.finish_upgrade();
                         return Ok(resp.map(|_| ResponseBody::empty()));
                     }
                     headers::remove_hop_by_hop(resp.headers_mut());
                     let pool = proxy.pool.clone();
                     return Ok(resp.map(|body| {
-                        ResponseBody::upstream(UpstreamBody::new(body, pool, addr, sender, load))
+                        ResponseBody::upstream(UpstreamBody::new(body, pool, conn, load))
                     }));
                 }
                 Ok(Err(e)) => {

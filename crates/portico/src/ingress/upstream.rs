@@ -2,15 +2,23 @@
 //! replica. Connecting is apart from sending, so a replica that refuses the
 //! connection costs nothing of the request: its body is still unsent and the
 //! next replica can take it.
+//!
+//! An HTTP/1.1 connection has no task of its own. hyper's connection state
+//! machine (the driver) is polled by the request that holds the connection:
+//! while sending, then from the response body. A task per connection cost
+//! every request two extra task switches (request to connection task and
+//! back, then again for the body), which was a tenth of the proxy's CPU.
 
 use std::collections::HashMap;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
@@ -82,7 +90,79 @@ impl Body for Capped {
         self.inner.size_hint()
     }
 }
-pub type Sender = http1::SendRequest<UpstreamRequestBody>;
+type Sender = http1::SendRequest<UpstreamRequestBody>;
+
+/// hyper's HTTP/1.1 connection future (with upgrades; its type is unnameable).
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// A keep-alive HTTP/1.1 connection to one backend: the handle requests are
+/// sent on, and the driver that moves its bytes, polled by whoever holds it.
+pub struct Conn {
+    sender: Sender,
+    /// `None` once the connection ended (closed, failed, or upgraded).
+    driver: Option<Driver>,
+    addr: SocketAddr,
+}
+
+impl Conn {
+    /// Move the connection along; false once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(driver) = &mut self.driver {
+            if let Poll::Ready(ended) = driver.as_mut().poll(cx) {
+                if let Err(e) = ended {
+                    tracing::debug!(backend = %self.addr, error = %e, "backend connection ended with an error");
+                }
+                self.driver = None;
+            }
+        }
+        self.driver.is_some()
+    }
+
+    /// Ready for a request once the backend's last exchange is done; false
+    /// if the connection ended instead.
+    async fn ready(&mut self) -> bool {
+        poll_fn(|cx| {
+            if !self.drive(cx) {
+                return Poll::Ready(false);
+            }
+            self.sender.poll_ready(cx).map(|r| r.is_ok())
+        })
+        .await
+    }
+
+    /// Send a request and wait for the response head, driving the
+    /// connection meanwhile. A request hyper never started to send comes
+    /// back in the error.
+    pub async fn send(
+        &mut self,
+        req: Request<UpstreamRequestBody>,
+    ) -> Result<Response<Incoming>, http1_error::TrySend> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(req));
+        poll_fn(|cx| {
+            // The driver first: it writes the request and reads the answer.
+            self.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// After a 101: the driver hands the socket to the upgrade, so it must
+    /// run to its end on its own.
+    pub fn finish_upgrade(mut self) {
+        if let Some(driver) = self.driver.take() {
+            tokio::spawn(async move {
+                if let Err(e) = driver.await {
+                    tracing::debug!(error = %e, "backend connection failed while upgrading");
+                }
+            });
+        }
+    }
+}
+
+/// Named here so the request path need not spell hyper's generics.
+pub mod http1_error {
+    pub type TrySend = hyper::client::conn::TrySendError<http::Request<super::UpstreamRequestBody>>;
+}
 /// HTTP/2 senders are clones of one multiplexed connection per replica.
 pub type H2Sender = hyper::client::conn::http2::SendRequest<UpstreamRequestBody>;
 
@@ -94,7 +174,7 @@ pub struct PoolSettings {
 }
 
 struct IdleConn {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -126,20 +206,17 @@ impl Pool {
     }
 
     /// A pooled connection that is ready for a request, if there is one.
-    pub async fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
+    pub async fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
         loop {
-            let conn = self.idle().get_mut(&addr).and_then(Vec::pop)?;
-            if conn.sender.is_closed() || conn.since.elapsed() >= self.settings.idle_timeout {
+            let idle = self.idle().get_mut(&addr).and_then(Vec::pop)?;
+            if idle.since.elapsed() >= self.settings.idle_timeout {
                 continue;
             }
-            let mut sender = conn.sender;
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            // Put back the moment its last response ended: the connection
-            // task may not have caught up yet. It does so at once, or closes.
-            match tokio::time::timeout(self.settings.connect_timeout, sender.ready()).await {
-                Ok(Ok(())) => return Some(sender),
+            let mut conn = idle.conn;
+            // Nobody polled it while idle: one poll reads a close or stray
+            // bytes from the backend, and is free (no syscall) otherwise.
+            match tokio::time::timeout(self.settings.connect_timeout, conn.ready()).await {
+                Ok(true) => return Some(conn),
                 _ => continue,
             }
         }
@@ -185,30 +262,48 @@ impl Pool {
     }
 
     /// A new connection to `addr`.
-    pub async fn connect(&self, addr: SocketAddr) -> Result<Sender, UpstreamError> {
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Conn, UpstreamError> {
         let stream = self.tcp(addr).await?;
-        let (sender, conn) = http1::Builder::new()
+        let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(backend = %addr, error = %e, "backend connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn {
+            sender,
+            driver: Some(Box::pin(driver.with_upgrades())),
+            addr,
+        })
     }
 
-    /// Keep a connection whose exchange finished, for the next request.
-    pub fn put(&self, addr: SocketAddr, sender: Sender) {
-        if sender.is_closed() {
+    /// Keep a connection whose exchange finished, for the next request. One
+    /// still busy (a request body the backend answered before reading it
+    /// all) is driven by a task of its own until it is free.
+    fn put(self: &Arc<Self>, mut conn: Conn, cx: &mut Context<'_>) {
+        if !conn.drive(cx) {
             return;
         }
+        if !conn.sender.is_ready() {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let pool = self.clone();
+            runtime.spawn(async move {
+                let settled = tokio::time::timeout(pool.settings.idle_timeout, conn.ready());
+                if let Ok(true) = settled.await {
+                    pool.keep(conn);
+                }
+            });
+            return;
+        }
+        self.keep(conn);
+    }
+
+    fn keep(&self, conn: Conn) {
         let mut idle = self.idle();
-        let conns = idle.entry(addr).or_default();
+        let conns = idle.entry(conn.addr).or_default();
         if conns.len() < self.settings.max_idle_per_backend {
             conns.push(IdleConn {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -221,8 +316,11 @@ impl Pool {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, s| !s.is_closed());
         let max_idle = self.settings.idle_timeout;
+        // A poll with no waker notices backends that closed idle
+        // connections, and lets go of the waker of the last request's task.
+        let mut cx = Context::from_waker(Waker::noop());
         self.idle().retain(|_, conns| {
-            conns.retain(|c| !c.sender.is_closed() && c.since.elapsed() < max_idle);
+            conns.retain_mut(|c| c.since.elapsed() < max_idle && c.conn.drive(&mut cx));
             !conns.is_empty()
         });
     }
@@ -238,22 +336,17 @@ impl Pool {
 /// closed (its state is unknown).
 pub struct UpstreamBody {
     inner: Incoming,
-    release: Option<(Arc<Pool>, SocketAddr, Sender)>,
+    /// The connection, driven while the body streams, pooled at its end.
+    release: Option<(Arc<Pool>, Conn)>,
     /// Counts the request against its replica (p2c) until the body ends.
     _load: Option<Load>,
 }
 
 impl UpstreamBody {
-    pub fn new(
-        inner: Incoming,
-        pool: Arc<Pool>,
-        addr: SocketAddr,
-        sender: Sender,
-        load: Option<Load>,
-    ) -> Self {
+    pub fn new(inner: Incoming, pool: Arc<Pool>, conn: Conn, load: Option<Load>) -> Self {
         Self {
             inner,
-            release: Some((pool, addr, sender)),
+            release: Some((pool, conn)),
             _load: load,
         }
     }
@@ -268,9 +361,9 @@ impl UpstreamBody {
         }
     }
 
-    fn release(&mut self) {
-        if let Some((pool, addr, sender)) = self.release.take() {
-            pool.put(addr, sender);
+    fn release(&mut self, cx: &mut Context<'_>) {
+        if let Some((pool, conn)) = self.release.take() {
+            pool.put(conn, cx);
         }
     }
 }
@@ -283,10 +376,17 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending() {
+            // The bytes come through the driver: move it, then look again.
+            if let Some((_, conn)) = &mut self.release {
+                conn.drive(cx);
+                polled = Pin::new(&mut self.inner).poll_frame(cx);
+            }
+        }
         match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(None) => self.release(cx),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(cx),
             Poll::Ready(Some(Err(_))) => self.release = None,
             _ => {}
         }
@@ -304,9 +404,10 @@ impl Body for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        // Bodiless responses (HEAD, 204, 304) may never be polled.
+        // Bodiless responses (HEAD, 204, 304) may never be polled. With no
+        // task to wake here, a connection not yet free gets its own.
         if self.inner.is_end_stream() {
-            self.release();
+            self.release(&mut Context::from_waker(Waker::noop()));
         }
     }
 }
