@@ -5,6 +5,7 @@
 //! headers, 30 s idle": the watchdog below does, from byte activity and the
 //! number of requests in flight.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -25,10 +26,27 @@ pub struct ConnTimeouts {
     pub backend: Duration,
 }
 
+/// Milliseconds on the kernel's coarse monotonic clock. Every read and
+/// write stamps the connection's activity, and the coarse clock is read
+/// from the vDSO without the TSC: a few ns, against tens for `Instant::now`
+/// under a hypervisor. Its tick (1-4 ms) is far below any timeout here.
+fn coarse_ms() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    match clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) {
+        Ok(t) => t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000,
+        // Not on Linux: the precise clock does as well, only slower.
+        Err(_) => {
+            static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+            START.get_or_init(Instant::now).elapsed().as_millis() as u64
+        }
+    }
+}
+
 /// Shared between the connection's IO, its requests and its watchdog.
 #[derive(Debug)]
 pub struct ConnState {
-    base: Instant,
+    /// `coarse_ms()` when the connection was accepted.
+    base: u64,
     in_flight: AtomicU32,
     /// Milliseconds since `base` of the last byte read or written.
     last_io: AtomicU64,
@@ -45,7 +63,7 @@ pub struct ConnState {
 impl ConnState {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            base: Instant::now(),
+            base: coarse_ms(),
             in_flight: AtomicU32::new(0),
             last_io: AtomicU64::new(0),
             // A new connection owes its first request head at once.
@@ -56,7 +74,7 @@ impl ConnState {
     }
 
     fn now_ms(&self) -> u64 {
-        self.base.elapsed().as_millis() as u64
+        coarse_ms().saturating_sub(self.base)
     }
 
     fn touch(&self, read: bool) {
@@ -200,6 +218,10 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
 
 /// Drive one connection future until it ends, a timeout passes, or shutdown
 /// is asked (then it is closed gracefully: in-flight requests finish).
+///
+/// This runs on every wake-up of the connection, so the watchdog costs two
+/// atomic loads there: its timer and the shutdown signal are polled (which
+/// registers them) only when armed anew or when they have fired.
 pub async fn supervise<F, E>(
     conn: F,
     graceful: impl FnOnce(Pin<&mut F>),
@@ -208,31 +230,57 @@ pub async fn supervise<F, E>(
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    F: std::future::Future<Output = Result<(), E>>,
+    F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     tokio::pin!(conn);
     let mut graceful = Some(graceful);
-    loop {
-        let Some(wait) = state.next_deadline(&timeouts) else {
-            tracing::debug!(%peer, "closing connection: header or idle timeout");
-            return;
-        };
-        tokio::select! {
-            ended = conn.as_mut() => {
-                if let Err(e) = ended {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                }
-                return;
+    let Some(first) = state.next_deadline(&timeouts) else {
+        return;
+    };
+    let timer = tokio::time::sleep(first);
+    tokio::pin!(timer);
+    let mut timer_armed = false;
+    // A sender gone counts as a shutdown, as the signal itself does.
+    let shutdown_seen = shutdown.clone();
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stop);
+    let mut stop_armed = false;
+    std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
+            if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.wait_for(|stop| *stop), if graceful.is_some() => {
+            return Poll::Ready(());
+        }
+        if graceful.is_some() && (!stop_armed || !matches!(shutdown_seen.has_changed(), Ok(false)))
+        {
+            stop_armed = true;
+            if stop.as_mut().poll(cx).is_ready() {
                 if let Some(g) = graceful.take() {
                     g(conn.as_mut());
                 }
+                // hyper acts on a graceful shutdown when next polled.
+                continue;
             }
         }
-    }
+        if timer_armed && !timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            timer_armed = true;
+            return Poll::Pending;
+        }
+        let Some(wait) = state.next_deadline(&timeouts) else {
+            tracing::debug!(%peer, "closing connection: header or idle timeout");
+            return Poll::Ready(());
+        };
+        timer.as_mut().reset(tokio::time::Instant::now() + wait);
+        timer_armed = false;
+    })
+    .await
 }
 
 #[cfg(test)]
