@@ -78,6 +78,8 @@ pub struct Client {
     pub state: Arc<ConnState>,
     /// Whether the client came over TLS (X-Forwarded-Proto: https).
     pub tls: bool,
+    /// `addr`'s IP as a header value, for X-Forwarded-For and X-Real-IP.
+    pub ip: HeaderValue,
 }
 
 /// What the request path learned, for metrics and the access log.
@@ -296,7 +298,10 @@ async fn proxy_request(
     if let Some(protocol) = upgrade {
         headers::set_upgrade(&mut parts.headers, protocol);
     }
-    exchange.request_id = Some(headers::ensure_request_id(&mut parts.headers));
+    headers::ensure_request_id(&mut parts.headers);
+    if proxy.access_log.is_some() {
+        exchange.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
+    }
     let host_value = match host_header {
         Some(h) => Some(h),
         // An HTTP/2 client names the host in :authority only.
@@ -307,7 +312,7 @@ async fn proxy_request(
     }
     headers::add_forwarding(
         &mut parts.headers,
-        client.addr.ip(),
+        &client.ip,
         if client.tls { "https" } else { "http" },
         host_value.as_ref(),
     );

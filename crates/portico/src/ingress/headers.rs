@@ -23,10 +23,10 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Keep the client's X-Request-Id, or add a new random one; returns it.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&X_REQUEST_ID) {
-        return id.clone();
+/// Keep the client's X-Request-Id, or add a new random one.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    if headers.contains_key(&X_REQUEST_ID) {
+        return;
     }
     // 32 hex digits, formatted on the stack: this runs for every request.
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -38,8 +38,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     }
     // Hex digits are always a valid header value.
     let value = HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
-    headers.insert(&X_REQUEST_ID, value.clone());
-    value
+    headers.insert(&X_REQUEST_ID, value);
 }
 
 /// The protocol a request asks to switch to: an `Upgrade` header with
@@ -65,13 +64,25 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// names (a client must not be able to smuggle e.g. `Connection: x-real-ip`
 /// past us either: that only removes its own copy, ours is added after).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these, or only `Connection: keep-alive`.
+    // One pass over the names finds out; a removal per name hashes and
+    // probes for each, and this runs twice per request.
+    let any = headers
+        .keys()
+        .any(|name| name == header::CONNECTION || name == header::TE || HOP_BY_HOP.contains(name));
+    if !any {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .map(str::trim)
+            // Connection options, not header names (keep-alive goes below).
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -89,16 +100,41 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// A client address as a header value, made once per connection: formatting
+/// an address costs more than the rest of the forwarding headers together.
+pub fn address_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 /// Add the forwarding headers: X-Forwarded-For appended to (a client's chain
 /// is kept, in order, as one header), X-Real-IP, X-Forwarded-Proto and
 /// X-Forwarded-Host set from what this hop saw, replacing client values.
+/// `client` is the client's address, from `address_value`.
 pub fn add_forwarding(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &HeaderValue,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let client_str = client.to_string();
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(&X_FORWARDED_FOR, client.clone());
+    } else {
+        append_to_chain(headers, client);
+    }
+    headers.insert(&X_REAL_IP, client.clone());
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match host {
+        Some(h) => {
+            headers.insert(&X_FORWARDED_HOST, h.clone());
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+}
+
+/// X-Forwarded-For from the client's chain (one or more fields) and `client`.
+fn append_to_chain(headers: &mut HeaderMap, client: &HeaderValue) {
     let mut chain = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(v) = v.to_str() {
@@ -114,22 +150,10 @@ pub fn add_forwarding(
     if !chain.is_empty() {
         chain.push_str(", ");
     }
-    chain.push_str(&client_str);
-    // Both strings hold only what valid header values held, plus an address.
+    chain.push_str(client.to_str().unwrap_or("unknown"));
+    // The string holds only what valid header values held, plus an address.
     if let Ok(v) = HeaderValue::from_str(&chain) {
         headers.insert(&X_FORWARDED_FOR, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&client_str) {
-        headers.insert(&X_REAL_IP, v);
-    }
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match host {
-        Some(h) => {
-            headers.insert(&X_FORWARDED_HOST, h.clone());
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
     }
 }
 
@@ -179,7 +203,12 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1, 2.2.2.2"),
             ("x-forwarded-for", "3.3.3.3"),
         ]);
-        add_forwarding(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
+        add_forwarding(
+            &mut h,
+            &address_value("127.0.0.1".parse().unwrap()),
+            "http",
+            None,
+        );
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
     }
@@ -198,11 +227,17 @@ mod tests {
     #[test]
     fn request_id_is_kept_or_made() {
         let mut h = map(&[("x-request-id", "abc")]);
-        assert_eq!(ensure_request_id(&mut h), "abc");
+        ensure_request_id(&mut h);
+        assert_eq!(h[&X_REQUEST_ID], "abc");
         let mut h = HeaderMap::new();
-        let id = ensure_request_id(&mut h);
+        ensure_request_id(&mut h);
+        let id = h[&X_REQUEST_ID].to_str().unwrap();
         assert_eq!(id.len(), 32);
-        assert_eq!(h[&X_REQUEST_ID], id);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        // A new one each time.
+        let mut again = HeaderMap::new();
+        ensure_request_id(&mut again);
+        assert_ne!(again[&X_REQUEST_ID], id);
     }
 
     #[test]
@@ -213,13 +248,14 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "evil"),
         ]);
-        add_forwarding(&mut h, "::1".parse().unwrap(), "http", Some(&host));
+        let v6 = address_value("::1".parse().unwrap());
+        add_forwarding(&mut h, &v6, "http", Some(&host));
         assert_eq!(h[&X_FORWARDED_FOR], "::1");
         assert_eq!(h[&X_REAL_IP], "::1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com:9090");
         let mut h = map(&[("x-forwarded-host", "evil")]);
-        add_forwarding(&mut h, "::1".parse().unwrap(), "http", None);
+        add_forwarding(&mut h, &v6, "http", None);
         assert!(h.get(&X_FORWARDED_HOST).is_none());
     }
 }

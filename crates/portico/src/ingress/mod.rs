@@ -289,6 +289,7 @@ async fn serve_connection<IO>(
         addr: peer,
         state: state.clone(),
         tls,
+        ip: headers::address_value(peer.ip()),
     };
     // The request's future is boxed: hyper keeps a slot for it for the
     // connection's whole life, and an idle keep-alive connection should not
