@@ -377,7 +377,9 @@ impl Discovery {
         if let Source::Etcd(_) = &self.source {
             return Err(DiscoveryError::NotSynced);
         }
-        self.pick_by_asking(service, tried).await
+        // Boxed: the asking (UDP, retries, timeouts) would otherwise size
+        // every request's future, watch mode or not.
+        Box::pin(self.pick_by_asking(service, tried)).await
     }
 
     /// The request path in watch mode: no I/O, no lock.

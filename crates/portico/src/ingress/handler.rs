@@ -406,11 +406,7 @@ async fn send_with_failover(
             // Every replica we know failed, with attempts left: the table may
             // lag a replacement in progress. Wait once, briefly, for news.
             caught_up = true;
-            if proxy
-                .discovery
-                .newer_than(generation, DISCOVERY_CATCH_UP)
-                .await
-            {
+            if Box::pin(proxy.discovery.newer_than(generation, DISCOVERY_CATCH_UP)).await {
                 picked = proxy.discovery.pick(service, &tried).await;
             }
         }
@@ -432,7 +428,7 @@ async fn send_with_failover(
         }
 
         if upstream == UpstreamProtocol::H2c {
-            let mut sender = match proxy.pool.h2(addr).await {
+            let mut sender = match Box::pin(proxy.pool.h2(addr)).await {
                 Ok(s) => s,
                 Err(e) => {
                     connect_failed(proxy, exchange, addr);
@@ -441,7 +437,11 @@ async fn send_with_failover(
                 }
             };
             let Some(req) = request.take() else { break };
-            match tokio::time::timeout(backend_timeout, sender.try_send_request(req)).await {
+            let sent = Box::pin(tokio::time::timeout(
+                backend_timeout,
+                sender.try_send_request(req),
+            ));
+            match sent.await {
                 Err(_elapsed) => {
                     return Err(ProxyError::Timeout {
                         service: service.clone(),
@@ -473,7 +473,11 @@ async fn send_with_failover(
             let reused = pooled.is_some();
             let mut conn: Conn = match pooled.take() {
                 Some(s) => s,
-                None => match proxy.pool.connect(addr).await {
+                // Boxed, as are the other rare paths here: a connect's
+                // future (hyper's handshake) is larger than the rest of the
+                // request's, and every request's future was sized by it,
+                // then moved and copied whole.
+                None => match Box::pin(proxy.pool.connect(addr)).await {
                     Ok(s) => s,
                     Err(e) => {
                         connect_failed(proxy, exchange, addr);
