@@ -36,8 +36,10 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
         *b = HEX[(n & 0xf) as usize];
         n >>= 4;
     }
-    // Hex digits are always a valid header value.
-    let value = HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    // Hex digits are always a valid header value. Owned by its `Bytes`, so
+    // the copy kept for a replay is a reference count, not an allocation.
+    let value = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"));
     headers.insert(&X_REQUEST_ID, value);
 }
 
@@ -64,16 +66,20 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// names (a client must not be able to smuggle e.g. `Connection: x-real-ip`
 /// past us either: that only removes its own copy, ours is added after).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of these, or only `Connection: keep-alive`.
-    // One pass over the names finds out; a removal per name hashes and
-    // probes for each, and this runs twice per request.
-    let any = headers
-        .keys()
-        .any(|name| name == header::CONNECTION || name == header::TE || HOP_BY_HOP.contains(name));
-    if !any {
-        return;
+    // One pass over the names present finds what to remove: a removal per
+    // listed name hashes and probes for each, and this runs twice per
+    // request. Most messages carry none, or only `Connection: keep-alive`.
+    let mut present = [false; 5];
+    let mut te = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        } else if name == header::TE {
+            te = true;
+        }
     }
-    if headers.contains_key(header::CONNECTION) {
+    // HOP_BY_HOP[0] is Connection.
+    if present[0] {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -88,15 +94,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    let only_trailers = headers.get_all(header::TE).iter().all(|v| {
-        v.to_str()
-            .is_ok_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-    });
-    if !only_trailers {
-        headers.remove(header::TE);
+    if te {
+        let only_trailers = headers.get_all(header::TE).iter().all(|v| {
+            v.to_str()
+                .is_ok_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+        if !only_trailers {
+            headers.remove(header::TE);
+        }
     }
 }
 
