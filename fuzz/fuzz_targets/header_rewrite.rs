@@ -3,7 +3,7 @@
 #![no_main]
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use portico::ingress::headers::{add_forwarding, remove_hop_by_hop, X_FORWARDED_FOR};
+use portico::ingress::headers::{add_forwarding, address_value, remove_hop_by_hop, X_FORWARDED_FOR};
 
 fuzz_target!(|data: &[u8]| {
     let mut headers = HeaderMap::new();
@@ -26,7 +26,8 @@ fuzz_target!(|data: &[u8]| {
     ] {
         assert!(!headers.contains_key(name), "{name} survived");
     }
-    add_forwarding(&mut headers, [10, 0, 0, 1].into(), "http", None);
+    let client = address_value([10, 0, 0, 1].into());
+    add_forwarding(&mut headers, &client, "http", None);
     let xff = headers
         .get(&X_FORWARDED_FOR)
         .expect("xff set")
