@@ -19,6 +19,7 @@
 //! walks the request and Tower paths in order.
 
 pub mod admin;
+pub mod backoff;
 pub mod cli;
 pub mod cmd;
 pub mod config;

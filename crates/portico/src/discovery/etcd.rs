@@ -2,14 +2,15 @@
 //! over etcd, feeding the same lock-free snapshot as the Tower watch. While
 //! etcd is away the last snapshot keeps serving and `/readyz` says so.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::Watched;
 use crate::etcd::keys::{Cache, Layout};
 use crate::etcd::watch::Sink;
 use crate::etcd::{Event, KeyValue};
-use crate::registry::http::{EndpointDoc, ServicesDoc};
+use crate::registry::http::ServicesDoc;
+use crate::registry::View;
 
 #[derive(Debug)]
 pub struct EtcdSource {
@@ -36,26 +37,19 @@ impl EtcdSource {
     }
 
     fn install(&self, cache: &Cache) {
-        let mut services: BTreeMap<String, Vec<EndpointDoc>> = BTreeMap::new();
-        for ((name, addr), _) in cache.iter() {
-            services
-                .entry(name.to_string())
-                .or_default()
-                .push(EndpointDoc {
-                    ip: addr.ip(),
-                    port: addr.port(),
-                    // The lease's owner renews it; what is left is not ours
-                    // to know, nor needed to route.
-                    ttl_left_ms: 0,
-                });
-        }
-        // etcd is the whole truth: warm, and one epoch for its lifetime.
-        self.watched.install(&ServicesDoc {
+        // etcd is the whole truth: warm, and one epoch for its lifetime. The
+        // lease's owner renews it; what is left is not ours to know, nor
+        // needed to route.
+        let view = View {
             index: cache.revision().max(0) as u64,
             epoch: 0,
             warm: true,
-            services,
-        });
+            endpoints: cache
+                .iter()
+                .map(|((name, addr), _)| (name.clone(), *addr, Duration::ZERO))
+                .collect(),
+        };
+        self.watched.install(&ServicesDoc::from(view));
     }
 }
 

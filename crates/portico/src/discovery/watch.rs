@@ -13,6 +13,8 @@ use hyper_util::rt::TokioExecutor;
 use portico_wire::{Reply, Request};
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
+
 use super::{Mode, TowerSource};
 use crate::cli::DiscoveryMode;
 use crate::registry::http::ServicesDoc;
@@ -150,7 +152,7 @@ async fn watch_loop(
     client: &HttpClient,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     let mut logged_down = false;
     loop {
         let watched = source.watched();
@@ -173,7 +175,7 @@ async fn watch_loop(
                     );
                 }
                 logged_down = false;
-                backoff = FIRST_BACKOFF;
+                backoff.reset();
             }
             Err(e) => {
                 watched.set_unsynced();
@@ -184,11 +186,9 @@ async fn watch_loop(
                     );
                     logged_down = true;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
+                if !backoff.pause(&mut shutdown).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
+
 use super::{EtcdClient, EtcdError, Event, KeyValue};
 use crate::etcd::keys::Layout;
 
@@ -50,7 +52,7 @@ pub async fn run<S: Sink>(
 ) {
     let prefix = layout.services_prefix().to_vec();
     let mut need_list = true;
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     let mut down_logged = false;
     let mut ever = false;
     loop {
@@ -113,7 +115,7 @@ pub async fn run<S: Sink>(
                                 return Err(Broke::Relist);
                             }
                             sink.set_current(true);
-                            backoff = FIRST_BACKOFF;
+                            backoff.reset();
                             if down_logged || !ever {
                                 tracing::info!(
                                     member = %client.endpoints()[member],
@@ -165,11 +167,9 @@ pub async fn run<S: Sink>(
                     );
                     down_logged = true;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
+                if !backoff.pause(&mut shutdown).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }

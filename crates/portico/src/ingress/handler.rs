@@ -23,7 +23,7 @@ use super::error::{ProxyError, UpstreamError};
 use super::headers;
 use super::route::{self, RouteTable, UpstreamProtocol};
 use super::tunnel;
-use super::upstream::{Capped, Conn, Pool, UpstreamBody, UpstreamRequestBody};
+use super::upstream::{Capped, Conn, Pool, SendError, UpstreamBody, UpstreamRequestBody};
 use crate::admin::metrics::{Metrics, RouteStats};
 use crate::discovery::{Discovery, DiscoveryError};
 use arc_swap::ArcSwap;
@@ -437,11 +437,7 @@ async fn send_with_failover(
                 }
             };
             let Some(req) = request.take() else { break };
-            let sent = Box::pin(tokio::time::timeout(
-                backend_timeout,
-                sender.try_send_request(req),
-            ));
-            match sent.await {
+            match tokio::time::timeout(backend_timeout, sender.try_send_request(req)).await {
                 Err(_elapsed) => {
                     return Err(ProxyError::Timeout {
                         service: service.clone(),
@@ -473,10 +469,9 @@ async fn send_with_failover(
             let reused = pooled.is_some();
             let mut conn: Conn = match pooled.take() {
                 Some(s) => s,
-                // Boxed, as are the other rare paths here: a connect's
-                // future (hyper's handshake) is larger than the rest of the
-                // request's, and every request's future was sized by it,
-                // then moved and copied whole.
+                // Boxed, as are the other rare paths here: few requests
+                // connect, and hyper's handshake need not size the future
+                // every request allocates and moves.
                 None => match Box::pin(proxy.pool.connect(addr)).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -573,7 +568,7 @@ fn connect_failed(proxy: &Proxy, exchange: &Exchange, addr: SocketAddr) {
 /// After a failed send: the request to try again, if hyper never sent it or
 /// it may be replayed (idempotent, no body); otherwise the final error.
 fn resend_or_fail(
-    mut e: hyper::client::conn::TrySendError<Request<UpstreamRequestBody>>,
+    mut e: SendError,
     replay: Option<&Request<()>>,
     service: &portico_wire::ServiceName,
     addr: SocketAddr,

@@ -5,11 +5,13 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+const HOP_BY_HOP_COUNT: usize = 5;
+
 /// Headers that describe one hop and never travel further. TE is handled
 /// apart (`TE: trailers` is kept: gRPC requires it end to end). `Trailer`
 /// is end to end (RFC 9110 section 6.6.2), and hyper only sends the
 /// trailer fields it declares.
-const HOP_BY_HOP: [HeaderName; 5] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -69,7 +71,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names present finds what to remove: a removal per
     // listed name hashes and probes for each, and this runs twice per
     // request. Most messages carry none, or only `Connection: keep-alive`.
-    let mut present = [false; 5];
+    let mut present = [false; HOP_BY_HOP_COUNT];
     let mut te = false;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {

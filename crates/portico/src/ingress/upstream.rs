@@ -32,6 +32,9 @@ use crate::discovery::snapshot::Load;
 /// nothing (a replayed bodiless request).
 pub type UpstreamRequestBody = Either<Capped, Empty<Bytes>>;
 
+/// A failed send; holds the request when hyper never started sending it.
+pub type SendError = hyper::client::conn::TrySendError<Request<UpstreamRequestBody>>;
+
 /// A client's request body with a byte limit (`--max-body-bytes`). Past it
 /// the body fails, which aborts the upstream request, and `exceeded` says
 /// why, so the client gets 413 rather than 502.
@@ -136,7 +139,7 @@ impl Conn {
     pub async fn send(
         &mut self,
         req: Request<UpstreamRequestBody>,
-    ) -> Result<Response<Incoming>, http1_error::TrySend> {
+    ) -> Result<Response<Incoming>, SendError> {
         let mut response = std::pin::pin!(self.sender.try_send_request(req));
         poll_fn(|cx| {
             // The driver first: it writes the request and reads the answer.
@@ -159,10 +162,6 @@ impl Conn {
     }
 }
 
-/// Named here so the request path need not spell hyper's generics.
-pub mod http1_error {
-    pub type TrySend = hyper::client::conn::TrySendError<http::Request<super::UpstreamRequestBody>>;
-}
 /// HTTP/2 senders are clones of one multiplexed connection per replica.
 pub type H2Sender = hyper::client::conn::http2::SendRequest<UpstreamRequestBody>;
 

@@ -6,6 +6,8 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
+
+use crate::backoff::Backoff;
 use tokio::task::JoinSet;
 
 use super::store::{Job, Outcome};
@@ -30,7 +32,7 @@ pub async fn write_loop(
         return;
     };
     let ttl = registry.limits().ttl;
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     let mut failing = false;
     loop {
         let jobs = registry.store_take_work(CONCURRENCY);
@@ -69,7 +71,7 @@ pub async fn write_loop(
                     tracing::info!("tower: writing to etcd again");
                     failing = false;
                 }
-                backoff = FIRST_BACKOFF;
+                backoff.reset();
             }
             Some(e) => {
                 if !failing {
@@ -79,11 +81,9 @@ pub async fn write_loop(
                     );
                     failing = true;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
+                if !backoff.pause(&mut shutdown).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
