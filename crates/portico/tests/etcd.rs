@@ -259,8 +259,27 @@ async fn an_etcd_restart_loses_no_registration_and_brings_back_no_stale_one() {
 
     etcd.restart(0);
     // On return: the deregistered replica stays gone, the new one arrives,
-    // and the one registered before the outage survived it.
-    wait_listed(b.addr, "web", &[x.addr, z.addr]).await;
+    // and the one registered before the outage survived it. Tower A writes
+    // the delete while its watch may still be backing off: its stale copy
+    // must not bring y back meanwhile.
+    let deadline = Instant::now() + DEADLINE;
+    let mut want = vec![x.addr, z.addr];
+    want.sort();
+    loop {
+        assert!(
+            !listed(a.addr, "web").contains(&y.addr),
+            "Tower A serves the deregistered replica again"
+        );
+        let got = listed(b.addr, "web");
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tower B lists {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     wait_routed(via_etcd.addr, &["x", "z"]).await;
     wait_routed(via_b.addr, &["x", "z"]).await;
     let mut keys = etcd.keys("/portico/v1/services/");

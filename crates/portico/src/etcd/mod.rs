@@ -244,24 +244,33 @@ impl EtcdClient {
         Ok(resp.id)
     }
 
-    /// Renew a lease. `false` when etcd no longer has it (expired, revoked,
-    /// or a store that lost its data).
-    pub async fn keep_alive(&self, lease: i64) -> Result<bool, EtcdError> {
+    /// Renew a lease. Not alive when etcd no longer has it (expired,
+    /// revoked, or a store that lost its data).
+    pub async fn keep_alive(&self, lease: i64) -> Result<LeaseCheck, EtcdError> {
         let resp: KeepAliveResponse = self
             .call("/v3/lease/keepalive", &LeaseId { id: lease })
             .await?;
-        Ok(resp.result.is_some_and(|r| r.ttl > 0))
+        Ok(resp.result.map_or(
+            LeaseCheck {
+                alive: false,
+                revision: 0,
+            },
+            |r| LeaseCheck {
+                alive: r.ttl > 0,
+                revision: r.header.revision,
+            },
+        ))
     }
 
-    /// Revoke a lease and delete every key attached to it. A lease etcd
-    /// does not have is already gone.
-    pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
+    /// Revoke a lease and delete every key attached to it; the revision
+    /// after that. None for a lease etcd does not have: it is already gone.
+    pub async fn revoke(&self, lease: i64) -> Result<Option<i64>, EtcdError> {
         match self
-            .call::<_, serde_json::Value>("/v3/lease/revoke", &LeaseId { id: lease })
+            .call::<_, HeaderOnly>("/v3/lease/revoke", &LeaseId { id: lease })
             .await
         {
-            Ok(_) => Ok(()),
-            Err(EtcdError::Server { code: 5, .. }) => Ok(()),
+            Ok(resp) => Ok(Some(resp.header.revision)),
+            Err(EtcdError::Server { code: 5, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -528,8 +537,19 @@ struct KeepAliveResponse {
 
 #[derive(Debug, Deserialize)]
 struct KeepAliveResult {
+    #[serde(default)]
+    header: Header,
     #[serde(rename = "TTL", default, deserialize_with = "i64_str")]
     ttl: i64,
+}
+
+/// What a lease renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseCheck {
+    pub alive: bool,
+    /// etcd's revision when it answered (0 if it did not say): a lease
+    /// found dead had its keys deleted at or before it.
+    pub revision: i64,
 }
 
 #[derive(Debug, Serialize)]

@@ -99,7 +99,7 @@ async fn run(
     match job {
         Job::Put { key, reuse } => {
             let lease = match reuse {
-                Some(l) if client.keep_alive(*l).await? => *l,
+                Some(l) if client.keep_alive(*l).await?.alive => *l,
                 _ => client.grant(ttl).await?,
             };
             let value = Layout::value(&key.0, key.1, tower);
@@ -108,21 +108,30 @@ async fn run(
                 .await?;
             Ok(Outcome::Put { lease, revision })
         }
-        Job::KeepAlive { lease, .. } => Ok(Outcome::KeepAlive {
-            alive: client.keep_alive(*lease).await?,
-        }),
+        Job::KeepAlive { lease, .. } => {
+            let check = client.keep_alive(*lease).await?;
+            Ok(Outcome::KeepAlive {
+                alive: check.alive,
+                revision: check.revision,
+            })
+        }
         Job::Remove {
             key,
             delete_key,
             leases,
         } => {
+            let mut deleted_at = None;
             if *delete_key {
-                client.delete(&layout.key(&key.0, key.1)).await?;
+                deleted_at = Some(client.delete(&layout.key(&key.0, key.1)).await?);
             }
+            let mut revision = deleted_at.unwrap_or(0);
             for lease in leases {
-                client.revoke(*lease).await?;
+                revision = revision.max(client.revoke(*lease).await?.unwrap_or(0));
             }
-            Ok(Outcome::Removed)
+            Ok(Outcome::Removed {
+                deleted_at,
+                revision,
+            })
         }
     }
 }

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::etcd::keys::{Cache, EndpointKey, Layout};
+use crate::etcd::keys::{Cache, EndpointKey, Held, Layout};
 use crate::etcd::{Event, KeyValue};
 
 #[derive(Debug)]
@@ -42,13 +42,49 @@ enum Work {
     Put,
 }
 
-/// What is owed etcd for a registration this Tower removed.
+/// What is owed etcd for a registration this Tower removed, and what was
+/// done there that the watch may not show yet. The watch is often still
+/// backing off after an outage when the owed writes go through; without
+/// the second half its stale entry would serve the removed replica again
+/// until it caught up.
 #[derive(Debug, Default)]
 struct Removal {
     /// Delete the key whatever lease holds it (DEREGISTER).
     delete_key: bool,
     /// Revoke these leases of ours (deletes the key only if still bound).
     leases: Vec<i64>,
+    /// The key was deleted at this revision: a cached entry written at or
+    /// before it is stale.
+    deleted_at: Option<i64>,
+    /// Leases of ours that etcd no longer has: an entry bound to one is
+    /// stale.
+    dead: Vec<i64>,
+    /// The watch has seen all of the above once the cache is at this
+    /// revision (0: etcd did not say; the cached entry going decides).
+    settles_at: i64,
+}
+
+impl Removal {
+    /// Whether the cache's entry for the key is one this removal took (or
+    /// is taking) away.
+    fn hides(&self, held: Held) -> bool {
+        self.delete_key
+            || self.leases.contains(&held.lease)
+            || self.dead.contains(&held.lease)
+            || self.deleted_at.is_some_and(|rev| held.mod_revision <= rev)
+    }
+
+    /// Whether a write is owed for it.
+    fn owes(&self) -> bool {
+        self.delete_key || !self.leases.is_empty()
+    }
+
+    /// Nothing owed and nothing left for it to hide.
+    fn settled(&self, cache: &Cache, key: &EndpointKey) -> bool {
+        !self.owes()
+            && cache.revision() >= self.settles_at
+            && cache.get(key).is_none_or(|held| !self.hides(held))
+    }
 }
 
 /// A write for the etcd writer to do.
@@ -89,8 +125,15 @@ pub enum Outcome {
     },
     KeepAlive {
         alive: bool,
+        /// etcd's revision when it answered (0 if unknown).
+        revision: i64,
     },
-    Removed,
+    Removed {
+        /// The revision of the delete, if the job deleted the key.
+        deleted_at: Option<i64>,
+        /// etcd's revision after the job (0 if unknown).
+        revision: i64,
+    },
     /// etcd could not be reached or refused; the job is owed again.
     Failed,
 }
@@ -149,7 +192,8 @@ impl StoreState {
 
     /// Writes owed to etcd (pending or in flight).
     pub fn backlog(&self) -> usize {
-        self.owned.values().filter(|o| o.work != Work::Idle).count() + self.removals.len()
+        self.owned.values().filter(|o| o.work != Work::Idle).count()
+            + self.removals.values().filter(|r| r.owes()).count()
     }
 
     /// Whether `key` is served now.
@@ -165,7 +209,7 @@ impl StoreState {
             }
         }
         match self.cache.get(key) {
-            Some(held) => !removal.is_some_and(|r| r.leases.contains(&held.lease)),
+            Some(held) => !removal.is_some_and(|r| r.hides(held)),
             None => false,
         }
     }
@@ -195,7 +239,7 @@ impl StoreState {
         if let Some(r) = self.removals.get_mut(&key) {
             if !self.busy.contains_key(&key) {
                 r.delete_key = false;
-                if r.leases.is_empty() {
+                if r.settled(&self.cache, &key) {
                     self.removals.remove(&key);
                 }
             }
@@ -276,6 +320,7 @@ impl StoreState {
     pub fn replace(&mut self, kvs: &[KeyValue], revision: i64) {
         let layout = self.layout.clone();
         self.cache.replace(&layout, kvs, revision);
+        self.forget_settled();
         // What we wrote and etcd no longer has (a lost lease, a store that
         // lost its data) is written again.
         for (key, o) in &mut self.owned {
@@ -290,6 +335,25 @@ impl StoreState {
     pub fn apply(&mut self, events: &[Event], revision: i64) {
         let layout = self.layout.clone();
         self.cache.apply(&layout, events, revision);
+        self.forget_settled();
+    }
+
+    fn forget_settled(&mut self) {
+        let cache = &self.cache;
+        self.removals.retain(|key, r| !r.settled(cache, key));
+    }
+
+    /// A lease of ours for `key` that etcd no longer has, found at
+    /// `revision`.
+    fn bury(&mut self, key: &EndpointKey, lease: i64, revision: i64) {
+        let r = self.removals.entry(key.clone()).or_default();
+        if !r.dead.contains(&lease) {
+            r.dead.push(lease);
+        }
+        r.settles_at = r.settles_at.max(revision);
+        if r.settled(&self.cache, key) {
+            self.removals.remove(key);
+        }
     }
 
     /// Whether the cache reflects etcd now. On a return, every lease this
@@ -315,7 +379,7 @@ impl StoreState {
             if jobs.len() >= max {
                 return jobs;
             }
-            if !self.busy.contains_key(key) {
+            if r.owes() && !self.busy.contains_key(key) {
                 self.busy.insert(key.clone(), None);
                 jobs.push(Job::Remove {
                     key: key.clone(),
@@ -362,19 +426,31 @@ impl StoreState {
                     delete_key,
                     leases,
                 },
-                _,
+                outcome,
             ) => {
                 if let Some(r) = self.removals.get_mut(key) {
                     if *delete_key {
                         r.delete_key = false;
                     }
+                    if let Outcome::Removed {
+                        deleted_at,
+                        revision,
+                    } = outcome
+                    {
+                        r.deleted_at = r.deleted_at.max(deleted_at);
+                        r.settles_at = r.settles_at.max(revision);
+                    }
                     r.leases.retain(|l| !leases.contains(l));
-                    if !r.delete_key && r.leases.is_empty() {
+                    r.dead.extend(leases);
+                    if r.settled(&self.cache, key) {
                         self.removals.remove(key);
                     }
                 }
             }
-            (Job::Put { key, .. }, Outcome::Put { lease, revision }) => {
+            (Job::Put { key, reuse }, Outcome::Put { lease, revision }) => {
+                if let Some(old) = reuse.filter(|old| *old != lease) {
+                    self.bury(key, old, revision);
+                }
                 match self.owned.get_mut(key).filter(same) {
                     Some(o) => {
                         o.lease = Some(lease);
@@ -393,14 +469,16 @@ impl StoreState {
                         .push(lease),
                 }
             }
-            (Job::KeepAlive { key, .. }, Outcome::KeepAlive { alive }) => {
-                if let Some(o) = self.owned.get_mut(key).filter(same) {
-                    if !alive {
-                        o.lease = None;
-                        o.put_revision = None;
-                        o.work = Work::Put;
-                    }
+            (Job::KeepAlive { key, lease }, Outcome::KeepAlive { alive, revision }) => {
+                if alive {
+                    return;
                 }
+                if let Some(o) = self.owned.get_mut(key).filter(same) {
+                    o.lease = None;
+                    o.put_revision = None;
+                    o.work = Work::Put;
+                }
+                self.bury(key, *lease, revision);
             }
             (Job::Put { key, .. } | Job::KeepAlive { key, .. }, _) => {
                 if let Some(o) = self.owned.get_mut(key).filter(same) {
@@ -472,8 +550,14 @@ mod tests {
         for j in &jobs {
             let outcome = match j {
                 Job::Put { .. } => Outcome::Put { lease, revision },
-                Job::KeepAlive { .. } => Outcome::KeepAlive { alive: true },
-                Job::Remove { .. } => Outcome::Removed,
+                Job::KeepAlive { .. } => Outcome::KeepAlive {
+                    alive: true,
+                    revision,
+                },
+                Job::Remove { delete_key, .. } => Outcome::Removed {
+                    deleted_at: delete_key.then_some(revision),
+                    revision,
+                },
             };
             s.complete(j, outcome);
         }
@@ -530,7 +614,13 @@ mod tests {
                 lease: 7
             }]
         );
-        s.complete(&jobs[0], Outcome::KeepAlive { alive: false });
+        s.complete(
+            &jobs[0],
+            Outcome::KeepAlive {
+                alive: false,
+                revision: 6,
+            },
+        );
         assert_eq!(
             s.take_work(10),
             [Job::Put {
@@ -579,10 +669,21 @@ mod tests {
         s.replace(&[kv(&s, &k, 7, 5)], 5);
         assert!(!s.visible(&k, now));
         let jobs = s.take_work(10);
-        s.complete(&jobs[0], Outcome::Removed);
+        s.complete(
+            &jobs[0],
+            Outcome::Removed {
+                deleted_at: Some(6),
+                revision: 6,
+            },
+        );
         assert_eq!(s.backlog(), 0);
+        assert!(s.take_work(10).is_empty());
+        // The watch is still backing off: its stale entry stays hidden.
+        assert!(!s.visible(&k, now), "a deleted replica came back");
+        assert!(!s.deregister(&k, now));
         s.apply(&[delete_event(&s, &k, 6)], 6);
         assert!(s.visible_keys(now).is_empty());
+        assert!(s.removals.is_empty(), "nothing kept once the watch saw it");
     }
 
     #[test]
@@ -649,7 +750,13 @@ mod tests {
         // A re-register while the removal is in flight waits for it.
         s.register(k.clone(), now);
         assert!(s.take_work(10).is_empty());
-        s.complete(&jobs[0], Outcome::Removed);
+        s.complete(
+            &jobs[0],
+            Outcome::Removed {
+                deleted_at: Some(6),
+                revision: 6,
+            },
+        );
         assert_eq!(
             s.take_work(10),
             [Job::Put {
@@ -717,14 +824,15 @@ mod tests {
         revision: i64,
         next_lease: i64,
         leases: std::collections::HashSet<i64>,
-        keys: HashMap<EndpointKey, i64>,
+        /// Key to (lease, mod revision).
+        keys: HashMap<EndpointKey, (i64, i64)>,
         events: Vec<(Event, i64)>,
     }
 
     impl FakeEtcd {
         fn put(&mut self, s: &StoreState, key: &EndpointKey, lease: i64) -> i64 {
             self.revision += 1;
-            self.keys.insert(key.clone(), lease);
+            self.keys.insert(key.clone(), (lease, self.revision));
             self.events
                 .push((put_event(s, key, lease, self.revision), self.revision));
             self.revision
@@ -743,7 +851,7 @@ mod tests {
             let bound: Vec<EndpointKey> = self
                 .keys
                 .iter()
-                .filter(|(_, l)| **l == lease)
+                .filter(|(_, (l, _))| *l == lease)
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in bound {
@@ -770,6 +878,7 @@ mod tests {
                 }
                 Job::KeepAlive { lease, .. } => Outcome::KeepAlive {
                     alive: self.leases.contains(lease),
+                    revision: self.revision,
                 },
                 Job::Remove {
                     key,
@@ -779,10 +888,14 @@ mod tests {
                     if *delete_key {
                         self.delete(s, key);
                     }
+                    let deleted_at = delete_key.then_some(self.revision);
                     for l in leases {
                         self.drop_lease(s, *l);
                     }
-                    Outcome::Removed
+                    Outcome::Removed {
+                        deleted_at,
+                        revision: self.revision,
+                    }
                 }
             }
         }
@@ -842,7 +955,7 @@ mod tests {
                         let kvs: Vec<KeyValue> = etcd
                             .keys
                             .iter()
-                            .map(|(k, l)| kv(&s, k, *l, etcd.revision))
+                            .map(|(k, (l, rev))| kv(&s, k, *l, *rev))
                             .collect();
                         etcd.events.clear();
                         s.replace(&kvs, etcd.revision);
@@ -861,6 +974,12 @@ mod tests {
                         s.apply(&events, rev);
                     }
                     _ => {}
+                }
+                // Only this Tower registers here, so what it no longer owns
+                // (deregistered, expired) is never served again: not from
+                // a cache the watch has yet to bring up to date either.
+                for k in keys.iter().filter(|k| !s.owned.contains_key(*k)) {
+                    assert!(!s.visible(k, now), "seed {seed}: {k:?} came back");
                 }
             }
             // Quiesce: etcd up, in-flight writes finish, a round of
@@ -902,6 +1021,10 @@ mod tests {
             );
             assert_eq!(served, want, "seed {seed}: the Tower serves them");
             assert_eq!(s.backlog(), 0, "seed {seed}: nothing owed");
+            assert!(
+                s.removals.is_empty(),
+                "seed {seed}: nothing kept once the watch has caught up"
+            );
         }
     }
 }
