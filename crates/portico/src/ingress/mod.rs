@@ -114,8 +114,15 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let metrics = proxy.metrics.clone();
                     match tls {
+                        // Boxed: the connection's state is kilobytes, and
+                        // spawning moves the task's future by value several
+                        // times (1.8k instructions per connection); a box is
+                        // written once, at the first poll.
                         None => {
-                            serve_plain(stream, peer, &protocols, proxy, timeouts, shutdown).await
+                            Box::pin(serve_plain(
+                                stream, peer, &protocols, proxy, timeouts, shutdown,
+                            ))
+                            .await
                         }
                         // The handshake runs here, off the accept loop. Boxed:
                         // a TLS session is kilobytes, and every plain
