@@ -198,8 +198,8 @@ impl Discovery {
 
     /// Whether a replica should get new requests: not set aside after failed
     /// connects, not failing its active health check.
-    fn usable(&self, addr: SocketAddr, now: Instant) -> bool {
-        !self.health.is_set_aside(addr, now) && !self.active.is_unhealthy(addr)
+    fn usable(&self, addr: SocketAddr) -> bool {
+        !self.health.is_set_aside_now(addr) && !self.active.is_unhealthy(addr)
     }
 
     /// Every known endpoint, by service, for the admin side.
@@ -292,7 +292,7 @@ impl Discovery {
     pub fn endpoint_state(&self, addr: SocketAddr) -> &'static str {
         if self.active.is_unhealthy(addr) {
             "failing_checks"
-        } else if self.health.is_set_aside(addr, Instant::now()) {
+        } else if self.health.is_set_aside_now(addr) {
             "set_aside"
         } else {
             "healthy"
@@ -393,9 +393,8 @@ impl Discovery {
         let set = snapshot
             .service(service)
             .ok_or_else(|| DiscoveryError::NotFound(service.clone()))?;
-        let now = Instant::now();
         let endpoint = set
-            .pick(self.balance, tried, |a| self.usable(a, now))
+            .pick(self.balance, tried, |a| self.usable(a))
             .ok_or_else(|| DiscoveryError::Exhausted(service.clone()))?;
         Ok(Picked {
             addr: endpoint.addr,
@@ -419,7 +418,7 @@ impl Discovery {
             if tried.contains(&addr) {
                 continue;
             }
-            if self.usable(addr, Instant::now()) {
+            if self.usable(addr) {
                 return Ok(Picked { addr, load: None });
             }
             fallback.get_or_insert(addr);

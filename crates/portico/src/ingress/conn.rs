@@ -30,7 +30,7 @@ pub struct ConnTimeouts {
 /// write stamps the connection's activity, and the coarse clock is read
 /// from the vDSO without the TSC: a few ns, against tens for `Instant::now`
 /// under a hypervisor. Its tick (1-4 ms) is far below any timeout here.
-fn coarse_ms() -> u64 {
+pub(crate) fn coarse_ms() -> u64 {
     use nix::time::{clock_gettime, ClockId};
     match clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) {
         Ok(t) => t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000,

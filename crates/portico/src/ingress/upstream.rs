@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -25,6 +25,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::conn::coarse_ms;
 use super::error::UpstreamError;
 use crate::discovery::snapshot::Load;
 
@@ -123,14 +124,15 @@ impl Conn {
 
     /// Ready for a request once the backend's last exchange is done; false
     /// if the connection ended instead.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if !self.drive(cx) {
+            return Poll::Ready(false);
+        }
+        self.sender.poll_ready(cx).map(|r| r.is_ok())
+    }
+
     async fn ready(&mut self) -> bool {
-        poll_fn(|cx| {
-            if !self.drive(cx) {
-                return Poll::Ready(false);
-            }
-            self.sender.poll_ready(cx).map(|r| r.is_ok())
-        })
-        .await
+        poll_fn(|cx| self.poll_ready(cx)).await
     }
 
     /// Send a request and wait for the response head, driving the
@@ -174,7 +176,14 @@ pub struct PoolSettings {
 
 struct IdleConn {
     conn: Conn,
-    since: Instant,
+    /// When it was pooled, on the coarse clock (`coarse_ms`).
+    since_ms: u64,
+}
+
+impl IdleConn {
+    fn expired(&self, idle_timeout: Duration) -> bool {
+        coarse_ms().saturating_sub(self.since_ms) >= idle_timeout.as_millis() as u64
+    }
 }
 
 pub struct Pool {
@@ -208,12 +217,19 @@ impl Pool {
     pub async fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
         loop {
             let idle = self.idle().get_mut(&addr).and_then(Vec::pop)?;
-            if idle.since.elapsed() >= self.settings.idle_timeout {
+            if idle.expired(self.settings.idle_timeout) {
                 continue;
             }
             let mut conn = idle.conn;
             // Nobody polled it while idle: one poll reads a close or stray
             // bytes from the backend, and is free (no syscall) otherwise.
+            // Almost always it answers at once, so the timer (and its clock
+            // read) is made only for one that does not.
+            match poll_fn(|cx| Poll::Ready(conn.poll_ready(cx))).await {
+                Poll::Ready(true) => return Some(conn),
+                Poll::Ready(false) => continue,
+                Poll::Pending => {}
+            }
             match tokio::time::timeout(self.settings.connect_timeout, conn.ready()).await {
                 Ok(true) => return Some(conn),
                 _ => continue,
@@ -303,7 +319,7 @@ impl Pool {
         if conns.len() < self.settings.max_idle_per_backend {
             conns.push(IdleConn {
                 conn,
-                since: Instant::now(),
+                since_ms: coarse_ms(),
             });
         }
     }
@@ -319,7 +335,7 @@ impl Pool {
         // connections, and lets go of the waker of the last request's task.
         let mut cx = Context::from_waker(Waker::noop());
         self.idle().retain(|_, conns| {
-            conns.retain_mut(|c| c.since.elapsed() < max_idle && c.conn.drive(&mut cx));
+            conns.retain_mut(|c| !c.expired(max_idle) && c.conn.drive(&mut cx));
             !conns.is_empty()
         });
     }
