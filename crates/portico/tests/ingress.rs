@@ -489,3 +489,30 @@ async fn a_backend_sending_garbage_is_a_502_and_harms_no_one_else() {
     // The same client connection goes on serving.
     assert_eq!(c.get("/fine").await.status, 200);
 }
+
+/// Backend connections are kept for the next request, and one idle past
+/// `--pool-idle-timeout` is not used again.
+#[tokio::test]
+async fn pooled_backend_connections_are_reused_until_their_idle_timeout() {
+    let t = tower("30s");
+    let web = Backend::start("web").await;
+    register(t.addr, "web", web.addr);
+    let ing = ingress(t.addr, &["/:web"], &["--pool-idle-timeout", "1s"]);
+    let mut c = Client::connect(ing.addr).await;
+    assert_eq!(c.get("/").await.status, 200);
+    let first = web.last_seen().peer;
+    assert_eq!(c.get("/").await.status, 200);
+    assert_eq!(
+        web.last_seen().peer,
+        first,
+        "the pooled connection is reused"
+    );
+    // The time passing is what is tested here, not a wait for an event.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(c.get("/").await.status, 200);
+    assert_ne!(
+        web.last_seen().peer,
+        first,
+        "a connection idle past the timeout is not used"
+    );
+}

@@ -201,6 +201,9 @@ pub struct Seen {
     pub path: String,
     pub headers: HashMap<String, Vec<String>>,
     pub body_len: usize,
+    /// The address the request's connection came from (the proxy's side
+    /// of a pooled connection).
+    pub peer: SocketAddr,
 }
 
 impl Seen {
@@ -259,6 +262,7 @@ impl Backend {
             hits: hits.clone(),
             release: release.clone(),
             arrived: arrived.clone(),
+            peer: None,
         };
         tokio::spawn(async move {
             let mut stop = killed.clone();
@@ -267,8 +271,13 @@ impl Backend {
                     a = listener.accept() => a,
                     _ = stop.wait_for(|k| *k) => return,
                 };
-                let Ok((stream, _)) = accepted else { continue };
-                let ctx = ctx.clone();
+                let Ok((stream, peer)) = accepted else {
+                    continue;
+                };
+                let ctx = Ctx {
+                    peer: Some(peer),
+                    ..ctx.clone()
+                };
                 let mut stop = killed.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| answer(ctx.clone(), req));
@@ -319,6 +328,7 @@ struct Ctx {
     hits: Arc<AtomicUsize>,
     release: Arc<Notify>,
     arrived: Arc<Notify>,
+    peer: Option<SocketAddr>,
 }
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -363,6 +373,7 @@ async fn answer(ctx: Ctx, req: Request<Incoming>) -> Result<Response<BoxBody>, I
             path: path.clone(),
             headers: headers.clone(),
             body_len,
+            peer: ctx.peer.expect("set per connection"),
         })
     };
     let resp = match req.uri().path() {
