@@ -118,6 +118,19 @@ async fn metrics_parse_and_move_with_traffic() {
     );
     assert_eq!(m["portico_discovery_synced"], 1.0);
     assert!(m["portico_connections_total"] >= 1.0);
+    // Seven requests in a row to one replica: pooled, so at least one
+    // backend connection and fewer than one per request; the last one
+    // goes back to the pool.
+    let opened = moved("portico_upstream_connections_total");
+    assert!((1.0..7.0).contains(&opened), "{opened} backend connections");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while metrics(admin).await["portico_upstream_idle_connections"] < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no idle pooled connection"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 
     assert_eq!(get(admin, "/healthz").await.status, 200);
     assert_eq!(get(admin, "/readyz").await.status, 200);

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub discovery_age: Gauge<f64, AtomicU64>,
     pub access_log_dropped: Counter,
     pub config_reloads: Family<Labels, Counter>,
+    pub upstream_connections: Counter,
+    pub upstream_idle_connections: Gauge,
     unrouted: Arc<RouteStats>,
 }
 
@@ -87,6 +89,8 @@ impl Metrics {
         let discovery_age = Gauge::<f64, AtomicU64>::default();
         let access_log_dropped = Counter::default();
         let config_reloads = Family::<Labels, Counter>::default();
+        let upstream_connections = Counter::default();
+        let upstream_idle_connections = Gauge::default();
         registry.register(
             "requests",
             "Requests answered, by route, service and status class",
@@ -147,6 +151,16 @@ impl Metrics {
             "Config file reloads, by result (applied, refused)",
             config_reloads.clone(),
         );
+        registry.register(
+            "upstream_connections",
+            "Connections opened to backends; against requests, it tells how well the pool reuses them",
+            upstream_connections.clone(),
+        );
+        registry.register(
+            "upstream_idle_connections",
+            "Idle HTTP/1.1 backend connections pooled now (at most --pool-max-idle per replica)",
+            upstream_idle_connections.clone(),
+        );
         let unrouted = Arc::new(Self::stats_in(
             &requests,
             &durations,
@@ -169,6 +183,8 @@ impl Metrics {
             discovery_age,
             access_log_dropped,
             config_reloads,
+            upstream_connections,
+            upstream_idle_connections,
             unrouted,
         })
     }

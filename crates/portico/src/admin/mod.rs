@@ -147,6 +147,8 @@ async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointD
         }
     }
     m.discovery_synced.set(i64::from(ready));
+    m.upstream_idle_connections
+        .set(i64::try_from(proxy.pool.idle_count()).unwrap_or(i64::MAX));
     m.discovery_age
         .set(proxy.discovery.last_update_age().unwrap_or(0.0));
 }

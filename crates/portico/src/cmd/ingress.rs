@@ -126,7 +126,7 @@ pub async fn serve(
     let proxy = Arc::new(Proxy {
         routes: ArcSwap::from_pointee(LiveRoutes::new(config.routes, &metrics)),
         discovery: discovery.clone(),
-        pool: Pool::new(config.pool),
+        pool: Pool::new(config.pool, metrics.upstream_connections.clone()),
         attempts: config.attempts,
         backend_timeout: config.backend_timeout,
         max_uri_bytes: config.max_uri_bytes,

@@ -188,6 +188,8 @@ impl IdleConn {
 
 pub struct Pool {
     settings: PoolSettings,
+    /// Connections opened, for the metrics.
+    opened: prometheus_client::metrics::counter::Counter,
     idle: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
     h2: Mutex<HashMap<SocketAddr, H2Sender>>,
 }
@@ -201,9 +203,13 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub fn new(settings: PoolSettings) -> Arc<Self> {
+    pub fn new(
+        settings: PoolSettings,
+        opened: prometheus_client::metrics::counter::Counter,
+    ) -> Arc<Self> {
         Arc::new(Self {
             settings,
+            opened,
             idle: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
         })
@@ -246,6 +252,7 @@ impl Pool {
         };
         // Small requests and responses must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        self.opened.inc();
         Ok(stream)
     }
 
