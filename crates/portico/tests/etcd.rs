@@ -79,10 +79,22 @@ fn listed(tower: SocketAddr, name: &str) -> Vec<SocketAddr> {
 
 /// Wait until `tower` serves exactly `want` for `name`.
 async fn wait_listed(tower: SocketAddr, name: &str, want: &[SocketAddr]) {
+    wait_listed_checking(tower, name, want, || {}).await;
+}
+
+/// `wait_listed`, running `check` (which asserts something that must hold
+/// all along) before each look.
+async fn wait_listed_checking(
+    tower: SocketAddr,
+    name: &str,
+    want: &[SocketAddr],
+    mut check: impl FnMut(),
+) {
     let mut want = want.to_vec();
     want.sort();
     let deadline = Instant::now() + DEADLINE;
     loop {
+        check();
         let got = listed(tower, name);
         if got == want {
             return;
@@ -262,24 +274,13 @@ async fn an_etcd_restart_loses_no_registration_and_brings_back_no_stale_one() {
     // and the one registered before the outage survived it. Tower A writes
     // the delete while its watch may still be backing off: its stale copy
     // must not bring y back meanwhile.
-    let deadline = Instant::now() + DEADLINE;
-    let mut want = vec![x.addr, z.addr];
-    want.sort();
-    loop {
+    wait_listed_checking(b.addr, "web", &[x.addr, z.addr], || {
         assert!(
             !listed(a.addr, "web").contains(&y.addr),
             "Tower A serves the deregistered replica again"
         );
-        let got = listed(b.addr, "web");
-        if got == want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tower B lists {got:?}, want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await;
     wait_routed(via_etcd.addr, &["x", "z"]).await;
     wait_routed(via_b.addr, &["x", "z"]).await;
     let mut keys = etcd.keys("/portico/v1/services/");

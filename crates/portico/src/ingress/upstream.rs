@@ -23,6 +23,7 @@ use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
 use super::conn::coarse_ms;
@@ -131,8 +132,17 @@ impl Conn {
         self.sender.poll_ready(cx).map(|r| r.is_ok())
     }
 
-    async fn ready(&mut self) -> bool {
-        poll_fn(|cx| self.poll_ready(cx)).await
+    /// `poll_ready` until it answers or `limit` passes (false then). Almost
+    /// always it answers at the first poll, so the timer (and its clock
+    /// read) is made only for a connection that does not.
+    async fn ready_within(&mut self, limit: Duration) -> bool {
+        match poll_fn(|cx| Poll::Ready(self.poll_ready(cx))).await {
+            Poll::Ready(ready) => ready,
+            Poll::Pending => {
+                let ready = poll_fn(|cx| self.poll_ready(cx));
+                tokio::time::timeout(limit, ready).await.unwrap_or(false)
+            }
+        }
     }
 
     /// Send a request and wait for the response head, driving the
@@ -189,7 +199,7 @@ impl IdleConn {
 pub struct Pool {
     settings: PoolSettings,
     /// Connections opened, for the metrics.
-    opened: prometheus_client::metrics::counter::Counter,
+    opened: Counter,
     idle: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
     h2: Mutex<HashMap<SocketAddr, H2Sender>>,
 }
@@ -203,10 +213,7 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub fn new(
-        settings: PoolSettings,
-        opened: prometheus_client::metrics::counter::Counter,
-    ) -> Arc<Self> {
+    pub fn new(settings: PoolSettings, opened: Counter) -> Arc<Self> {
         Arc::new(Self {
             settings,
             opened,
@@ -229,16 +236,8 @@ impl Pool {
             let mut conn = idle.conn;
             // Nobody polled it while idle: one poll reads a close or stray
             // bytes from the backend, and is free (no syscall) otherwise.
-            // Almost always it answers at once, so the timer (and its clock
-            // read) is made only for one that does not.
-            match poll_fn(|cx| Poll::Ready(conn.poll_ready(cx))).await {
-                Poll::Ready(true) => return Some(conn),
-                Poll::Ready(false) => continue,
-                Poll::Pending => {}
-            }
-            match tokio::time::timeout(self.settings.connect_timeout, conn.ready()).await {
-                Ok(true) => return Some(conn),
-                _ => continue,
+            if conn.ready_within(self.settings.connect_timeout).await {
+                return Some(conn);
             }
         }
     }
@@ -310,8 +309,7 @@ impl Pool {
             };
             let pool = self.clone();
             runtime.spawn(async move {
-                let settled = tokio::time::timeout(pool.settings.idle_timeout, conn.ready());
-                if let Ok(true) = settled.await {
+                if conn.ready_within(pool.settings.idle_timeout).await {
                     pool.keep(conn);
                 }
             });
