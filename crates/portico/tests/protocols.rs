@@ -564,3 +564,134 @@ async fn trailers_on_chunked_http11_pass_through() {
         "trailer passed on: {body:?}"
     );
 }
+
+/// A client socket whose first bytes go out a few at a time, with pauses:
+/// the ingress reads what a connection sends first before it picks
+/// HTTP/1.1 or HTTP/2, and must hand on all of it, however it arrives.
+struct Trickle {
+    inner: tokio::net::TcpStream,
+    sent: usize,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Trickle {
+    /// Bytes sent in pieces; the rest goes out as the client writes it.
+    const SLOW: usize = 40;
+    const PIECE: usize = 7;
+
+    async fn connect(addr: SocketAddr) -> Trickle {
+        let inner = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Each piece in a segment of its own.
+        inner.set_nodelay(true).unwrap();
+        Trickle {
+            inner,
+            sent: 0,
+            pause: None,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Trickle {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Trickle {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        if self.sent >= Self::SLOW {
+            return std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        }
+        if let Some(pause) = self.pause.as_mut() {
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+        }
+        let piece = buf.len().min(Self::PIECE);
+        let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, &buf[..piece]);
+        if let Poll::Ready(Ok(n)) = written {
+            self.sent += n;
+            // Pacing only: the test holds whether or not the ingress reads
+            // between pieces.
+            self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(15))));
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+use std::future::Future as _;
+
+#[tokio::test]
+async fn a_connection_first_bytes_reach_the_protocol_however_they_arrive() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::AsyncWriteExt;
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+
+    // HTTP/2 with prior knowledge, its preface in pieces.
+    let io = TokioIo::new(Trickle::connect(ing.addr).await);
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/h2-in-pieces", ing.addr))
+        .body(empty())
+        .unwrap();
+    let resp = tokio::time::timeout(DEADLINE, h2.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"backend=b GET /h2-in-pieces\n");
+
+    // HTTP/1.1 starting like the preface ("P"), in pieces, with a head
+    // larger than the ingress's first read (4 KiB).
+    let big = "v".repeat(6000);
+    let head = format!(
+        "PUT /h1-in-pieces HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nContent-Length: 3\r\n\r\nabc"
+    );
+    let mut s = Trickle::connect(ing.addr).await;
+    s.write_all(head.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut s.inner, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "backend=b PUT /h1-in-pieces\n");
+    let seen = b.last_seen();
+    assert_eq!(seen.header("x-big").map(str::len), Some(6000));
+    assert_eq!(seen.body_len, 3);
+
+    // The connection goes on from where the first read left it.
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s.inner, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "backend=b GET /next\n");
+}

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
@@ -151,12 +152,20 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: T,
         state: Arc<ConnState>,
+        // Bytes read before the protocol was chosen, served before the
+        // socket's.
+        first: Bytes,
     }
 }
 
 impl<T> Tracked<T> {
-    pub fn new(inner: T, state: Arc<ConnState>) -> Self {
-        Self { inner, state }
+    /// `first`: what was already read from `inner` (empty if nothing).
+    pub fn new(inner: T, state: Arc<ConnState>, first: Bytes) -> Self {
+        Self {
+            inner,
+            state,
+            first,
+        }
     }
 }
 
@@ -167,6 +176,13 @@ impl<T: AsyncRead> AsyncRead for Tracked<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        if !this.first.is_empty() && buf.remaining() > 0 {
+            let n = this.first.len().min(buf.remaining());
+            buf.put_slice(&this.first[..n]);
+            this.first.advance(n);
+            this.state.touch(true);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {

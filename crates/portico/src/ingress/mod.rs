@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -138,7 +139,14 @@ pub async fn serve(
                                         // HTTP/2 over TLS is chosen by ALPN.
                                         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                                         serve_connection(
-                                            tls, peer, true, h2, &protocols, proxy, timeouts,
+                                            tls,
+                                            Bytes::new(),
+                                            peer,
+                                            true,
+                                            h2,
+                                            &protocols,
+                                            proxy,
+                                            timeouts,
                                             shutdown,
                                         )
                                         .await
@@ -220,26 +228,39 @@ impl Protocols {
 /// The client preface of HTTP/2 with prior knowledge (RFC 9113 3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Whether a plain connection starts with the HTTP/2 preface. The bytes are
-/// peeked, not read, so that hyper reads them into its own buffer and no
-/// rewind layer sits under every later read. `None` if the client closed
-/// or sent nothing in time.
-async fn starts_with_h2_preface(stream: &TcpStream) -> Option<bool> {
-    let mut buf = [0u8; 24];
+/// The first read of a plain connection. Sized for a whole request head
+/// of a usual size, so that hyper need not read again for it.
+const FIRST_READ: usize = 4096;
+
+/// Read what a plain connection sends first and tell whether it starts
+/// with the HTTP/2 preface. The bytes read are handed to the protocol
+/// through `Tracked`: peeking them instead cost every new connection one
+/// more system call. `None` if the client closed or the socket failed.
+async fn read_first(stream: &TcpStream) -> Option<(Bytes, bool)> {
+    let mut first = BytesMut::new();
     loop {
-        let n = stream.peek(&mut buf).await.ok()?;
-        if n == 0 {
-            return None;
+        stream.readable().await.ok()?;
+        // Allocated once there is something to read: a connection that
+        // opens and waits holds no buffer.
+        if first.capacity() == 0 {
+            first.reserve(FIRST_READ);
         }
-        if buf[..n] != H2_PREFACE[..n] {
-            return Some(false);
+        match stream.try_read_buf(&mut first) {
+            Ok(0) => return None,
+            Ok(_) => {
+                let n = first.len().min(H2_PREFACE.len());
+                if first[..n] != H2_PREFACE[..n] {
+                    return Some((first.freeze(), false));
+                }
+                if n == H2_PREFACE.len() {
+                    return Some((first.freeze(), true));
+                }
+                // A prefix of the preface so far (a slow client): wait for
+                // more; readiness is cleared by the next read's WouldBlock.
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return None,
         }
-        if n == H2_PREFACE.len() {
-            return Some(true);
-        }
-        // A prefix of the preface so far (a slow client): peeking again at
-        // once would spin on the same bytes.
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -253,11 +274,11 @@ async fn serve_plain(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let sniffed = tokio::select! {
-        s = tokio::time::timeout(timeouts.header, starts_with_h2_preface(&stream)) => s,
+        s = tokio::time::timeout(timeouts.header, read_first(&stream)) => s,
         _ = shutdown.wait_for(|stop| *stop) => return,
     };
-    let h2 = match sniffed {
-        Ok(Some(h2)) => h2,
+    let (first, h2) = match sniffed {
+        Ok(Some(read)) => read,
         Ok(None) => return,
         Err(_) => {
             tracing::debug!(%peer, "closing connection: nothing sent within the header timeout");
@@ -268,12 +289,12 @@ async fn serve_plain(
         // Boxed: an HTTP/2 connection's state is large, and HTTP/1.1
         // connections are the many.
         Box::pin(serve_connection(
-            stream, peer, false, true, protocols, proxy, timeouts, shutdown,
+            stream, first, peer, false, true, protocols, proxy, timeouts, shutdown,
         ))
         .await
     } else {
         serve_connection(
-            stream, peer, false, false, protocols, proxy, timeouts, shutdown,
+            stream, first, peer, false, false, protocols, proxy, timeouts, shutdown,
         )
         .await
     }
@@ -282,6 +303,7 @@ async fn serve_plain(
 #[allow(clippy::too_many_arguments)]
 async fn serve_connection<IO>(
     stream: IO,
+    first: Bytes,
     peer: SocketAddr,
     tls: bool,
     h2: bool,
@@ -304,7 +326,7 @@ async fn serve_connection<IO>(
     // hold kilobytes for a request it is not serving.
     let service =
         service_fn(move |req| Box::pin(handler::handle(proxy.clone(), client.clone(), req)));
-    let io = TokioIo::new(Tracked::new(stream, state.clone()));
+    let io = TokioIo::new(Tracked::new(stream, state.clone(), first));
     if h2 {
         let conn = protocols.h2.serve_connection(io, service);
         conn::supervise(
