@@ -132,6 +132,14 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
+    /// Connections a worker serves from its own queue between turns of the
+    /// shared one, 1-255 (default: tokio's, tuned near 31). Only matters
+    /// when the proxy is saturated: lower gives a shorter latency tail at
+    /// hundreds of busy connections and less peak throughput at thousands
+    /// (figures in docs/benchmarks.md).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub fair_interval: Option<u32>,
+
     /// Active health check for a service, repeatable:
     /// SERVICE:PATH[,interval=5s,timeout=2s,fall=3,rise=2]. A replica whose
     /// `GET PATH` fails `fall` times in a row (non-2xx/3xx, no answer) gets

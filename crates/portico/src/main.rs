@@ -39,15 +39,18 @@ fn main() -> ExitCode {
     init_tracing(&cli.log_level, cli.log_format);
     raise_fd_limit();
 
-    let threads = match &cli.command {
-        Command::Ingress(a) => a.proxy.threads,
-        Command::Up(a) => a.proxy.threads,
+    let (threads, fair_interval) = match &cli.command {
+        Command::Ingress(a) => (a.proxy.threads, a.proxy.fair_interval),
+        Command::Up(a) => (a.proxy.threads, a.proxy.fair_interval),
         // The Tower and the small clients need no more than one.
-        Command::Tower(_) | Command::Register(_) | Command::Services(_) => Some(1),
+        Command::Tower(_) | Command::Register(_) | Command::Services(_) => (Some(1), None),
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads {
         builder.worker_threads(n.max(1));
+    }
+    if let Some(n) = fair_interval {
+        builder.global_queue_interval(n);
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -88,7 +88,12 @@ async fn metrics_parse_and_move_with_traffic() {
     let t = tower("30s");
     let b = Backend::start("b").await;
     register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/app:svc", "/none:nobody"], &[]);
+    // A scheduler setting other than tokio's own changes nothing here.
+    let ing = ingress(
+        t.addr,
+        &["/app:svc", "/none:nobody"],
+        &["--fair-interval", "4"],
+    );
     wait_synced(&ing, 1).await;
     let admin = admin(&ing);
     let ok = r#"portico_requests_total{route="/app",service="svc",status_class="2xx"}"#;
@@ -131,6 +136,10 @@ async fn metrics_parse_and_move_with_traffic() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+
+    // Read at scrape time; a few tasks may be queued while the scrape runs.
+    let queued = m["portico_runtime_shared_queue_depth"];
+    assert!((0.0..1000.0).contains(&queued), "{queued}");
 
     assert_eq!(get(admin, "/healthz").await.status, 200);
     assert_eq!(get(admin, "/readyz").await.status, 200);
@@ -426,4 +435,17 @@ async fn reload_swaps_routes_keeps_open_streams_and_refuses_bad_files() {
         5
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_fair_interval_out_of_range_stops_the_start_with_the_reason() {
+    for bad in ["0", "256", "x"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+            .args(["ingress", "--route", "/:svc", "--fair-interval", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--fair-interval {bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--fair-interval"), "{err}");
+    }
 }

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub config_reloads: Family<Labels, Counter>,
     pub upstream_connections: Counter,
     pub upstream_idle_connections: Gauge,
+    pub runtime_shared_queue_depth: Gauge,
     unrouted: Arc<RouteStats>,
 }
 
@@ -91,6 +92,7 @@ impl Metrics {
         let config_reloads = Family::<Labels, Counter>::default();
         let upstream_connections = Counter::default();
         let upstream_idle_connections = Gauge::default();
+        let runtime_shared_queue_depth = Gauge::default();
         registry.register(
             "requests",
             "Requests answered, by route, service and status class",
@@ -161,6 +163,12 @@ impl Metrics {
             "Idle HTTP/1.1 backend connections pooled now (at most --pool-max-idle per replica)",
             upstream_idle_connections.clone(),
         );
+        registry.register(
+            "runtime_shared_queue_depth",
+            "Tasks (mostly connections with work to do) waiting in the runtime's shared queue; \
+             staying above zero means the proxy is saturated (see --fair-interval)",
+            runtime_shared_queue_depth.clone(),
+        );
         let unrouted = Arc::new(Self::stats_in(
             &requests,
             &durations,
@@ -185,6 +193,7 @@ impl Metrics {
             config_reloads,
             upstream_connections,
             upstream_idle_connections,
+            runtime_shared_queue_depth,
             unrouted,
         })
     }

@@ -149,6 +149,11 @@ async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointD
     m.discovery_synced.set(i64::from(ready));
     m.upstream_idle_connections
         .set(i64::try_from(proxy.pool.idle_count()).unwrap_or(i64::MAX));
+    let queued = tokio::runtime::Handle::current()
+        .metrics()
+        .global_queue_depth();
+    m.runtime_shared_queue_depth
+        .set(i64::try_from(queued).unwrap_or(i64::MAX));
     m.discovery_age
         .set(proxy.discovery.last_update_age().unwrap_or(0.0));
 }
