@@ -180,6 +180,11 @@ impl<T: AsyncRead> AsyncRead for Tracked<T> {
             let n = this.first.len().min(buf.remaining());
             buf.put_slice(&this.first[..n]);
             this.first.advance(n);
+            if this.first.is_empty() {
+                // An emptied `Bytes` still holds its buffer; the connection
+                // may live for hours.
+                *this.first = Bytes::new();
+            }
             this.state.touch(true);
             return Poll::Ready(Ok(()));
         }
