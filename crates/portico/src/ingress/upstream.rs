@@ -147,18 +147,23 @@ impl Conn {
 
     /// Send a request and wait for the response head, driving the
     /// connection meanwhile. A request hyper never started to send comes
-    /// back in the error.
-    pub async fn send(
+    /// back in the error. (Not an `async fn`, which would hold the request
+    /// twice in its state; see `handler::handle`.)
+    pub fn send(
         &mut self,
         req: Request<UpstreamRequestBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let mut response = std::pin::pin!(self.sender.try_send_request(req));
-        poll_fn(|cx| {
-            // The driver first: it writes the request and reads the answer.
-            self.drive(cx);
-            response.as_mut().poll(cx)
-        })
-        .await
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + '_ {
+        // hyper queues the request here; the driver writes it.
+        let response = self.sender.try_send_request(req);
+        async move {
+            let mut response = std::pin::pin!(response);
+            poll_fn(|cx| {
+                // The driver first: it writes the request and reads the answer.
+                self.drive(cx);
+                response.as_mut().poll(cx)
+            })
+            .await
+        }
     }
 
     /// After a 101: the driver hands the socket to the upgrade, so it must
