@@ -452,13 +452,7 @@ fn send_with_failover<'a>(
                 };
                 let Some(req) = request.take() else { break };
                 match tokio::time::timeout(backend_timeout, sender.try_send_request(req)).await {
-                    Err(_elapsed) => {
-                        return Err(ProxyError::Timeout {
-                            service: service.clone(),
-                            addr,
-                            timeout: backend_timeout,
-                        })
-                    }
+                    Err(_elapsed) => return Err(timed_out(service, addr, backend_timeout)),
                     Ok(Ok(mut resp)) => {
                         health.record_success(addr);
                         headers::remove_hop_by_hop(resp.headers_mut());
@@ -501,13 +495,7 @@ fn send_with_failover<'a>(
                 };
                 let sent = tokio::time::timeout(backend_timeout, conn.send(req)).await;
                 match sent {
-                    Err(_elapsed) => {
-                        return Err(ProxyError::Timeout {
-                            service: service.clone(),
-                            addr,
-                            timeout: backend_timeout,
-                        })
-                    }
+                    Err(_elapsed) => return Err(timed_out(service, addr, backend_timeout)),
                     Ok(Ok(mut resp)) => {
                         health.record_success(addr);
                         if resp.headers().contains_key(header::TRANSFER_ENCODING)
@@ -552,6 +540,19 @@ fn send_with_failover<'a>(
         }
         Err(give_up(service, &tried, last)
             .unwrap_or_else(|| DiscoveryError::Exhausted(service.clone()).into()))
+    }
+}
+
+/// The backend took longer than the route's backend timeout to answer.
+fn timed_out(
+    service: &portico_wire::ServiceName,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> ProxyError {
+    ProxyError::Timeout {
+        service: service.clone(),
+        addr,
+        timeout,
     }
 }
 
