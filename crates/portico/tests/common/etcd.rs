@@ -216,23 +216,29 @@ impl Etcd {
             b64.encode(prefix),
             b64.encode(&end)
         );
-        for m in self.members.iter().filter(|m| m.child.is_some()) {
-            if let Some((200, out)) = post(m.client, "/v3/kv/range", &body) {
-                let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-                return v["kvs"]
-                    .as_array()
-                    .map(|kvs| {
-                        kvs.iter()
-                            .map(|kv| {
-                                let k = b64.decode(kv["key"].as_str().unwrap()).unwrap();
-                                String::from_utf8(k).unwrap()
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+        // Right after a member is killed the others may be electing a
+        // leader, and refuse linearizable reads until they have one.
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            for m in self.members.iter().filter(|m| m.child.is_some()) {
+                if let Some((200, out)) = post(m.client, "/v3/kv/range", &body) {
+                    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+                    return v["kvs"]
+                        .as_array()
+                        .map(|kvs| {
+                            kvs.iter()
+                                .map(|kv| {
+                                    let k = b64.decode(kv["key"].as_str().unwrap()).unwrap();
+                                    String::from_utf8(k).unwrap()
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                }
             }
+            assert!(Instant::now() < deadline, "no etcd member answered");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("no etcd member answered");
     }
 }
 
