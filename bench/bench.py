@@ -11,7 +11,8 @@ Measured, each with the proxy started fresh:
            a new connection per request: requests/s, the proxy's CPU time per
            request (utime+stime from /proc, over its processes), p50/p99.
   latency  a fixed request rate (portico-loadgen rate): p50/p99/p99.9, with
-           no coordinated omission; the same rate for every proxy.
+           no coordinated omission; the same rate for every proxy, in
+           --latency-rounds interleaved samples, reported as medians.
   memory   10,000 idle keep-alive connections held (portico-loadgen idle):
            resident memory per connection, and the time to answer a request
            on a new connection meanwhile.
@@ -340,23 +341,30 @@ class Bench:
                     self.results["cells"].append(r)
 
     def run_latency(self):
+        """Several interleaved samples per proxy: one sample's p99 rests on
+        a few hundred requests and moves 2x with the machine's slow spells,
+        which land on whichever proxy is running."""
         a = self.a
-        for name in a.proxies:
-            port, proc = self.start(name)
-            try:
-                wrk(port, 1, a.warmup, False, a.load_cpu)
-                out = subprocess.run(
-                    ["taskset", "-c", a.load_cpu, a.loadgen, "rate", f"127.0.0.1:{port}",
-                     str(a.rate), str(a.rate_conns), str(a.duration)],
-                    capture_output=True, text=True, timeout=a.duration + 60).stdout
-                r = json.loads(out.strip().splitlines()[-1])
-            finally:
-                if proc:
-                    proc.stop()
-            r["proxy"] = name
-            log(f"  latency at {a.rate} req/s {name:15} p50 {r['p50_us']} us  p99 {r['p99_us']} us  "
-                f"p99.9 {r['p999_us']} us  errors {r['errors']}")
-            self.results["latency"].append(r)
+        proxies = a.proxies
+        for rnd in range(a.latency_rounds):
+            k = rnd % len(proxies)
+            for name in proxies[k:] + proxies[:k]:
+                port, proc = self.start(name)
+                try:
+                    wrk(port, 1, a.warmup, False, a.load_cpu)
+                    out = subprocess.run(
+                        ["taskset", "-c", a.load_cpu, a.loadgen, "rate", f"127.0.0.1:{port}",
+                         str(a.rate), str(a.rate_conns), str(a.duration)],
+                        capture_output=True, text=True, timeout=a.duration + 60).stdout
+                    r = json.loads(out.strip().splitlines()[-1])
+                finally:
+                    if proc:
+                        proc.stop()
+                r["proxy"] = name
+                r["round"] = rnd
+                log(f"  latency at {a.rate} req/s {name:15} p50 {r['p50_us']} us  "
+                    f"p99 {r['p99_us']} us  p99.9 {r['p999_us']} us  errors {r['errors']}")
+                self.results["latency"].append(r)
 
     def run_memory(self):
         a = self.a
@@ -488,6 +496,22 @@ def medians(cells):
     return out
 
 
+def latency_medians(samples):
+    """Per proxy, in first-seen order: the median of each percentile over
+    the rounds, the p99 range, and the errors summed."""
+    groups = {}
+    for r in samples:
+        groups.setdefault(r["proxy"], []).append(r)
+    out = {}
+    for name, rows in groups.items():
+        out[name] = {f: statistics.median(r[f] for r in rows)
+                     for f in ("p50_us", "p99_us", "p999_us", "max_us")}
+        out[name].update(samples=len(rows), errors=sum(r["errors"] for r in rows),
+                         p99_min=min(r["p99_us"] for r in rows),
+                         p99_max=max(r["p99_us"] for r in rows))
+    return out
+
+
 def summary(res, args):
     m = medians(res["cells"])
     v = res["machine"]
@@ -506,7 +530,7 @@ def summary(res, args):
         "",
     ]
     proxies = [p for p in args.proxies]
-    for mode in args.modes:
+    for mode in args.modes if res["cells"] else []:
         lines += [f"## {'Keep-alive' if mode == 'keepalive' else 'A new connection per request'}", ""]
         head = "| connections | " + " | ".join(f"{p} req/s" for p in proxies) + " | " + \
             " | ".join(f"{p} CPU µs/req" for p in proxies if p != "direct") + \
@@ -526,11 +550,17 @@ def summary(res, args):
         lines += ["", "Errors (non-2xx + socket errors): " +
                   ", ".join(f"{p} {n}" for p, n in errs.items()), ""]
     if res["latency"]:
+        lat = latency_medians(res["latency"])
+        rounds = max(v["samples"] for v in lat.values())
         lines += [f"## Latency at a fixed {args.rate} req/s over {args.rate_conns} connections", "",
-                  "| proxy | p50 µs | p99 µs | p99.9 µs | max µs | errors |", "|---|---|---|---|---|---|"]
-        for r in res["latency"]:
-            lines.append(f"| {r['proxy']} | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | "
-                         f"{r['max_us']} | {r['errors']} |")
+                  f"Medians of {rounds} interleaved sample(s) of {args.duration:g} s each; "
+                  "the p99 range is the lowest and highest sample.", "",
+                  "| proxy | p50 µs | p99 µs | p99 range µs | p99.9 µs | max µs | errors |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in lat.items():
+            lines.append(f"| {name} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
+                         f"{r['p99_min']}-{r['p99_max']} | {r['p999_us']:.0f} | "
+                         f"{r['max_us']:.0f} | {r['errors']} |")
         lines.append("")
     if res["memory"]:
         lines += [f"## {args.idle_conns} idle keep-alive connections", "",
@@ -580,10 +610,11 @@ def targets(res, args, m):
                 if pr and best:
                     out.append(f"- req/s {mode} c={c}: {pr / best:.2f}x the better of nginx and "
                                f"HAProxy: {'met' if pr >= best else 'NOT met'}")
-    lat = {r["proxy"]: r for r in res["latency"]}
+    lat = latency_medians(res["latency"])
     if "portico" in lat and "nginx" in lat:
         p, n = lat["portico"]["p99_us"], lat["nginx"]["p99_us"]
-        out.append(f"- p99 at {args.rate} req/s: Portico {p} µs, nginx {n} µs: "
+        out.append(f"- p99 at {args.rate} req/s (medians of {lat['portico']['samples']}): "
+                   f"Portico {p:.0f} µs, nginx {n:.0f} µs: "
                    f"{'met' if p <= n else 'NOT met'}")
     for r in res["memory"]:
         if r["proxy"] == "portico":
@@ -658,10 +689,10 @@ def chart(res, args):
     panel(70, 320, 1100, 170, "Proxy CPU µs per request (lower is better)", groups,
           [(p, [m.get((p, mo, c), {}).get("cpu_us_per_req") for mo, c in cells])
            for p in args.proxies if p != "direct"], "µs")
-    lat = res["latency"]
-    panel(70, 570, 440, 170, f"Latency µs at a fixed {args.rate} req/s (lower is better)",
+    lat = latency_medians(res["latency"])
+    panel(70, 570, 440, 170, f"Latency µs at a fixed {args.rate} req/s, medians (lower is better)",
           ["p50", "p99", "p99.9"],
-          [(r["proxy"], [r["p50_us"], r["p99_us"], r["p999_us"]]) for r in lat], "µs")
+          [(name, [r["p50_us"], r["p99_us"], r["p999_us"]]) for name, r in lat.items()], "µs")
     mem = res["memory"]
     panel(650, 570, 440, 170, f"KiB per idle connection, {args.idle_conns} held (lower is better)",
           ["KiB/conn"], [(r["proxy"], [r["kib_per_conn"]]) for r in mem], "KiB")
@@ -696,6 +727,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--rate", type=int, default=10000, help="fixed rate for the latency test")
     ap.add_argument("--rate-conns", type=int, default=50)
+    ap.add_argument("--latency-rounds", type=int, default=3,
+                    help="interleaved fixed-rate samples per proxy; the report gives medians")
     ap.add_argument("--idle-conns", type=int, default=10000)
     ap.add_argument("--idle-hold", type=float, default=3)
     ap.add_argument("--churn-pairs", type=int, default=2)
@@ -730,7 +763,8 @@ def main():
     res["machine"] = versions(a)
     res["command"] = os.environ.get("BENCH_COMMAND") or " ".join(["bench/bench.py"] + sys.argv[1:])
     res["settings"] = {k: getattr(a, k) for k in (
-        "proxies", "modes", "conns", "duration", "rounds", "rate", "rate_conns", "idle_conns",
+        "proxies", "modes", "conns", "duration", "rounds", "rate", "rate_conns", "latency_rounds",
+        "idle_conns",
         "churn_pairs", "body_bytes", "proxy_cpu", "load_cpu")}
     try:
         if "cells" not in skip:

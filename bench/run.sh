@@ -31,7 +31,7 @@ for a in "$@"; do
         --smoke)
             profile=debug
             args+=(--duration 1 --warmup 1 --conns 50 --rate 1000 --idle-conns 300
-                   --idle-hold 0.5 --churn-pairs 1) ;;
+                   --idle-hold 0.5 --churn-pairs 1 --latency-rounds 1) ;;
         *) args+=("$a") ;;
     esac
 done
