@@ -20,7 +20,7 @@ host="$(rustc -vV | sed -n 's/^host: //p')"
 cargo build --release --bins --quiet --target "$host"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
-for target in wire_decode registry_table route_match header_rewrite; do
+for target in wire_decode registry_table route_match header_rewrite h1_response; do
     cp -r "corpus/$target" "$scratch/$target"
     mkdir -p "artifacts/$target"
     echo "fuzz: $target for ${seconds}s"

@@ -5,6 +5,7 @@ pub mod access_log;
 pub mod body;
 pub mod conn;
 pub mod error;
+pub mod h1;
 pub mod handler;
 pub mod headers;
 pub mod route;
