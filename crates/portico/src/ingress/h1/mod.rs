@@ -9,6 +9,7 @@
 //! tested and fuzzed without a socket, whatever way the bytes are split.
 
 pub mod chunked;
+pub mod client;
 
 use std::mem::MaybeUninit;
 

@@ -1,0 +1,500 @@
+//! One HTTP/1.1 connection to a backend, used by one request at a time and
+//! driven by it: no task, no channel. The request's head is written from
+//! its parts, which stay the caller's (a replay needs no copy), and the
+//! response is read with `parse_head` and streamed by `ResponseBody`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::chunked::{Chunk, ChunkError, Decoder};
+use super::{parse_head, Framing, HeadError, ResponseHead};
+
+/// Interim (1xx) responses skipped before the final one; a backend that
+/// sends more is broken or hostile.
+const MAX_INTERIM: usize = 16;
+/// Room made in the read buffer before each read.
+const READ_SIZE: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// Nothing of a response was read: a reused connection the backend had
+    /// closed fails this way, and a replayable request may be sent again.
+    #[error("the backend closed the connection before answering")]
+    ClosedBeforeResponse(#[source] Option<io::Error>),
+    #[error("reading from or writing to the backend failed")]
+    Io(#[source] io::Error),
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    #[error("the backend sent more than {MAX_INTERIM} interim (1xx) responses")]
+    TooManyInterim,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the backend closed the connection {0} bytes before the end of the body")]
+    Truncated(u64),
+    #[error("the backend closed the connection inside a chunked body")]
+    TruncatedChunked,
+    #[error(transparent)]
+    Chunked(#[from] ChunkError),
+    #[error("reading the body from the backend failed")]
+    Io(#[source] io::Error),
+}
+
+pub struct Connection {
+    stream: TcpStream,
+    /// Bytes read and not yet used: what follows a response head.
+    read: BytesMut,
+    /// The request head, encoded; kept for its capacity.
+    write: Vec<u8>,
+    pub addr: SocketAddr,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream, addr: SocketAddr) -> Self {
+        Self {
+            stream,
+            read: BytesMut::new(),
+            write: Vec::with_capacity(512),
+            addr,
+        }
+    }
+
+    /// An idle connection is fit for a request if the backend neither
+    /// closed it nor sent anything unasked. Costs one read that returns
+    /// at once.
+    pub fn is_fit(&mut self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Send a request without a body and read the final response's head.
+    /// `parts` stays the caller's.
+    pub async fn exchange(
+        &mut self,
+        parts: &http::request::Parts,
+        max_head_bytes: usize,
+    ) -> Result<ResponseHead, ExchangeError> {
+        encode_head(parts, &mut self.write);
+        match self.stream.try_write(&self.write) {
+            Ok(n) if n == self.write.len() => {}
+            Ok(n) => self.write_rest(n).await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_rest(0).await?,
+            Err(e) => return Err(ExchangeError::ClosedBeforeResponse(Some(e))),
+        }
+        let is_head = parts.method == http::Method::HEAD;
+        let mut interim = 0;
+        let mut answered = false;
+        loop {
+            if let Some(head) = parse_head(&mut self.read, is_head, max_head_bytes)? {
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(ExchangeError::TooManyInterim);
+                    }
+                    continue;
+                }
+                return Ok(head);
+            }
+            self.read.reserve(READ_SIZE);
+            match self.stream.try_read_buf(&mut self.read) {
+                Ok(0) if answered => {
+                    return Err(ExchangeError::Io(io::ErrorKind::UnexpectedEof.into()))
+                }
+                Ok(0) => return Err(ExchangeError::ClosedBeforeResponse(None)),
+                Ok(_) => answered = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.stream.readable().await.map_err(ExchangeError::Io)?;
+                }
+                Err(e) if !answered => return Err(ExchangeError::ClosedBeforeResponse(Some(e))),
+                Err(e) => return Err(ExchangeError::Io(e)),
+            }
+        }
+    }
+
+    async fn write_rest(&mut self, from: usize) -> Result<(), ExchangeError> {
+        self.stream
+            .write_all(&self.write[from..])
+            .await
+            .map_err(|e| ExchangeError::ClosedBeforeResponse(Some(e)))
+    }
+
+    /// Read more into the buffer; `Ok(0)` at the backend's close.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            self.read.reserve(READ_SIZE);
+            match self.stream.try_read_buf(&mut self.read) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    /// Give the socket to a tunnel, with what was read past the head.
+    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.stream, self.read)
+    }
+}
+
+/// The request line and fields, as hyper's client writes them for a
+/// request without a body: the fields as they are (the handler has
+/// already removed hop-by-hop ones and set framing), no field added.
+pub fn encode_head(parts: &http::request::Parts, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A response body read from its connection. When it ends as framed, the
+/// connection is handed to `release` if it may carry another request.
+pub struct ResponseBody<R: FnOnce(Connection) + Unpin> {
+    conn: Option<Connection>,
+    state: Reading,
+    reusable: bool,
+    release: Option<R>,
+}
+
+enum Reading {
+    Length(u64),
+    Chunked(Decoder),
+    UntilClose,
+    Done,
+}
+
+impl<R: FnOnce(Connection) + Unpin> ResponseBody<R> {
+    pub fn new(conn: Connection, head: &ResponseHead, release: R) -> Self {
+        let state = match head.framing {
+            Framing::Empty | Framing::Length(0) => Reading::Done,
+            Framing::Length(n) => Reading::Length(n),
+            Framing::Chunked => Reading::Chunked(Decoder::default()),
+            Framing::UntilClose => Reading::UntilClose,
+        };
+        let mut body = Self {
+            conn: Some(conn),
+            state,
+            reusable: head.reusable,
+            release: Some(release),
+        };
+        if matches!(body.state, Reading::Done) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body ended as framed: the connection goes back if nothing
+    /// unasked follows it.
+    fn finish(&mut self) {
+        self.state = Reading::Done;
+        if let (Some(conn), Some(release)) = (self.conn.take(), self.release.take()) {
+            if self.reusable && conn.read.is_empty() {
+                release(conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.state = Reading::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl<R: FnOnce(Connection) + Unpin> Body for ResponseBody<R> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.state {
+                Reading::Done => return Poll::Ready(None),
+                Reading::Length(left) => {
+                    if !conn.read.is_empty() {
+                        let n = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(conn.read.len());
+                        let data = conn.read.split_to(n).freeze();
+                        *left -= n as u64;
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    let left = *left;
+                    match ready!(conn.poll_fill(cx)) {
+                        Ok(0) => return this.fail(BodyError::Truncated(left)),
+                        Ok(_) => {}
+                        Err(e) => return this.fail(BodyError::Io(e)),
+                    }
+                }
+                Reading::Chunked(decoder) => match decoder.decode(&mut conn.read) {
+                    Ok(Some(Chunk::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Some(Chunk::Trailers(trailers))) => {
+                        this.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Some(Chunk::End)) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(None) => match ready!(conn.poll_fill(cx)) {
+                        Ok(0) => return this.fail(BodyError::TruncatedChunked),
+                        Ok(_) => {}
+                        Err(e) => return this.fail(BodyError::Io(e)),
+                    },
+                    Err(e) => return this.fail(e.into()),
+                },
+                Reading::UntilClose => {
+                    if !conn.read.is_empty() {
+                        let data = conn.read.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match ready!(conn.poll_fill(cx)) {
+                        Ok(0) => {
+                            this.state = Reading::Done;
+                            this.conn = None;
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(BodyError::Io(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, Reading::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            Reading::Done => SizeHint::with_exact(0),
+            Reading::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http::HeaderMap;
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A backend that answers each request head it reads with the next of
+    /// `answers`, written in pieces of `piece` bytes; it records the heads,
+    /// and closes after the last answer.
+    async fn backend(
+        answers: Vec<&'static str>,
+        piece: usize,
+    ) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            for answer in answers {
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut b = [0u8; 1024];
+                    let n = s.read(&mut b).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&b[..n]);
+                }
+                let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&got[..end]).into_owned());
+                got.drain(..end);
+                for part in answer.as_bytes().chunks(piece) {
+                    s.write_all(part).await.unwrap();
+                    s.flush().await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        (addr, heads)
+    }
+
+    async fn connect(addr: SocketAddr) -> Connection {
+        Connection::new(TcpStream::connect(addr).await.unwrap(), addr)
+    }
+
+    fn get(path: &str) -> http::request::Parts {
+        let (mut parts, ()) = http::Request::get(path).body(()).unwrap().into_parts();
+        parts.headers.insert("host", "svc".parse().unwrap());
+        parts
+    }
+
+    /// The body's data and trailers, and the connection if it was released.
+    async fn read_body(
+        conn: Connection,
+        head: &ResponseHead,
+    ) -> (
+        Result<(Vec<u8>, Option<HeaderMap>), BodyError>,
+        Option<Connection>,
+    ) {
+        let released = Arc::new(Mutex::new(None));
+        let slot = released.clone();
+        let body = ResponseBody::new(conn, head, move |c| *slot.lock().unwrap() = Some(c));
+        let collected = body.collect().await.map(|c| {
+            let trailers = c.trailers().cloned();
+            (c.to_bytes().to_vec(), trailers)
+        });
+        let conn = released.lock().unwrap().take();
+        (collected, conn)
+    }
+
+    #[tokio::test]
+    async fn a_length_framed_answer_frees_the_connection_for_the_next_request() {
+        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Backend: b1\r\n\r\nhello";
+        let (addr, heads) = backend(vec![ok, ok], 3).await;
+        let mut conn = connect(addr).await;
+        for i in 0..2 {
+            let head = conn
+                .exchange(&get(&format!("/a?n={i}")), 8192)
+                .await
+                .unwrap();
+            assert_eq!(head.status, StatusCode::OK);
+            assert_eq!(head.headers["x-backend"], "b1");
+            let (body, back) = read_body(conn, &head).await;
+            assert_eq!(body.unwrap().0, b"hello");
+            conn = back.expect("a complete keep-alive answer frees its connection");
+        }
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads[0], "GET /a?n=0 HTTP/1.1\r\nhost: svc\r\n\r\n");
+        assert_eq!(heads.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_chunked_bodies_decoded() {
+        let answer = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
+            HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1;x=y\r\n!\r\n0\r\nX-Sum: 6\r\n\r\n";
+        let (addr, _) = backend(vec![answer], 2).await;
+        let mut conn = connect(addr).await;
+        let head = conn.exchange(&get("/"), 8192).await.unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(
+            !head.headers.contains_key("link"),
+            "the 103's fields stay with it"
+        );
+        let (body, back) = read_body(conn, &head).await;
+        let (data, trailers) = body.unwrap();
+        assert_eq!(data, b"hello!");
+        assert_eq!(trailers.unwrap()["x-sum"], "6");
+        assert!(back.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_close_delimited_body_ends_with_the_connection() {
+        let (addr, _) = backend(vec!["HTTP/1.1 200 OK\r\n\r\nuntil the end"], 4).await;
+        let mut conn = connect(addr).await;
+        let head = conn.exchange(&get("/"), 8192).await.unwrap();
+        assert_eq!(head.framing, Framing::UntilClose);
+        let (body, back) = read_body(conn, &head).await;
+        assert_eq!(body.unwrap().0, b"until the end");
+        assert!(back.is_none(), "never reused");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_not_an_end() {
+        for answer in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+        ] {
+            let (addr, _) = backend(vec![answer], 64).await;
+            let mut conn = connect(addr).await;
+            let head = conn.exchange(&get("/"), 8192).await.unwrap();
+            let (body, back) = read_body(conn, &head).await;
+            assert!(body.is_err(), "{answer:?}");
+            assert!(back.is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backend_gone_before_answering_is_told_apart() {
+        let (addr, _) = backend(vec![], 1).await;
+        let mut conn = connect(addr).await;
+        let err = conn.exchange(&get("/"), 8192).await.unwrap_err();
+        assert!(
+            matches!(err, ExchangeError::ClosedBeforeResponse(_)),
+            "{err:?}"
+        );
+        let (addr, _) = backend(vec!["HTTP/1.1 200"], 64).await;
+        let mut conn = connect(addr).await;
+        let err = conn.exchange(&get("/"), 8192).await.unwrap_err();
+        assert!(
+            matches!(err, ExchangeError::Io(_)),
+            "part of an answer: {err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_request_reads_no_body_whatever_the_length_says() {
+        let (addr, _) = backend(vec!["HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"], 64).await;
+        let mut conn = connect(addr).await;
+        let (mut parts, ()) = http::Request::head("/").body(()).unwrap().into_parts();
+        parts.headers.insert("host", "svc".parse().unwrap());
+        let head = conn.exchange(&parts, 8192).await.unwrap();
+        assert_eq!(head.headers["content-length"], "10");
+        let (body, back) = read_body(conn, &head).await;
+        assert!(body.unwrap().0.is_empty());
+        assert!(back.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_backend_closed_is_unfit() {
+        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let (addr, _) = backend(vec![ok], 64).await;
+        let mut conn = connect(addr).await;
+        let head = conn.exchange(&get("/"), 8192).await.unwrap();
+        let (_, back) = read_body(conn, &head).await;
+        let mut conn = back.unwrap();
+        // The backend closes after its last answer; wait for the FIN.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while conn.is_fit() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
+            conn.stream.readable().await.unwrap();
+        }
+    }
+}
