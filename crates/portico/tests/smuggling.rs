@@ -261,3 +261,83 @@ async fn a_backends_bad_framing_does_not_desynchronise_the_client() {
         );
     }
 }
+
+/// How a backend's answer was framed is how the client gets it: interim
+/// answers are not taken for the answer, a body delimited by the close is
+/// passed on whole, and a body cut short reaches the client cut short (its
+/// connection closed), never as a complete answer.
+#[tokio::test]
+async fn a_backends_answer_reaches_the_client_as_it_was_framed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = tower("30s");
+    let answers: [(&str, &'static [u8]); 3] = [
+        ("interim", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"),
+        ("close", b"HTTP/1.1 200 OK\r\nX-Framing: close\r\n\r\nuntil the backend closes"),
+        ("short", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this"),
+    ];
+    let mut routes = Vec::new();
+    for (name, answer) in answers {
+        register(t.addr, name, raw_backend(answer).await);
+        routes.push(format!("/{name}:{name}"));
+    }
+    let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+    let ing = ingress(t.addr, &routes, &[]);
+    wait_synced(&ing, 1).await;
+
+    let a = get(ing.addr, "/interim").await;
+    assert_eq!((a.status, a.body.as_str()), (200, "final"));
+    assert!(
+        !a.headers.contains_key("link"),
+        "the 103's fields stay with it"
+    );
+
+    let a = get(ing.addr, "/close").await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "until the backend closes")
+    );
+
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(b"GET /short HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the client connection is closed, not left waiting")
+        .unwrap();
+    // hyper closes the client connection at the body's error, with or
+    // without what it had buffered; either way the answer is incomplete.
+    let text = String::from_utf8_lossy(&got);
+    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("content-length: 100"),
+            "{head}"
+        );
+        assert_eq!(body, "only this", "the 91 missing bytes are not made up");
+    } else {
+        assert!(!text.contains("HTTP/1.1 "), "no other answer: {text:?}");
+    }
+    // The proxy itself carries on.
+    let a = get(ing.addr, "/close").await;
+    assert_eq!(a.status, 200);
+}
+
+/// A backend that closes each connection after one answer, though the
+/// answer allows keep-alive: every request after the first finds its
+/// pooled connection closed, and must be sent again on a new one rather
+/// than fail.
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_costs_the_client_nothing() {
+    let t = tower("30s");
+    let addr = raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    register(t.addr, "svc", addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let mut c = Client::connect(ing.addr).await;
+    for i in 0..20 {
+        let a = c.get(&format!("/{i}")).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "ok"), "request {i}");
+    }
+}

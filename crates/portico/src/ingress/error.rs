@@ -60,6 +60,8 @@ pub enum UpstreamError {
     UnaskedUpgrade,
     #[error("the backend's response has both Content-Length and Transfer-Encoding")]
     AmbiguousFraming,
+    #[error("the HTTP/1.1 exchange with the backend failed")]
+    Exchange(#[source] super::h1::client::ExchangeError),
 }
 
 impl ProxyError {

@@ -21,10 +21,11 @@ use super::access_log::{AccessLog, Record};
 use super::body::{Completion, ResponseBody};
 use super::conn::ConnState;
 use super::error::{ProxyError, UpstreamError};
+use super::h1::client as own;
 use super::headers;
 use super::route::{self, RouteTable, UpstreamProtocol};
 use super::tunnel;
-use super::upstream::{Capped, Conn, Pool, SendError, UpstreamBody, UpstreamRequestBody};
+use super::upstream::{Capped, Conn, Pool, SendError, ToPool, UpstreamBody, UpstreamRequestBody};
 use crate::admin::metrics::{Metrics, RouteStats};
 use crate::discovery::{Discovery, DiscoveryError};
 use arc_swap::ArcSwap;
@@ -342,15 +343,20 @@ fn proxy_request<'a>(
             parts.headers.remove(header::HOST);
         }
 
-        // A bodiless idempotent request may be sent again after bytes went out.
-        let replay = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
-            let mut r = Request::new(());
-            *r.method_mut() = parts.method.clone();
-            *r.uri_mut() = parts.uri.clone();
-            *r.version_mut() = parts.version;
-            *r.headers_mut() = parts.headers.clone();
-            r
-        });
+        // A bodiless idempotent request may be sent again after bytes went
+        // out. hyper's clients take the request, so they need a copy; our
+        // own HTTP/1.1 client keeps it (`uses_own_client`).
+        let hyper_sends = route.options.upstream == UpstreamProtocol::H2c
+            || parts.headers.contains_key(header::UPGRADE);
+        let replay =
+            (hyper_sends && is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
+                let mut r = Request::new(());
+                *r.method_mut() = parts.method.clone();
+                *r.uri_mut() = parts.uri.clone();
+                *r.version_mut() = parts.version;
+                *r.headers_mut() = parts.headers.clone();
+                r
+            });
         let (body, too_large) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
         let request = Request::from_parts(parts, Either::Left(body));
         let backend_timeout = route
@@ -467,6 +473,68 @@ fn send_with_failover<'a>(
                         continue;
                     }
                 }
+            }
+
+            if request.as_ref().is_some_and(uses_own_client) {
+                let Some(req) = request.take() else { break };
+                let (parts, body) = req.into_parts();
+                // A pooled connection may have been closed by the backend
+                // just now; when that is all that failed, a fresh connection
+                // to the same replica is tried before counting it as failed.
+                let mut pooled = proxy.pool.checkout_own(addr);
+                let (error, sent) = loop {
+                    let reused = pooled.is_some();
+                    let mut conn = match pooled.take() {
+                        Some(c) => c,
+                        None => match Box::pin(proxy.pool.connect_own(addr)).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                connect_failed(proxy, exchange, addr);
+                                tracing::debug!(backend = %addr, %service, error = %e, "connect failed; trying another replica");
+                                break (e, false);
+                            }
+                        },
+                    };
+                    let answer = conn.exchange(&parts, own::MAX_RESPONSE_HEAD_BYTES);
+                    match tokio::time::timeout(backend_timeout, answer).await {
+                        Err(_elapsed) => return Err(timed_out(service, addr, backend_timeout)),
+                        Ok(Ok(head)) => {
+                            health.record_success(addr);
+                            if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                                return Err(ProxyError::Backend {
+                                    service: service.clone(),
+                                    addr,
+                                    source: UpstreamError::UnaskedUpgrade,
+                                });
+                            }
+                            let body =
+                                own::ResponseBody::new(conn, &head, ToPool(proxy.pool.clone()));
+                            let mut response = Response::new(ResponseBody::upstream(
+                                UpstreamBody::own(body, load),
+                            ));
+                            *response.status_mut() = head.status;
+                            *response.headers_mut() = head.headers;
+                            headers::remove_hop_by_hop(response.headers_mut());
+                            return Ok(response);
+                        }
+                        Ok(Err(own::ExchangeError::ClosedBeforeResponse(e))) if reused => {
+                            tracing::debug!(backend = %addr, %service, error = ?e, "pooled connection closed by the backend; retrying on a new one");
+                        }
+                        Ok(Err(e)) => break (UpstreamError::Exchange(e), true),
+                    }
+                };
+                // Sent and failed: only a replayable request moves on.
+                if sent && !is_idempotent(&parts.method) {
+                    return Err(ProxyError::Backend {
+                        service: service.clone(),
+                        addr,
+                        source: error,
+                    });
+                }
+                tracing::debug!(backend = %addr, %service, error = %super::error::chain(&error), "request failed before an answer; trying another replica");
+                last = Some((addr, error));
+                request = Some(Request::from_parts(parts, body));
+                continue;
             }
 
             // A pooled connection may have been closed by the backend just now;
@@ -608,6 +676,12 @@ fn rebuild(template: &Request<()>) -> Request<UpstreamRequestBody> {
     *r.version_mut() = template.version();
     *r.headers_mut() = template.headers().clone();
     r
+}
+
+/// Our own HTTP/1.1 client takes requests without a body that ask for no
+/// upgrade; hyper's still takes the others.
+fn uses_own_client(request: &Request<UpstreamRequestBody>) -> bool {
+    request.body().is_end_stream() && !request.headers().contains_key(header::UPGRADE)
 }
 
 fn is_idempotent(m: &Method) -> bool {

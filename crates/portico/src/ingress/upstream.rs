@@ -27,7 +27,11 @@ use tokio::net::TcpStream;
 
 use super::conn::coarse_ms;
 use super::error::UpstreamError;
+use super::h1::client::{self as own, Release};
 use crate::discovery::snapshot::Load;
+
+/// A response body's error: hyper's, or our HTTP/1.1 client's.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What we send to a backend: the client's streamed body (capped), or
 /// nothing (a replayed bodiless request).
@@ -211,7 +215,14 @@ pub struct Pool {
     /// Connections opened, for the metrics.
     opened: Counter,
     idle: Mutex<ByBackend<Vec<IdleConn>>>,
+    /// Connections of our own HTTP/1.1 client (bodiless requests).
+    own: Mutex<ByBackend<Vec<IdleOwn>>>,
     h2: Mutex<ByBackend<H2Sender>>,
+}
+
+struct IdleOwn {
+    conn: own::Connection,
+    since_ms: u64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -228,12 +239,45 @@ impl Pool {
             settings,
             opened,
             idle: Mutex::new(ByBackend::default()),
+            own: Mutex::new(ByBackend::default()),
             h2: Mutex::new(ByBackend::default()),
         })
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, ByBackend<Vec<IdleConn>>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn own(&self) -> std::sync::MutexGuard<'_, ByBackend<Vec<IdleOwn>>> {
+        self.own.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A pooled connection of our own client that the backend has neither
+    /// closed nor written to, if there is one.
+    pub fn checkout_own(&self, addr: SocketAddr) -> Option<own::Connection> {
+        let max_idle = self.settings.idle_timeout.as_millis() as u64;
+        loop {
+            let mut idle = self.own().get_mut(&addr).and_then(Vec::pop)?;
+            if coarse_ms().saturating_sub(idle.since_ms) < max_idle && idle.conn.is_fit() {
+                return Some(idle.conn);
+            }
+        }
+    }
+
+    /// A new connection of our own client to `addr`.
+    pub async fn connect_own(&self, addr: SocketAddr) -> Result<own::Connection, UpstreamError> {
+        Ok(own::Connection::new(self.tcp(addr).await?, addr))
+    }
+
+    fn keep_own(&self, conn: own::Connection) {
+        let mut idle = self.own();
+        let conns = idle.entry(conn.addr).or_default();
+        if conns.len() < self.settings.max_idle_per_backend {
+            conns.push(IdleOwn {
+                conn,
+                since_ms: coarse_ms(),
+            });
+        }
     }
 
     /// A pooled connection that is ready for a request, if there is one.
@@ -353,11 +397,19 @@ impl Pool {
             conns.retain_mut(|c| !c.expired(max_idle) && c.conn.drive(&mut cx));
             !conns.is_empty()
         });
+        let now = coarse_ms();
+        self.own().retain(|_, conns| {
+            conns.retain_mut(|c| {
+                now.saturating_sub(c.since_ms) < max_idle.as_millis() as u64 && c.conn.is_fit()
+            });
+            !conns.is_empty()
+        });
     }
 
     /// Idle connections held, for tests and metrics.
     pub fn idle_count(&self) -> usize {
-        self.idle().values().map(Vec::len).sum()
+        self.idle().values().map(Vec::len).sum::<usize>()
+            + self.own().values().map(Vec::len).sum::<usize>()
     }
 }
 
@@ -365,18 +417,38 @@ impl Pool {
 /// its connection goes back to the pool; dropped early, the connection is
 /// closed (its state is unknown).
 pub struct UpstreamBody {
-    inner: Incoming,
-    /// The connection, driven while the body streams, pooled at its end.
-    release: Option<(Arc<Pool>, Conn)>,
+    inner: Inner,
     /// Counts the request against its replica (p2c) until the body ends.
     _load: Option<Load>,
+}
+
+enum Inner {
+    /// hyper's client: the connection, driven while the body streams,
+    /// pooled at its end.
+    Hyper {
+        body: Incoming,
+        release: Option<(Arc<Pool>, Conn)>,
+    },
+    /// Our own client: the body holds its connection.
+    Own(own::ResponseBody<ToPool>),
+}
+
+/// Gives a connection of our own client back to its pool.
+pub struct ToPool(pub Arc<Pool>);
+
+impl Release for ToPool {
+    fn release(self, conn: own::Connection) {
+        self.0.keep_own(conn);
+    }
 }
 
 impl UpstreamBody {
     pub fn new(inner: Incoming, pool: Arc<Pool>, conn: Conn, load: Option<Load>) -> Self {
         Self {
-            inner,
-            release: Some((pool, conn)),
+            inner: Inner::Hyper {
+                body: inner,
+                release: Some((pool, conn)),
+            },
             _load: load,
         }
     }
@@ -385,59 +457,86 @@ impl UpstreamBody {
     /// connection is shared by its streams).
     pub fn unpooled(inner: Incoming, load: Option<Load>) -> Self {
         Self {
-            inner,
-            release: None,
+            inner: Inner::Hyper {
+                body: inner,
+                release: None,
+            },
             _load: load,
         }
     }
 
-    fn release(&mut self, cx: &mut Context<'_>) {
-        if let Some((pool, conn)) = self.release.take() {
-            pool.put(conn, cx);
+    /// A body read by our own HTTP/1.1 client.
+    pub fn own(body: own::ResponseBody<ToPool>, load: Option<Load>) -> Self {
+        Self {
+            inner: Inner::Own(body),
+            _load: load,
         }
+    }
+}
+
+fn release(release: &mut Option<(Arc<Pool>, Conn)>, cx: &mut Context<'_>) {
+    if let Some((pool, conn)) = release.take() {
+        pool.put(conn, cx);
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let (body, conn) = match &mut self.inner {
+            Inner::Own(body) => {
+                return Pin::new(body)
+                    .poll_frame(cx)
+                    .map_err(|e| Box::new(e) as BodyError)
+            }
+            Inner::Hyper { body, release } => (body, release),
+        };
+        let mut polled = Pin::new(&mut *body).poll_frame(cx);
         if polled.is_pending() {
             // The bytes come through the driver: move it, then look again.
-            if let Some((_, conn)) = &mut self.release {
-                conn.drive(cx);
-                polled = Pin::new(&mut self.inner).poll_frame(cx);
+            if let Some((_, c)) = conn {
+                c.drive(cx);
+                polled = Pin::new(&mut *body).poll_frame(cx);
             }
         }
         match &polled {
-            Poll::Ready(None) => self.release(cx),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(cx),
-            Poll::Ready(Some(Err(_))) => self.release = None,
+            Poll::Ready(None) => release(conn, cx),
+            Poll::Ready(Some(Ok(_))) if body.is_end_stream() => release(conn, cx),
+            Poll::Ready(Some(Err(_))) => *conn = None,
             _ => {}
         }
-        polled
+        polled.map_err(|e| Box::new(e) as BodyError)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Hyper { body, .. } => body.is_end_stream(),
+            Inner::Own(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Hyper { body, .. } => body.size_hint(),
+            Inner::Own(body) => body.size_hint(),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // Bodiless responses (HEAD, 204, 304) may never be polled. With no
-        // task to wake here, a connection not yet free gets its own.
-        if self.inner.is_end_stream() {
-            self.release(&mut Context::from_waker(Waker::noop()));
+        // task to wake here, a connection not yet free gets its own. (Our
+        // own client's bodiless responses gave theirs back when made.)
+        if let Inner::Hyper { body, release: r } = &mut self.inner {
+            if body.is_end_stream() {
+                release(r, &mut Context::from_waker(Waker::noop()));
+            }
         }
     }
 }

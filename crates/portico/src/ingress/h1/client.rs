@@ -20,8 +20,15 @@ use super::{parse_head, Framing, HeadError, ResponseHead};
 /// Interim (1xx) responses skipped before the final one; a backend that
 /// sends more is broken or hostile.
 const MAX_INTERIM: usize = 16;
-/// Room made in the read buffer before each read.
+/// A response head's limit, hyper's client's own (its `max_buf_size`
+/// default): backends with large Set-Cookie fields worked through hyper and
+/// must keep working.
+pub const MAX_RESPONSE_HEAD_BYTES: usize = 8192 + 4096 * 100;
+/// Room made in the read buffer before a read: the first, and the most,
+/// doubling while reads fill it (a large body moves in fewer reads, and
+/// fewer, larger writes to the client).
 const READ_SIZE: usize = 8192;
+const MAX_READ_SIZE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
@@ -55,6 +62,8 @@ pub struct Connection {
     read: BytesMut,
     /// The request head, encoded; kept for its capacity.
     write: Vec<u8>,
+    /// Room to make before the next body read.
+    read_size: usize,
     pub addr: SocketAddr,
 }
 
@@ -64,6 +73,7 @@ impl Connection {
             stream,
             read: BytesMut::new(),
             write: Vec::with_capacity(512),
+            read_size: READ_SIZE,
             addr,
         }
     }
@@ -135,9 +145,14 @@ impl Connection {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
-            self.read.reserve(READ_SIZE);
+            self.read.reserve(self.read_size);
+            let room = self.read.capacity() - self.read.len();
             match self.stream.try_read_buf(&mut self.read) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) if n == room => {
+                    self.read_size = (self.read_size * 2).min(MAX_READ_SIZE);
+                    return Poll::Ready(Ok(n));
+                }
                 other => return Poll::Ready(other),
             }
         }
@@ -168,9 +183,20 @@ pub fn encode_head(parts: &http::request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Where a connection goes when its response ended as framed (the pool).
+pub trait Release {
+    fn release(self, conn: Connection);
+}
+
+impl<F: FnOnce(Connection)> Release for F {
+    fn release(self, conn: Connection) {
+        self(conn)
+    }
+}
+
 /// A response body read from its connection. When it ends as framed, the
 /// connection is handed to `release` if it may carry another request.
-pub struct ResponseBody<R: FnOnce(Connection) + Unpin> {
+pub struct ResponseBody<R: Release + Unpin> {
     conn: Option<Connection>,
     state: Reading,
     reusable: bool,
@@ -184,7 +210,7 @@ enum Reading {
     Done,
 }
 
-impl<R: FnOnce(Connection) + Unpin> ResponseBody<R> {
+impl<R: Release + Unpin> ResponseBody<R> {
     pub fn new(conn: Connection, head: &ResponseHead, release: R) -> Self {
         let state = match head.framing {
             Framing::Empty | Framing::Length(0) => Reading::Done,
@@ -208,9 +234,13 @@ impl<R: FnOnce(Connection) + Unpin> ResponseBody<R> {
     /// unasked follows it.
     fn finish(&mut self) {
         self.state = Reading::Done;
-        if let (Some(conn), Some(release)) = (self.conn.take(), self.release.take()) {
+        if let (Some(mut conn), Some(release)) = (self.conn.take(), self.release.take()) {
             if self.reusable && conn.read.is_empty() {
-                release(conn);
+                // An idle connection holds no buffer: what is left of the
+                // last one is shared with the body already passed on.
+                conn.read = BytesMut::new();
+                conn.read_size = READ_SIZE;
+                release.release(conn);
             }
         }
     }
@@ -222,7 +252,7 @@ impl<R: FnOnce(Connection) + Unpin> ResponseBody<R> {
     }
 }
 
-impl<R: FnOnce(Connection) + Unpin> Body for ResponseBody<R> {
+impl<R: Release + Unpin> Body for ResponseBody<R> {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -420,6 +450,23 @@ mod tests {
         assert_eq!(data, b"hello!");
         assert_eq!(trailers.unwrap()["x-sum"], "6");
         assert!(back.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_large_body_arrives_whole_and_the_idle_connection_keeps_no_buffer() {
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n";
+        let answer: &'static str =
+            Box::leak(format!("{head}{}", "z".repeat(1_000_000)).into_boxed_str());
+        let (addr, _) = backend(vec![answer], 100_000).await;
+        let mut conn = connect(addr).await;
+        let head = conn.exchange(&get("/big"), 8192).await.unwrap();
+        let (body, back) = read_body(conn, &head).await;
+        let data = body.unwrap().0;
+        assert_eq!(data.len(), 1_000_000);
+        assert!(data.iter().all(|b| *b == b'z'));
+        let back = back.unwrap();
+        assert_eq!(back.read.capacity(), 0);
+        assert_eq!(back.read_size, READ_SIZE);
     }
 
     #[tokio::test]
