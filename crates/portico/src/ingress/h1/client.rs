@@ -79,14 +79,22 @@ impl Connection {
     }
 
     /// An idle connection is fit for a request if the backend neither
-    /// closed it nor sent anything unasked. Costs one read that returns
-    /// at once.
+    /// closed it nor sent anything unasked. Free unless the socket became
+    /// readable since the last read (the last read was short, which cleared
+    /// its readiness): then one read that returns at once.
     pub fn is_fit(&mut self) -> bool {
         if !self.read.is_empty() {
             return false;
         }
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
     }
 
     /// Send a request without a body and read the final response's head.
@@ -118,16 +126,12 @@ impl Connection {
                 }
                 return Ok(head);
             }
-            self.read.reserve(READ_SIZE);
-            match self.stream.try_read_buf(&mut self.read) {
+            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
                 Ok(0) if answered => {
                     return Err(ExchangeError::Io(io::ErrorKind::UnexpectedEof.into()))
                 }
                 Ok(0) => return Err(ExchangeError::ClosedBeforeResponse(None)),
                 Ok(_) => answered = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.stream.readable().await.map_err(ExchangeError::Io)?;
-                }
                 Err(e) if !answered => return Err(ExchangeError::ClosedBeforeResponse(Some(e))),
                 Err(e) => return Err(ExchangeError::Io(e)),
             }
@@ -141,21 +145,23 @@ impl Connection {
             .map_err(|e| ExchangeError::ClosedBeforeResponse(Some(e)))
     }
 
-    /// Read more into the buffer; `Ok(0)` at the backend's close.
+    /// Read more into the buffer; `Ok(0)` at the backend's close. Through
+    /// `AsyncRead`, not `try_read`: a short read then clears the socket's
+    /// readiness, so the next read (or `is_fit`) waits for the kernel's
+    /// word instead of trying a read that would block, one system call per
+    /// request.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            self.read.reserve(self.read_size);
-            let room = self.read.capacity() - self.read.len();
-            match self.stream.try_read_buf(&mut self.read) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Ok(n) if n == room => {
-                    self.read_size = (self.read_size * 2).min(MAX_READ_SIZE);
-                    return Poll::Ready(Ok(n));
-                }
-                other => return Poll::Ready(other),
-            }
+        self.read.reserve(self.read_size);
+        let room = self.read.capacity() - self.read.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.stream),
+            cx,
+            &mut self.read
+        ))?;
+        if n == room {
+            self.read_size = (self.read_size * 2).min(MAX_READ_SIZE);
         }
+        Poll::Ready(Ok(n))
     }
 
     /// Give the socket to a tunnel, with what was read past the head.
