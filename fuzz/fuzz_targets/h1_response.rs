@@ -31,9 +31,10 @@ fn decode(pieces: &[&[u8]]) -> Outcome {
             Err(_) => return Outcome::Refused,
         }
     };
+    let chunked = head.framing == Framing::Chunked;
     let head = format!("{} {:?} {:?} {}", head.status, head.framing, head.headers, head.reusable);
     let mut body = Vec::new();
-    if !head.contains(&format!("{:?}", Framing::Chunked)) {
+    if !chunked {
         return Outcome::Complete { head, body, end: String::new() };
     }
     let mut decoder = Decoder::default();

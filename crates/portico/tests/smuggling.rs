@@ -341,3 +341,27 @@ async fn a_pooled_connection_the_backend_closed_costs_the_client_nothing() {
         assert_eq!((a.status, a.body.as_str()), (200, "ok"), "request {i}");
     }
 }
+
+/// A backend that switches protocols though nobody asked: the client gets
+/// 502, not a tunnel, and its connection stays in step.
+#[tokio::test]
+async fn an_upgrade_nobody_asked_for_is_refused() {
+    let t = tower("30s");
+    let good = Backend::start("good").await;
+    register(t.addr, "good", good.addr);
+    let rogue = raw_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    )
+    .await;
+    register(t.addr, "rogue", rogue);
+    let ing = ingress(t.addr, &["/rogue:rogue", "/:good"], &[]);
+    wait_synced(&ing, 1).await;
+    let mut c = Client::connect(ing.addr).await;
+    let a = c.get("/rogue").await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    let a = c.get("/next").await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "backend=good GET /next\n")
+    );
+}

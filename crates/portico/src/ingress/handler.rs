@@ -500,13 +500,9 @@ fn send_with_failover<'a>(
                         Err(_elapsed) => return Err(timed_out(service, addr, backend_timeout)),
                         Ok(Ok(head)) => {
                             health.record_success(addr);
-                            if head.status == StatusCode::SWITCHING_PROTOCOLS {
-                                return Err(ProxyError::Backend {
-                                    service: service.clone(),
-                                    addr,
-                                    source: UpstreamError::UnaskedUpgrade,
-                                });
-                            }
+                            // A 101 to a request that asked for no upgrade
+                            // is refused by `proxy_request`, as for hyper's
+                            // client; its body gives the connection up.
                             let body =
                                 own::ResponseBody::new(conn, &head, ToPool(proxy.pool.clone()));
                             let mut response = Response::new(ResponseBody::upstream(

@@ -192,13 +192,14 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
 }
 
-struct IdleConn {
-    conn: Conn,
+/// A pooled connection, of hyper's client or of ours.
+struct Idle<C> {
+    conn: C,
     /// When it was pooled, on the coarse clock (`coarse_ms`).
     since_ms: u64,
 }
 
-impl IdleConn {
+impl<C> Idle<C> {
     fn expired(&self, idle_timeout: Duration) -> bool {
         coarse_ms().saturating_sub(self.since_ms) >= idle_timeout.as_millis() as u64
     }
@@ -214,15 +215,10 @@ pub struct Pool {
     settings: PoolSettings,
     /// Connections opened, for the metrics.
     opened: Counter,
-    idle: Mutex<ByBackend<Vec<IdleConn>>>,
+    idle: Mutex<ByBackend<Vec<Idle<Conn>>>>,
     /// Connections of our own HTTP/1.1 client (bodiless requests).
-    own: Mutex<ByBackend<Vec<IdleOwn>>>,
+    own: Mutex<ByBackend<Vec<Idle<own::Connection>>>>,
     h2: Mutex<ByBackend<H2Sender>>,
-}
-
-struct IdleOwn {
-    conn: own::Connection,
-    since_ms: u64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -244,21 +240,20 @@ impl Pool {
         })
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, ByBackend<Vec<IdleConn>>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, ByBackend<Vec<Idle<Conn>>>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn own(&self) -> std::sync::MutexGuard<'_, ByBackend<Vec<IdleOwn>>> {
+    fn own(&self) -> std::sync::MutexGuard<'_, ByBackend<Vec<Idle<own::Connection>>>> {
         self.own.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A pooled connection of our own client that the backend has neither
     /// closed nor written to, if there is one.
     pub fn checkout_own(&self, addr: SocketAddr) -> Option<own::Connection> {
-        let max_idle = self.settings.idle_timeout.as_millis() as u64;
         loop {
             let mut idle = self.own().get_mut(&addr).and_then(Vec::pop)?;
-            if coarse_ms().saturating_sub(idle.since_ms) < max_idle && idle.conn.is_fit() {
+            if !idle.expired(self.settings.idle_timeout) && idle.conn.is_fit() {
                 return Some(idle.conn);
             }
         }
@@ -270,10 +265,15 @@ impl Pool {
     }
 
     fn keep_own(&self, conn: own::Connection) {
-        let mut idle = self.own();
-        let conns = idle.entry(conn.addr).or_default();
+        let addr = conn.addr;
+        self.park(&mut self.own(), addr, conn);
+    }
+
+    /// Pool `conn` unless its replica already has as many idle as allowed.
+    fn park<C>(&self, pool: &mut ByBackend<Vec<Idle<C>>>, addr: SocketAddr, conn: C) {
+        let conns = pool.entry(addr).or_default();
         if conns.len() < self.settings.max_idle_per_backend {
-            conns.push(IdleOwn {
+            conns.push(Idle {
                 conn,
                 since_ms: coarse_ms(),
             });
@@ -373,14 +373,8 @@ impl Pool {
     }
 
     fn keep(&self, conn: Conn) {
-        let mut idle = self.idle();
-        let conns = idle.entry(conn.addr).or_default();
-        if conns.len() < self.settings.max_idle_per_backend {
-            conns.push(IdleConn {
-                conn,
-                since_ms: coarse_ms(),
-            });
-        }
+        let addr = conn.addr;
+        self.park(&mut self.idle(), addr, conn);
     }
 
     /// Drop connections that closed or idled too long, and empty entries.
@@ -397,11 +391,8 @@ impl Pool {
             conns.retain_mut(|c| !c.expired(max_idle) && c.conn.drive(&mut cx));
             !conns.is_empty()
         });
-        let now = coarse_ms();
         self.own().retain(|_, conns| {
-            conns.retain_mut(|c| {
-                now.saturating_sub(c.since_ms) < max_idle.as_millis() as u64 && c.conn.is_fit()
-            });
+            conns.retain_mut(|c| !c.expired(max_idle) && c.conn.is_fit());
             !conns.is_empty()
         });
     }

@@ -105,12 +105,11 @@ impl Connection {
         max_head_bytes: usize,
     ) -> Result<ResponseHead, ExchangeError> {
         encode_head(parts, &mut self.write);
-        match self.stream.try_write(&self.write) {
-            Ok(n) if n == self.write.len() => {}
-            Ok(n) => self.write_rest(n).await?,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_rest(0).await?,
-            Err(e) => return Err(ExchangeError::ClosedBeforeResponse(Some(e))),
-        }
+        // Written at once when the socket has room, as it almost always has.
+        self.stream
+            .write_all(&self.write)
+            .await
+            .map_err(|e| ExchangeError::ClosedBeforeResponse(Some(e)))?;
         let is_head = parts.method == http::Method::HEAD;
         let mut interim = 0;
         let mut answered = false;
@@ -138,13 +137,6 @@ impl Connection {
         }
     }
 
-    async fn write_rest(&mut self, from: usize) -> Result<(), ExchangeError> {
-        self.stream
-            .write_all(&self.write[from..])
-            .await
-            .map_err(|e| ExchangeError::ClosedBeforeResponse(Some(e)))
-    }
-
     /// Read more into the buffer; `Ok(0)` at the backend's close. Through
     /// `AsyncRead`, not `try_read`: a short read then clears the socket's
     /// readiness, so the next read (or `is_fit`) waits for the kernel's
@@ -162,11 +154,6 @@ impl Connection {
             self.read_size = (self.read_size * 2).min(MAX_READ_SIZE);
         }
         Poll::Ready(Ok(n))
-    }
-
-    /// Give the socket to a tunnel, with what was read past the head.
-    pub fn into_parts(self) -> (TcpStream, BytesMut) {
-        (self.stream, self.read)
     }
 }
 
@@ -205,7 +192,8 @@ impl<F: FnOnce(Connection)> Release for F {
 pub struct ResponseBody<R: Release + Unpin> {
     conn: Option<Connection>,
     state: Reading,
-    reusable: bool,
+    /// `None` once used, or from the start if the response's head does not
+    /// let the connection carry another request.
     release: Option<R>,
 }
 
@@ -227,8 +215,7 @@ impl<R: Release + Unpin> ResponseBody<R> {
         let mut body = Self {
             conn: Some(conn),
             state,
-            reusable: head.reusable,
-            release: Some(release),
+            release: head.reusable.then_some(release),
         };
         if matches!(body.state, Reading::Done) {
             body.finish();
@@ -241,7 +228,7 @@ impl<R: Release + Unpin> ResponseBody<R> {
     fn finish(&mut self) {
         self.state = Reading::Done;
         if let (Some(mut conn), Some(release)) = (self.conn.take(), self.release.take()) {
-            if self.reusable && conn.read.is_empty() {
+            if conn.read.is_empty() {
                 // An idle connection holds no buffer: what is left of the
                 // last one is shared with the body already passed on.
                 conn.read = BytesMut::new();

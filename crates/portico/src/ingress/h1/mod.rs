@@ -36,7 +36,6 @@ pub enum Framing {
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
-    pub version: Version,
     /// Values share the head's bytes (one allocation for the whole head).
     pub headers: HeaderMap,
     pub framing: Framing,
@@ -155,7 +154,6 @@ pub fn parse_head(
     };
     Ok(Some(ResponseHead {
         status,
-        version,
         headers,
         framing: body,
         reusable: persistent
