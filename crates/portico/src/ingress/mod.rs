@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
@@ -237,12 +237,11 @@ const FIRST_READ: usize = 4096;
 /// with the HTTP/2 preface. The bytes read are handed to the protocol
 /// through `Tracked`: peeking them instead cost every new connection one
 /// more system call. `None` if the client closed or the socket failed.
-async fn read_first(stream: &TcpStream) -> Option<(Bytes, bool)> {
+async fn read_first(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
     let mut first = BytesMut::new();
     loop {
-        stream.readable().await.ok()?;
-        match read_some(stream, &mut first) {
-            Ok(0) => return None,
+        match std::future::poll_fn(|cx| poll_read_some(stream, cx, &mut first)).await {
+            Ok(0) | Err(_) => return None,
             Ok(_) => {
                 let n = first.len().min(H2_PREFACE.len());
                 if first[..n] != H2_PREFACE[..n] {
@@ -252,10 +251,8 @@ async fn read_first(stream: &TcpStream) -> Option<(Bytes, bool)> {
                     return Some((first.freeze(), true));
                 }
                 // A prefix of the preface so far (a slow client): wait for
-                // more; readiness is cleared by the next read's WouldBlock.
+                // more.
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return None,
         }
     }
 }
@@ -268,18 +265,28 @@ async fn read_first(stream: &TcpStream) -> Option<(Bytes, bool)> {
 /// went through the allocator's slow path for blocks over 1 KiB at every
 /// connection, and an initialised stack buffer cost a 4 KiB memset; the
 /// stack buffer is left uninitialised, and `ReadBuf` hands out only the
-/// bytes the kernel wrote.
-fn read_some(stream: &TcpStream, into: &mut BytesMut) -> io::Result<usize> {
+/// bytes the kernel wrote. The scratch lives only within one poll, so it
+/// is never part of the connection's future.
+///
+/// Through `AsyncRead`, not `try_read`: a short read then clears the
+/// socket's readiness, so hyper's next read waits for the next event.
+/// After `try_read`, hyper's first read of every connection was a wasted
+/// system call that found nothing (would block).
+fn poll_read_some(
+    stream: &mut TcpStream,
+    cx: &mut std::task::Context<'_>,
+    into: &mut BytesMut,
+) -> std::task::Poll<io::Result<usize>> {
     let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
     let mut buf = tokio::io::ReadBuf::uninit(&mut scratch);
-    let n = stream.try_read_buf(&mut buf)?;
+    std::task::ready!(std::pin::Pin::new(stream).poll_read(cx, &mut buf))?;
     into.extend_from_slice(buf.filled());
-    Ok(n)
+    std::task::Poll::Ready(Ok(buf.filled().len()))
 }
 
 /// A plain TCP connection: HTTP/1.1, or h2c with prior knowledge.
 async fn serve_plain(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     protocols: &Protocols,
     proxy: Arc<Proxy>,
@@ -287,7 +294,7 @@ async fn serve_plain(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let sniffed = tokio::select! {
-        s = tokio::time::timeout(timeouts.header, read_first(&stream)) => s,
+        s = tokio::time::timeout(timeouts.header, read_first(&mut stream)) => s,
         _ = shutdown.wait_for(|stop| *stop) => return,
     };
     let (first, h2) = match sniffed {
