@@ -33,7 +33,9 @@ pub struct Completion {
     pub stats: Arc<RouteStats>,
     pub status: u16,
     pub started: Instant,
-    pub log: Option<Record>,
+    /// Boxed: a record is 400 bytes, and the response carrying it is
+    /// moved some ten times on its way out, logging on or off.
+    pub log: Option<Box<Record>>,
     pub bytes: u64,
 }
 

@@ -153,20 +153,22 @@ pub fn handle(
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
         }
-        let log = proxy.access_log.clone().map(|sink| Record {
-            sink,
-            time: std::time::SystemTime::now(),
-            client: client.addr,
-            method,
-            uri,
-            version,
-            referer,
-            user_agent,
-            request_id: exchange.request_id,
-            route: exchange.route,
-            service: exchange.service,
-            endpoint: exchange.endpoint,
-            attempts: exchange.attempts,
+        let log = proxy.access_log.clone().map(|sink| {
+            Box::new(Record {
+                sink,
+                time: std::time::SystemTime::now(),
+                client: client.addr,
+                method,
+                uri,
+                version,
+                referer,
+                user_agent,
+                request_id: exchange.request_id,
+                route: exchange.route,
+                service: exchange.service,
+                endpoint: exchange.endpoint,
+                attempts: exchange.attempts,
+            })
         });
         let done = Completion {
             in_flight,
