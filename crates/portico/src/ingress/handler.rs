@@ -318,13 +318,17 @@ fn proxy_request<'a>(
             exchange.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
         }
         let host_value = match host_header {
+            // Already the request's one Host field.
             Some(h) => Some(h),
             // An HTTP/2 client names the host in :authority only.
-            None => host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+            None => {
+                let h = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok());
+                if let Some(h) = &h {
+                    parts.headers.insert(header::HOST, h.clone());
+                }
+                h
+            }
         };
-        if let Some(h) = &host_value {
-            parts.headers.insert(header::HOST, h.clone());
-        }
         headers::add_forwarding(
             &mut parts.headers,
             &client.ip,
