@@ -27,9 +27,10 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Keep the client's X-Request-Id, or add a new random one.
 pub fn ensure_request_id(headers: &mut HeaderMap) {
-    if headers.contains_key(&X_REQUEST_ID) {
+    // An entry: one hash and probe whether or not the client sent one.
+    let header::Entry::Vacant(slot) = headers.entry(&X_REQUEST_ID) else {
         return;
-    }
+    };
     // 32 hex digits, formatted on the stack: this runs for every request.
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
@@ -42,7 +43,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
     // the copy kept for a replay is a reference count, not an allocation.
     let value = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
         .unwrap_or_else(|_| HeaderValue::from_static("-"));
-    headers.insert(&X_REQUEST_ID, value);
+    slot.insert(value);
 }
 
 /// The protocol a request asks to switch to: an `Upgrade` header with
@@ -150,10 +151,11 @@ pub fn add_forwarding(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        headers.insert(&X_FORWARDED_FOR, client.clone());
-    } else {
-        append_to_chain(headers, client);
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(slot) => {
+            slot.insert(client.clone());
+        }
+        header::Entry::Occupied(chain) => append_to_chain(chain, client),
     }
     headers.insert(&X_REAL_IP, client.clone());
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -168,9 +170,9 @@ pub fn add_forwarding(
 }
 
 /// X-Forwarded-For from the client's chain (one or more fields) and `client`.
-fn append_to_chain(headers: &mut HeaderMap, client: &HeaderValue) {
+fn append_to_chain(mut field: header::OccupiedEntry<'_, HeaderValue>, client: &HeaderValue) {
     let mut chain = String::new();
-    for v in headers.get_all(&X_FORWARDED_FOR) {
+    for v in field.iter() {
         if let Ok(v) = v.to_str() {
             let v = v.trim();
             if !v.is_empty() {
@@ -187,7 +189,7 @@ fn append_to_chain(headers: &mut HeaderMap, client: &HeaderValue) {
     chain.push_str(client.to_str().unwrap_or("unknown"));
     // The string holds only what valid header values held, plus an address.
     if let Ok(v) = HeaderValue::from_str(&chain) {
-        headers.insert(&X_FORWARDED_FOR, v);
+        field.insert(v);
     }
 }
 
