@@ -27,6 +27,7 @@ use super::route::{self, RouteTable, UpstreamProtocol};
 use super::tunnel;
 use super::upstream::{Capped, Conn, Pool, SendError, ToPool, UpstreamBody, UpstreamRequestBody};
 use crate::admin::metrics::{Metrics, RouteStats};
+use crate::discovery::snapshot::Load;
 use crate::discovery::{Discovery, DiscoveryError};
 use arc_swap::ArcSwap;
 
@@ -453,35 +454,7 @@ fn send_with_failover<'a>(
                 }
             }
 
-            if upstream == UpstreamProtocol::H2c {
-                let mut sender = match Box::pin(proxy.pool.h2(addr)).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        connect_failed(proxy, exchange, addr);
-                        last = Some((addr, e));
-                        continue;
-                    }
-                };
-                let Some(req) = request.take() else { break };
-                match tokio::time::timeout(backend_timeout, sender.try_send_request(req)).await {
-                    Err(_elapsed) => return Err(timed_out(service, addr, backend_timeout)),
-                    Ok(Ok(mut resp)) => {
-                        health.record_success(addr);
-                        headers::remove_hop_by_hop(resp.headers_mut());
-                        return Ok(resp.map(|body| {
-                            ResponseBody::upstream(UpstreamBody::unpooled(body, load))
-                        }));
-                    }
-                    Ok(Err(e)) => {
-                        let (again, error) = resend_or_fail(e, replay.as_ref(), service, addr)?;
-                        request = Some(again);
-                        last = Some((addr, error));
-                        continue;
-                    }
-                }
-            }
-
-            if request.as_ref().is_some_and(uses_own_client) {
+            if upstream != UpstreamProtocol::H2c && request.as_ref().is_some_and(uses_own_client) {
                 let Some(req) = request.take() else { break };
                 let (parts, body) = req.into_parts();
                 // A pooled connection may have been closed by the backend
@@ -539,77 +512,151 @@ fn send_with_failover<'a>(
                 continue;
             }
 
-            // A pooled connection may have been closed by the backend just now;
-            // when that is all that failed, a fresh connection to the same
-            // replica is tried before counting the replica as failed.
-            let mut pooled = proxy.pool.checkout(addr).await;
-            loop {
-                let reused = pooled.is_some();
-                let mut conn: Conn = match pooled.take() {
-                    Some(s) => s,
-                    // Boxed, as are the other rare paths here: few requests
-                    // connect, and hyper's handshake need not size the future
-                    // every request allocates and moves.
-                    None => match Box::pin(proxy.pool.connect(addr)).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            connect_failed(proxy, exchange, addr);
-                            tracing::debug!(backend = %addr, %service, error = %e, "connect failed; trying another replica");
-                            last = Some((addr, e));
-                            break;
-                        }
-                    },
-                };
-                let Some(req) = request.take() else {
-                    break;
-                };
-                let sent = tokio::time::timeout(backend_timeout, conn.send(req)).await;
-                match sent {
-                    Err(_elapsed) => return Err(timed_out(service, addr, backend_timeout)),
-                    Ok(Ok(mut resp)) => {
-                        health.record_success(addr);
-                        if resp.headers().contains_key(header::TRANSFER_ENCODING)
-                            && resp.headers().contains_key(header::CONTENT_LENGTH)
-                        {
-                            // RFC 9112 6.3: ambiguous framing; the connection's
-                            // state is unknown, so it is dropped, not pooled.
-                            return Err(ProxyError::Backend {
-                                service: service.clone(),
-                                addr,
-                                source: UpstreamError::AmbiguousFraming,
-                            });
-                        }
-                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                            // The connection now belongs to the tunnel: it never
-                            // goes back to the pool.
-                            let protocol = resp.headers().get(header::UPGRADE).cloned();
-                            headers::remove_hop_by_hop(resp.headers_mut());
-                            if let Some(p) = protocol {
-                                headers::set_upgrade(resp.headers_mut(), p);
-                            }
-                            conn.finish_upgrade();
-                            return Ok(resp.map(|_| ResponseBody::empty()));
-                        }
-                        headers::remove_hop_by_hop(resp.headers_mut());
-                        let pool = proxy.pool.clone();
-                        return Ok(resp.map(|body| {
-                            ResponseBody::upstream(UpstreamBody::new(body, pool, conn, load))
-                        }));
-                    }
-                    Ok(Err(e)) => {
-                        let (again, error) = resend_or_fail(e, replay.as_ref(), service, addr)?;
-                        request = Some(again);
-                        tracing::debug!(backend = %addr, %service, reused, error = %super::error::chain(&error), "request failed before an answer; retrying");
-                        last = Some((addr, error));
-                        if !reused {
-                            break;
-                        }
-                    }
-                }
+            // hyper's clients: HTTP/2 with prior knowledge, and HTTP/1.1 for
+            // requests with a body and upgrades. Boxed: their state is
+            // kilobytes, and the bodiless requests of our own client would
+            // otherwise move it and allocate it every time.
+            let attempt = Attempt {
+                proxy,
+                service,
+                addr,
+                load,
+                request: &mut request,
+                replay: replay.as_ref(),
+                backend_timeout,
+                exchange,
+                last: &mut last,
+            };
+            let sent = match upstream {
+                UpstreamProtocol::H2c => Box::pin(send_h2c(attempt)).await?,
+                _ => Box::pin(send_hyper(attempt)).await?,
+            };
+            match sent {
+                Some(response) => return Ok(response),
+                None if request.is_none() => break,
+                None => {}
             }
         }
         Err(give_up(service, &tried, last)
             .unwrap_or_else(|| DiscoveryError::Exhausted(service.clone()).into()))
+    }
+}
+
+/// One try of one replica through hyper's clients. Their answer `Ok(None)`
+/// means: move on to the next replica, with `last` telling why and
+/// `request` what to send there.
+struct Attempt<'a> {
+    proxy: &'a Proxy,
+    service: &'a portico_wire::ServiceName,
+    addr: SocketAddr,
+    load: Option<Load>,
+    request: &'a mut Option<Request<UpstreamRequestBody>>,
+    replay: Option<&'a Request<()>>,
+    backend_timeout: Duration,
+    exchange: &'a Exchange,
+    last: &'a mut Option<(SocketAddr, UpstreamError)>,
+}
+
+/// One replica over HTTP/2 with prior knowledge.
+async fn send_h2c(a: Attempt<'_>) -> Result<Option<Response<ResponseBody>>, ProxyError> {
+    let mut sender = match a.proxy.pool.h2(a.addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            connect_failed(a.proxy, a.exchange, a.addr);
+            *a.last = Some((a.addr, e));
+            return Ok(None);
+        }
+    };
+    let Some(req) = a.request.take() else {
+        return Ok(None);
+    };
+    match tokio::time::timeout(a.backend_timeout, sender.try_send_request(req)).await {
+        Err(_elapsed) => Err(timed_out(a.service, a.addr, a.backend_timeout)),
+        Ok(Ok(mut resp)) => {
+            a.proxy.discovery.health().record_success(a.addr);
+            headers::remove_hop_by_hop(resp.headers_mut());
+            Ok(Some(resp.map(|body| {
+                ResponseBody::upstream(UpstreamBody::unpooled(body, a.load))
+            })))
+        }
+        Ok(Err(e)) => {
+            let (again, error) = resend_or_fail(e, a.replay, a.service, a.addr)?;
+            *a.request = Some(again);
+            *a.last = Some((a.addr, error));
+            Ok(None)
+        }
+    }
+}
+
+/// One replica through hyper's HTTP/1.1 client.
+async fn send_hyper(a: Attempt<'_>) -> Result<Option<Response<ResponseBody>>, ProxyError> {
+    let health = a.proxy.discovery.health();
+    // A pooled connection may have been closed by the backend just now;
+    // when that is all that failed, a fresh connection to the same
+    // replica is tried before counting the replica as failed.
+    let mut pooled = a.proxy.pool.checkout(a.addr).await;
+    loop {
+        let reused = pooled.is_some();
+        let mut conn: Conn = match pooled.take() {
+            Some(s) => s,
+            // Boxed: few requests connect, and hyper's handshake need not
+            // size the future of every one.
+            None => match Box::pin(a.proxy.pool.connect(a.addr)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    connect_failed(a.proxy, a.exchange, a.addr);
+                    tracing::debug!(backend = %a.addr, service = %a.service, error = %e, "connect failed; trying another replica");
+                    *a.last = Some((a.addr, e));
+                    return Ok(None);
+                }
+            },
+        };
+        let Some(req) = a.request.take() else {
+            return Ok(None);
+        };
+        let sent = tokio::time::timeout(a.backend_timeout, conn.send(req)).await;
+        match sent {
+            Err(_elapsed) => return Err(timed_out(a.service, a.addr, a.backend_timeout)),
+            Ok(Ok(mut resp)) => {
+                health.record_success(a.addr);
+                if resp.headers().contains_key(header::TRANSFER_ENCODING)
+                    && resp.headers().contains_key(header::CONTENT_LENGTH)
+                {
+                    // RFC 9112 6.3: ambiguous framing; the connection's
+                    // state is unknown, so it is dropped, not pooled.
+                    return Err(ProxyError::Backend {
+                        service: a.service.clone(),
+                        addr: a.addr,
+                        source: UpstreamError::AmbiguousFraming,
+                    });
+                }
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    // The connection now belongs to the tunnel: it never
+                    // goes back to the pool.
+                    let protocol = resp.headers().get(header::UPGRADE).cloned();
+                    headers::remove_hop_by_hop(resp.headers_mut());
+                    if let Some(p) = protocol {
+                        headers::set_upgrade(resp.headers_mut(), p);
+                    }
+                    conn.finish_upgrade();
+                    return Ok(Some(resp.map(|_| ResponseBody::empty())));
+                }
+                headers::remove_hop_by_hop(resp.headers_mut());
+                let pool = a.proxy.pool.clone();
+                return Ok(Some(resp.map(|body| {
+                    ResponseBody::upstream(UpstreamBody::new(body, pool, conn, a.load))
+                })));
+            }
+            Ok(Err(e)) => {
+                let (again, error) = resend_or_fail(e, a.replay, a.service, a.addr)?;
+                *a.request = Some(again);
+                tracing::debug!(backend = %a.addr, service = %a.service, reused, error = %super::error::chain(&error), "request failed before an answer; retrying");
+                *a.last = Some((a.addr, error));
+                if !reused {
+                    return Ok(None);
+                }
+            }
+        }
     }
 }
 
