@@ -403,6 +403,50 @@ async fn grpc_unary_streaming_and_status_through_an_h2c_route() {
     );
 }
 
+/// An h2c route skips a replica that refuses connections, as HTTP/1.1
+/// routes do: nothing was sent there, so every request is answered.
+#[tokio::test]
+async fn an_h2c_route_fails_over_past_a_dead_replica() {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    // A backend speaking HTTP/2 with prior knowledge (hyper's server).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let live = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                    let text = format!("{:?} {}", req.version(), req.uri().path());
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                        text,
+                    ))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+
+    let t = tower("30s");
+    register(t.addr, "h2", dead_addr());
+    register(t.addr, "h2", live);
+    let ing = ingress(t.addr, &["/:web"], &["--route-h2c", "/h2:h2"]);
+    wait_synced(&ing, 1).await;
+    // Each request picks between the two replicas at random until the dead
+    // one has failed once; twenty leave it unpicked with odds of 1 in 10^6.
+    for i in 0..20 {
+        let a = get(ing.addr, &format!("/h2/r{i}")).await;
+        assert_eq!(a.status, 200, "request {i}: {}", a.body);
+        assert_eq!(a.body, format!("HTTP/2.0 /h2/r{i}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2load_100_streams_over_10_connections() {
     let t = tower("30s");
