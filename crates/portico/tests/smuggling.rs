@@ -342,6 +342,36 @@ async fn a_pooled_connection_the_backend_closed_costs_the_client_nothing() {
     }
 }
 
+/// Hop-by-hop fields of a backend's answer stop at the proxy: the fixed
+/// ones, and those its Connection field names.
+#[tokio::test]
+async fn a_backends_hop_by_hop_fields_stop_at_the_proxy() {
+    let t = tower("30s");
+    let plain = raw_backend(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let naming = raw_backend(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-secret\r\nKeep-Alive: timeout=5\r\nX-Secret: s\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    register(t.addr, "plain", plain);
+    register(t.addr, "naming", naming);
+    let ing = ingress(t.addr, &["/plain:plain", "/naming:naming"], &[]);
+    wait_synced(&ing, 1).await;
+    for path in ["/plain", "/naming"] {
+        let a = get(ing.addr, path).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "ok"), "{path}");
+        assert_eq!(a.headers.get("x-kept").unwrap(), "k", "{path}");
+        for gone in ["connection", "keep-alive", "proxy-connection", "x-secret"] {
+            assert!(
+                a.headers.get(gone).is_none(),
+                "{path}: {gone} passed through"
+            );
+        }
+    }
+}
+
 /// A backend that switches protocols though nobody asked: the client gets
 /// 502, not a tunnel, and its connection stays in step.
 #[tokio::test]

@@ -489,7 +489,9 @@ fn send_with_failover<'a>(
                             ));
                             *response.status_mut() = head.status;
                             *response.headers_mut() = head.headers;
-                            headers::remove_hop_by_hop(response.headers_mut());
+                            if head.hop_by_hop {
+                                headers::remove_hop_by_hop(response.headers_mut());
+                            }
                             return Ok(response);
                         }
                         Ok(Err(own::ExchangeError::ClosedBeforeResponse(e))) if reused => {

@@ -65,6 +65,12 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
+/// One of the fields that always describe one hop (TE and the fields
+/// Connection names are apart: see `remove_hop_by_hop`).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| h == name)
+}
+
 /// Remove hop-by-hop headers, including every header the Connection header
 /// names (a client must not be able to smuggle e.g. `Connection: x-real-ip`
 /// past us either: that only removes its own copy, ours is added after).

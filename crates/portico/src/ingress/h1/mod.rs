@@ -41,6 +41,13 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// The connection may carry another request once this body is read.
     pub reusable: bool,
+    /// Hop-by-hop fields are still in `headers`, for
+    /// `headers::remove_hop_by_hop` to take out. Otherwise the fixed ones
+    /// (Connection, Keep-Alive...) were never put in: the usual response
+    /// names no other field in Connection and has no TE, and leaving them
+    /// out costs nothing where inserting and removing them cost a tenth of
+    /// the client's instructions.
+    pub hop_by_hop: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,8 +119,12 @@ pub fn parse_head(
         fields.push((name, start, start + h.value.len()));
     }
     let head = buf.split_to(head_len).freeze();
+    let hop_by_hop = framing.names_fields || framing.te;
     let mut headers = HeaderMap::with_capacity(fields.len());
     for (name, start, end) in fields {
+        if !hop_by_hop && crate::ingress::headers::is_hop_by_hop(&name) {
+            continue;
+        }
         // httparse accepted these bytes as a field value; so does `http`.
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| HeadError::Malformed(httparse::Error::HeaderValue))?;
@@ -159,6 +170,7 @@ pub fn parse_head(
         reusable: persistent
             && body != Framing::UntilClose
             && status != StatusCode::SWITCHING_PROTOCOLS,
+        hop_by_hop,
     }))
 }
 
@@ -171,6 +183,10 @@ struct FramingFields {
     content_length: Option<u64>,
     close: bool,
     keep_alive: bool,
+    /// Connection names a field, which is hop-by-hop too.
+    names_fields: bool,
+    /// A TE field (kept only as `TE: trailers`).
+    te: bool,
 }
 
 impl FramingFields {
@@ -202,8 +218,12 @@ impl FramingFields {
                     self.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     self.keep_alive = true;
+                } else if !token.is_empty() {
+                    self.names_fields = true;
                 }
             }
+        } else if name == header::TE {
+            self.te = true;
         }
         Ok(())
     }
@@ -268,6 +288,42 @@ mod tests {
                 &text.as_bytes()[head_len..read],
                 "the body's bytes stay"
             );
+        }
+    }
+
+    #[test]
+    fn fixed_hop_by_hop_fields_are_left_out_unless_more_must_go() {
+        let names = |h: &ResponseHead| -> Vec<String> {
+            h.headers.keys().map(|k| k.as_str().to_owned()).collect()
+        };
+        // The usual answer: Connection names no field, no TE.
+        let h = parse(concat!(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+            "Transfer-Encoding: chunked\r\nProxy-Connection: x\r\nUpgrade: h2c\r\n",
+            "Server: b\r\n\r\n"
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(!h.hop_by_hop);
+        assert_eq!(names(&h), ["server"]);
+        // Left out, still read: the framing and persistence are the fields'.
+        assert_eq!((h.framing, h.reusable), (Framing::Chunked, true));
+        let h = parse("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.hop_by_hop);
+        assert_eq!(names(&h), ["content-length"]);
+        assert!(!h.reusable);
+
+        // A field named in Connection, or a TE: everything stays, for the
+        // full removal to take out.
+        for head in [
+            "HTTP/1.1 200 OK\r\nConnection: close, x-secret\r\nX-Secret: s\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTE: trailers\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let h = parse(head).unwrap().unwrap();
+            assert!(h.hop_by_hop, "{head}");
+            assert!(h.headers.contains_key(header::CONNECTION), "{head}");
         }
     }
 
