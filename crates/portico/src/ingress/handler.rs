@@ -314,10 +314,6 @@ fn proxy_request<'a>(
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
         }
-        headers::ensure_request_id(&mut parts.headers);
-        if proxy.access_log.is_some() {
-            exchange.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
-        }
         let host_value = match host_header {
             // Already the request's one Host field.
             Some(h) => Some(h),
@@ -330,12 +326,30 @@ fn proxy_request<'a>(
                 h
             }
         };
-        headers::add_forwarding(
-            &mut parts.headers,
+        let forwarding = headers::Forwarding::new(
+            &parts.headers,
             &client.ip,
             if client.tls { "https" } else { "http" },
             host_value.as_ref(),
-        );
+        )
+        .with_request_id(&parts.headers);
+        if proxy.access_log.is_some() {
+            exchange.request_id = forwarding
+                .request_id()
+                .or_else(|| parts.headers.get(&headers::X_REQUEST_ID))
+                .cloned();
+        }
+        // Our own client writes them after the request's fields; hyper's
+        // clients take them in the map.
+        let forwarding = if route.options.upstream != UpstreamProtocol::H2c
+            && body.is_end_stream()
+            && !parts.headers.contains_key(header::UPGRADE)
+        {
+            Some(forwarding)
+        } else {
+            forwarding.apply(&mut parts.headers);
+            None
+        };
 
         if route.options.upstream == UpstreamProtocol::H2c {
             // HTTP/2 names the host in :authority, taken from the target.
@@ -375,6 +389,7 @@ fn proxy_request<'a>(
             proxy,
             service,
             request,
+            forwarding,
             replay,
             backend_timeout,
             upstream,
@@ -410,10 +425,12 @@ fn proxy_request<'a>(
 
 /// Up to `attempts` replicas. A connect failure always moves on (nothing was
 /// sent); a failure after sending moves on only for a replayable request.
+#[allow(clippy::too_many_arguments)]
 fn send_with_failover<'a>(
     proxy: &'a Proxy,
     service: &'a portico_wire::ServiceName,
     request: Request<UpstreamRequestBody>,
+    mut forwarding: Option<headers::Forwarding>,
     replay: Option<Request<()>>,
     backend_timeout: Duration,
     upstream: UpstreamProtocol,
@@ -474,7 +491,8 @@ fn send_with_failover<'a>(
                             }
                         },
                     };
-                    let answer = conn.exchange(&parts, own::MAX_RESPONSE_HEAD_BYTES);
+                    let answer =
+                        conn.exchange(&parts, forwarding.as_ref(), own::MAX_RESPONSE_HEAD_BYTES);
                     match tokio::time::timeout(backend_timeout, answer).await {
                         Err(_elapsed) => return Err(timed_out(service, addr, backend_timeout)),
                         Ok(Ok(head)) => {
@@ -518,6 +536,12 @@ fn send_with_failover<'a>(
             // requests with a body and upgrades. Boxed: their state is
             // kilobytes, and the bodiless requests of our own client would
             // otherwise move it and allocate it every time.
+            if let (Some(f), Some(r)) = (forwarding.take(), request.as_mut()) {
+                // Meant for our client, which no request leaves once chosen
+                // (`uses_own_client` holds for it on every try); kept right
+                // whatever happens.
+                f.apply(r.headers_mut());
+            }
             let attempt = Attempt {
                 proxy,
                 service,

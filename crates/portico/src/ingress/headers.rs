@@ -25,13 +25,9 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Keep the client's X-Request-Id, or add a new random one.
-pub fn ensure_request_id(headers: &mut HeaderMap) {
-    // An entry: one hash and probe whether or not the client sent one.
-    let header::Entry::Vacant(slot) = headers.entry(&X_REQUEST_ID) else {
-        return;
-    };
-    // 32 hex digits, formatted on the stack: this runs for every request.
+/// 32 random hex digits.
+fn new_request_id() -> HeaderValue {
+    // Formatted on the stack: this runs for every request.
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
     let mut n = fastrand::u128(..);
@@ -41,9 +37,8 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
     }
     // Hex digits are always a valid header value. Owned by its `Bytes`, so
     // the copy kept for a replay is a reference count, not an allocation.
-    let value = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
-        .unwrap_or_else(|_| HeaderValue::from_static("-"));
-    slot.insert(value);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// The protocol a request asks to switch to: an `Upgrade` header with
@@ -147,38 +142,116 @@ pub fn address_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(&text[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-/// Add the forwarding headers: X-Forwarded-For appended to (a client's chain
-/// is kept, in order, as one header), X-Real-IP, X-Forwarded-Proto and
-/// X-Forwarded-Host set from what this hop saw, replacing client values.
-/// `client` is the client's address, from `address_value`.
+/// The forwarding fields of one request: X-Forwarded-For appended to (a
+/// client's chain is kept, in order, as one field), X-Real-IP,
+/// X-Forwarded-Proto and X-Forwarded-Host set from what this hop saw,
+/// replacing the client's. Made once per request, then either put into its
+/// header map (`apply`, for hyper's clients) or written after its fields by
+/// our own client (`write`, skipping the client's copies: `replaces`).
+/// Inserting four fields into the map and encoding them again was a
+/// twentieth of a request's instructions.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    forwarded_for: HeaderValue,
+    real_ip: HeaderValue,
+    proto: HeaderValue,
+    /// `None`: the client's X-Forwarded-Host is dropped, none is added.
+    host: Option<HeaderValue>,
+    /// A new X-Request-Id, when the client sent none (`with_request_id`).
+    request_id: Option<HeaderValue>,
+}
+
+impl Forwarding {
+    /// `client` is the client's address, from `address_value`.
+    pub fn new(
+        headers: &HeaderMap,
+        client: &HeaderValue,
+        proto: &'static str,
+        host: Option<&HeaderValue>,
+    ) -> Self {
+        let forwarded_for = match headers.contains_key(&X_FORWARDED_FOR) {
+            false => client.clone(),
+            true => chain(headers, client),
+        };
+        Self {
+            forwarded_for,
+            real_ip: client.clone(),
+            proto: HeaderValue::from_static(proto),
+            host: host.cloned(),
+            request_id: None,
+        }
+    }
+
+    /// A new X-Request-Id too, unless the client sent one (which is kept).
+    pub fn with_request_id(mut self, headers: &HeaderMap) -> Self {
+        if !headers.contains_key(&X_REQUEST_ID) {
+            self.request_id = Some(new_request_id());
+        }
+        self
+    }
+
+    /// The X-Request-Id this adds, if any.
+    pub fn request_id(&self) -> Option<&HeaderValue> {
+        self.request_id.as_ref()
+    }
+
+    /// Into the request's map, replacing the client's fields.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        headers.insert(&X_FORWARDED_FOR, self.forwarded_for);
+        headers.insert(&X_REAL_IP, self.real_ip);
+        headers.insert(&X_FORWARDED_PROTO, self.proto);
+        match self.host {
+            Some(h) => headers.insert(&X_FORWARDED_HOST, h),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+        if let Some(id) = self.request_id {
+            headers.insert(&X_REQUEST_ID, id);
+        }
+    }
+
+    /// Whether a client's field of this name is replaced by `write`.
+    pub fn replaces(name: &HeaderName) -> bool {
+        // Every one is a custom name: a standard one is told apart at once.
+        name == X_FORWARDED_FOR
+            || name == X_REAL_IP
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_HOST
+    }
+
+    /// As field lines of an HTTP/1.1 head (`name: value\r\n`).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let fields = [
+            (&X_FORWARDED_FOR, Some(&self.forwarded_for)),
+            (&X_REAL_IP, Some(&self.real_ip)),
+            (&X_FORWARDED_PROTO, Some(&self.proto)),
+            (&X_FORWARDED_HOST, self.host.as_ref()),
+            (&X_REQUEST_ID, self.request_id.as_ref()),
+        ];
+        for (name, value) in fields {
+            if let Some(value) = value {
+                out.extend_from_slice(name.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+}
+
+/// Add the forwarding headers to a map (see `Forwarding`).
 pub fn add_forwarding(
     headers: &mut HeaderMap,
     client: &HeaderValue,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    match headers.entry(&X_FORWARDED_FOR) {
-        header::Entry::Vacant(slot) => {
-            slot.insert(client.clone());
-        }
-        header::Entry::Occupied(chain) => append_to_chain(chain, client),
-    }
-    headers.insert(&X_REAL_IP, client.clone());
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match host {
-        Some(h) => {
-            headers.insert(&X_FORWARDED_HOST, h.clone());
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
-    }
+    Forwarding::new(headers, client, proto, host).apply(headers);
 }
 
 /// X-Forwarded-For from the client's chain (one or more fields) and `client`.
-fn append_to_chain(mut field: header::OccupiedEntry<'_, HeaderValue>, client: &HeaderValue) {
+fn chain(headers: &HeaderMap, client: &HeaderValue) -> HeaderValue {
     let mut chain = String::new();
-    for v in field.iter() {
+    for v in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(v) = v.to_str() {
             let v = v.trim();
             if !v.is_empty() {
@@ -193,10 +266,9 @@ fn append_to_chain(mut field: header::OccupiedEntry<'_, HeaderValue>, client: &H
         chain.push_str(", ");
     }
     chain.push_str(client.to_str().unwrap_or("unknown"));
-    // The string holds only what valid header values held, plus an address.
-    if let Ok(v) = HeaderValue::from_str(&chain) {
-        field.insert(v);
-    }
+    // The string holds only what valid header values held (visible ASCII)
+    // and an address, so this cannot fail; the address alone if it did.
+    HeaderValue::from_str(&chain).unwrap_or_else(|_| client.clone())
 }
 
 #[cfg(test)]
@@ -268,18 +340,70 @@ mod tests {
 
     #[test]
     fn request_id_is_kept_or_made() {
-        let mut h = map(&[("x-request-id", "abc")]);
-        ensure_request_id(&mut h);
-        assert_eq!(h[&X_REQUEST_ID], "abc");
-        let mut h = HeaderMap::new();
-        ensure_request_id(&mut h);
-        let id = h[&X_REQUEST_ID].to_str().unwrap();
+        let client = address_value([10, 0, 0, 1].into());
+        let id_of = |h: &HeaderMap| {
+            let mut h = h.clone();
+            Forwarding::new(&h, &client, "http", None)
+                .with_request_id(&h)
+                .apply(&mut h);
+            h[&X_REQUEST_ID].to_str().unwrap().to_owned()
+        };
+        assert_eq!(id_of(&map(&[("x-request-id", "abc")])), "abc");
+        let id = id_of(&HeaderMap::new());
         assert_eq!(id.len(), 32);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
         // A new one each time.
-        let mut again = HeaderMap::new();
-        ensure_request_id(&mut again);
-        assert_ne!(again[&X_REQUEST_ID], id);
+        assert_ne!(id_of(&HeaderMap::new()), id);
+    }
+
+    /// Our client writes the fields after the request's own, skipping what
+    /// they replace; hyper's clients get them in the map. Same result.
+    #[test]
+    fn written_or_applied_the_fields_are_the_same() {
+        let client = address_value([10, 0, 0, 1].into());
+        let host = HeaderValue::from_static("example.com");
+        type Fields<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(Fields<'_>, Option<&HeaderValue>); 4] = [
+            (&[], None),
+            (&[("accept", "*/*")], Some(&host)),
+            (
+                &[
+                    ("x-forwarded-for", "1.2.3.4"),
+                    ("x-forwarded-for", "5.6.7.8"),
+                    ("x-real-ip", "6.6.6.6"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-host", "evil"),
+                    ("x-request-id", "keep"),
+                    ("x-other", "o"),
+                ],
+                Some(&host),
+            ),
+            (&[("x-forwarded-host", "evil")], None),
+        ];
+        for (pairs, host) in cases {
+            let h = map(pairs);
+            let f = Forwarding::new(&h, &client, "https", host).with_request_id(&h);
+            let mut applied = h.clone();
+            f.clone().apply(&mut applied);
+            let mut applied: Vec<String> = applied
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect();
+            let mut written = Vec::new();
+            for (n, v) in h.iter().filter(|(n, _)| !Forwarding::replaces(n)) {
+                written.extend_from_slice(format!("{n}: {}\r\n", v.to_str().unwrap()).as_bytes());
+            }
+            f.write(&mut written);
+            let mut written: Vec<String> = String::from_utf8(written)
+                .unwrap()
+                .split("\r\n")
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+            applied.sort();
+            written.sort();
+            assert_eq!(applied, written, "{pairs:?}");
+        }
     }
 
     #[test]

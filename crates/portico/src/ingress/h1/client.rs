@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::chunked::{Chunk, ChunkError, Decoder};
 use super::{parse_head, Framing, HeadError, ResponseHead};
+use crate::ingress::headers::Forwarding;
 
 /// Interim (1xx) responses skipped before the final one; a backend that
 /// sends more is broken or hostile.
@@ -102,9 +103,10 @@ impl Connection {
     pub async fn exchange(
         &mut self,
         parts: &http::request::Parts,
+        forwarding: Option<&Forwarding>,
         max_head_bytes: usize,
     ) -> Result<ResponseHead, ExchangeError> {
-        encode_head(parts, &mut self.write);
+        encode_head(parts, forwarding, &mut self.write);
         // Written at once when the socket has room, as it almost always has.
         self.stream
             .write_all(&self.write)
@@ -160,7 +162,11 @@ impl Connection {
 /// The request line and fields, as hyper's client writes them for a
 /// request without a body: the fields as they are (the handler has
 /// already removed hop-by-hop ones and set framing), no field added.
-pub fn encode_head(parts: &http::request::Parts, out: &mut Vec<u8>) {
+pub fn encode_head(
+    parts: &http::request::Parts,
+    forwarding: Option<&Forwarding>,
+    out: &mut Vec<u8>,
+) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -168,10 +174,16 @@ pub fn encode_head(parts: &http::request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
+        if forwarding.is_some() && Forwarding::replaces(name) {
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(forwarding) = forwarding {
+        forwarding.write(out);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -412,7 +424,7 @@ mod tests {
         let mut conn = connect(addr).await;
         for i in 0..2 {
             let head = conn
-                .exchange(&get(&format!("/a?n={i}")), 8192)
+                .exchange(&get(&format!("/a?n={i}")), None, 8192)
                 .await
                 .unwrap();
             assert_eq!(head.status, StatusCode::OK);
@@ -432,7 +444,7 @@ mod tests {
             HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1;x=y\r\n!\r\n0\r\nX-Sum: 6\r\n\r\n";
         let (addr, _) = backend(vec![answer], 2).await;
         let mut conn = connect(addr).await;
-        let head = conn.exchange(&get("/"), 8192).await.unwrap();
+        let head = conn.exchange(&get("/"), None, 8192).await.unwrap();
         assert_eq!(head.status, StatusCode::OK);
         assert!(
             !head.headers.contains_key("link"),
@@ -452,7 +464,7 @@ mod tests {
             Box::leak(format!("{head}{}", "z".repeat(1_000_000)).into_boxed_str());
         let (addr, _) = backend(vec![answer], 100_000).await;
         let mut conn = connect(addr).await;
-        let head = conn.exchange(&get("/big"), 8192).await.unwrap();
+        let head = conn.exchange(&get("/big"), None, 8192).await.unwrap();
         let (body, back) = read_body(conn, &head).await;
         let data = body.unwrap().0;
         assert_eq!(data.len(), 1_000_000);
@@ -466,7 +478,7 @@ mod tests {
     async fn a_close_delimited_body_ends_with_the_connection() {
         let (addr, _) = backend(vec!["HTTP/1.1 200 OK\r\n\r\nuntil the end"], 4).await;
         let mut conn = connect(addr).await;
-        let head = conn.exchange(&get("/"), 8192).await.unwrap();
+        let head = conn.exchange(&get("/"), None, 8192).await.unwrap();
         assert_eq!(head.framing, Framing::UntilClose);
         let (body, back) = read_body(conn, &head).await;
         assert_eq!(body.unwrap().0, b"until the end");
@@ -481,7 +493,7 @@ mod tests {
         ] {
             let (addr, _) = backend(vec![answer], 64).await;
             let mut conn = connect(addr).await;
-            let head = conn.exchange(&get("/"), 8192).await.unwrap();
+            let head = conn.exchange(&get("/"), None, 8192).await.unwrap();
             let (body, back) = read_body(conn, &head).await;
             assert!(body.is_err(), "{answer:?}");
             assert!(back.is_none());
@@ -492,14 +504,14 @@ mod tests {
     async fn a_backend_gone_before_answering_is_told_apart() {
         let (addr, _) = backend(vec![], 1).await;
         let mut conn = connect(addr).await;
-        let err = conn.exchange(&get("/"), 8192).await.unwrap_err();
+        let err = conn.exchange(&get("/"), None, 8192).await.unwrap_err();
         assert!(
             matches!(err, ExchangeError::ClosedBeforeResponse(_)),
             "{err:?}"
         );
         let (addr, _) = backend(vec!["HTTP/1.1 200"], 64).await;
         let mut conn = connect(addr).await;
-        let err = conn.exchange(&get("/"), 8192).await.unwrap_err();
+        let err = conn.exchange(&get("/"), None, 8192).await.unwrap_err();
         assert!(
             matches!(err, ExchangeError::Io(_)),
             "part of an answer: {err:?}"
@@ -512,7 +524,7 @@ mod tests {
         let mut conn = connect(addr).await;
         let (mut parts, ()) = http::Request::head("/").body(()).unwrap().into_parts();
         parts.headers.insert("host", "svc".parse().unwrap());
-        let head = conn.exchange(&parts, 8192).await.unwrap();
+        let head = conn.exchange(&parts, None, 8192).await.unwrap();
         assert_eq!(head.headers["content-length"], "10");
         let (body, back) = read_body(conn, &head).await;
         assert!(body.unwrap().0.is_empty());
@@ -524,7 +536,7 @@ mod tests {
         let ok = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
         let (addr, _) = backend(vec![ok], 64).await;
         let mut conn = connect(addr).await;
-        let head = conn.exchange(&get("/"), 8192).await.unwrap();
+        let head = conn.exchange(&get("/"), None, 8192).await.unwrap();
         let (_, back) = read_body(conn, &head).await;
         let mut conn = back.unwrap();
         // The backend closes after its last answer; wait for the FIN.
