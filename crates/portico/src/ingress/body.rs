@@ -14,7 +14,7 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::access_log::Record;
 use super::conn::InFlight;
-use super::upstream::{BodyError, UpstreamBody};
+use super::upstream::{AnyBodyError, UpstreamBody};
 use crate::admin::metrics::RouteStats;
 
 pub struct ResponseBody {
@@ -79,12 +79,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = AnyBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, AnyBodyError>>> {
         let polled = match &mut self.kind {
             Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
             Kind::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),

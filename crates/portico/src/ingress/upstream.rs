@@ -31,7 +31,7 @@ use super::h1::client::{self as own, Release};
 use crate::discovery::snapshot::Load;
 
 /// A response body's error: hyper's, or our HTTP/1.1 client's.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub type AnyBodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What we send to a backend: the client's streamed body (capped), or
 /// nothing (a replayed bodiless request).
@@ -473,17 +473,17 @@ fn release(release: &mut Option<(Arc<Pool>, Conn)>, cx: &mut Context<'_>) {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = AnyBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, AnyBodyError>>> {
         let (body, conn) = match &mut self.inner {
             Inner::Own(body) => {
                 return Pin::new(body)
                     .poll_frame(cx)
-                    .map_err(|e| Box::new(e) as BodyError)
+                    .map_err(|e| Box::new(e) as AnyBodyError)
             }
             Inner::Hyper { body, release } => (body, release),
         };
@@ -501,7 +501,7 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Err(_))) => *conn = None,
             _ => {}
         }
-        polled.map_err(|e| Box::new(e) as BodyError)
+        polled.map_err(|e| Box::new(e) as AnyBodyError)
     }
 
     fn is_end_stream(&self) -> bool {
