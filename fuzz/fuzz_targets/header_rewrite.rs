@@ -4,9 +4,7 @@
 #![no_main]
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use portico::ingress::headers::{
-    add_forwarding, address_value, remove_hop_by_hop, Forwarding, X_FORWARDED_FOR,
-};
+use portico::ingress::headers::{address_value, remove_hop_by_hop, Forwarding, X_FORWARDED_FOR};
 
 fuzz_target!(|data: &[u8]| {
     let mut headers = HeaderMap::new();
@@ -52,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     written.sort();
     assert_eq!(applied, written);
 
-    add_forwarding(&mut headers, &client, "http", None);
+    Forwarding::new(&headers, &client, "http", None).apply(&mut headers);
     let xff = headers
         .get(&X_FORWARDED_FOR)
         .expect("xff set")

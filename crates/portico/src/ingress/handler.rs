@@ -341,10 +341,8 @@ fn proxy_request<'a>(
         }
         // Our own client writes them after the request's fields; hyper's
         // clients take them in the map.
-        let forwarding = if route.options.upstream != UpstreamProtocol::H2c
-            && body.is_end_stream()
-            && !parts.headers.contains_key(header::UPGRADE)
-        {
+        let own_client = uses_own_client(route.options.upstream, &parts.headers, &body);
+        let forwarding = if own_client {
             Some(forwarding)
         } else {
             forwarding.apply(&mut parts.headers);
@@ -366,11 +364,9 @@ fn proxy_request<'a>(
 
         // A bodiless idempotent request may be sent again after bytes went
         // out. hyper's clients take the request, so they need a copy; our
-        // own HTTP/1.1 client keeps it (`uses_own_client`).
-        let hyper_sends = route.options.upstream == UpstreamProtocol::H2c
-            || parts.headers.contains_key(header::UPGRADE);
+        // own HTTP/1.1 client keeps it.
         let replay =
-            (hyper_sends && is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
+            (!own_client && is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
                 let mut r = Request::new(());
                 *r.method_mut() = parts.method.clone();
                 *r.uri_mut() = parts.uri.clone();
@@ -471,7 +467,10 @@ fn send_with_failover<'a>(
                 }
             }
 
-            if upstream != UpstreamProtocol::H2c && request.as_ref().is_some_and(uses_own_client) {
+            if request
+                .as_ref()
+                .is_some_and(|r| uses_own_client(upstream, r.headers(), r.body()))
+            {
                 let Some(req) = request.take() else { break };
                 let (parts, body) = req.into_parts();
                 // A pooled connection may have been closed by the backend
@@ -754,9 +753,16 @@ fn rebuild(template: &Request<()>) -> Request<UpstreamRequestBody> {
 }
 
 /// Our own HTTP/1.1 client takes requests without a body that ask for no
-/// upgrade; hyper's still takes the others.
-fn uses_own_client(request: &Request<UpstreamRequestBody>) -> bool {
-    request.body().is_end_stream() && !request.headers().contains_key(header::UPGRADE)
+/// upgrade on an HTTP/1.1 route; hyper's clients take the others. A request
+/// gets the same answer on every try: its body and fields stay as they are.
+fn uses_own_client(
+    upstream: UpstreamProtocol,
+    headers: &http::HeaderMap,
+    body: &impl Body,
+) -> bool {
+    upstream != UpstreamProtocol::H2c
+        && body.is_end_stream()
+        && !headers.contains_key(header::UPGRADE)
 }
 
 fn is_idempotent(m: &Method) -> bool {

@@ -238,16 +238,6 @@ impl Forwarding {
     }
 }
 
-/// Add the forwarding headers to a map (see `Forwarding`).
-pub fn add_forwarding(
-    headers: &mut HeaderMap,
-    client: &HeaderValue,
-    proto: &'static str,
-    host: Option<&HeaderValue>,
-) {
-    Forwarding::new(headers, client, proto, host).apply(headers);
-}
-
 /// X-Forwarded-For from the client's chain (one or more fields) and `client`.
 fn chain(headers: &HeaderMap, client: &HeaderValue) -> HeaderValue {
     let mut chain = String::new();
@@ -317,12 +307,13 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1, 2.2.2.2"),
             ("x-forwarded-for", "3.3.3.3"),
         ]);
-        add_forwarding(
-            &mut h,
+        Forwarding::new(
+            &h,
             &address_value("127.0.0.1".parse().unwrap()),
             "http",
             None,
-        );
+        )
+        .apply(&mut h);
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
     }
@@ -422,13 +413,13 @@ mod tests {
             assert_eq!(address_value(ip.into()), ip.to_string().as_str());
         }
         let v6 = address_value("::1".parse().unwrap());
-        add_forwarding(&mut h, &v6, "http", Some(&host));
+        Forwarding::new(&h, &v6, "http", Some(&host)).apply(&mut h);
         assert_eq!(h[&X_FORWARDED_FOR], "::1");
         assert_eq!(h[&X_REAL_IP], "::1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com:9090");
         let mut h = map(&[("x-forwarded-host", "evil")]);
-        add_forwarding(&mut h, &v6, "http", None);
+        Forwarding::new(&h, &v6, "http", None).apply(&mut h);
         assert!(h.get(&X_FORWARDED_HOST).is_none());
     }
 }
