@@ -172,6 +172,36 @@ async fn forwarding_headers() {
     );
 }
 
+/// RFC 9112 3.2.2: a proxy makes the Host it forwards from an absolute-form
+/// target (its port too, never its userinfo) rather than passing the one
+/// received; hosts differing only in case are the same host.
+#[tokio::test]
+async fn an_absolute_form_target_names_the_host_the_backend_sees() {
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    for (request, host) in [
+        (
+            &b"GET http://user@a.example:8080/p HTTP/1.1\r\nHost: A.example:9090\r\nConnection: close\r\n\r\n"[..],
+            "a.example:8080",
+        ),
+        (
+            b"GET http://A.Example/q HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+            "A.Example",
+        ),
+        (
+            b"GET /r HTTP/1.1\r\nHost: a.example:7\r\nConnection: close\r\n\r\n",
+            "a.example:7",
+        ),
+    ] {
+        let out = raw(ing.addr, request, DEADLINE).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let seen = b.last_seen();
+        assert_eq!(seen.headers.get("host"), Some(&vec![host.to_owned()]));
+    }
+}
+
 #[tokio::test]
 async fn ten_megabytes_stream_both_ways() {
     const TEN_MB: usize = 10 * 1024 * 1024;

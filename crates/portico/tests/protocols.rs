@@ -222,6 +222,10 @@ async fn h2c_prior_knowledge_with_curl() {
         text.starts_with("backend=b GET /h2c") && text.ends_with("\n2"),
         "{text}"
     );
+    // RFC 9113 8.3.1: the Host made for HTTP/1.1 is :authority as sent,
+    // port included.
+    let authority = ing.addr.to_string();
+    assert_eq!(backend.last_seen().header("host"), Some(authority.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

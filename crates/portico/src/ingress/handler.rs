@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
+use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty};
 use hyper::body::{Body, Incoming};
@@ -248,7 +249,11 @@ fn proxy_request<'a>(
                 "Bad request: HTTP/1.1 requires a Host header.\n",
             ));
         }
-        let host = request_host(&parts.uri, host_header.as_ref())?;
+        let authority = request_authority(&parts.uri, host_header.as_ref())?;
+        let host = authority.as_ref().map(|a| a.host());
+        // RFC 9112 3.2.2 and RFC 9113 8.3.1: the Host a backend sees is made
+        // from an absolute-form target or :authority, not forwarded.
+        let target_host = parts.uri.authority().map(host_field).transpose()?;
         let raw_path = parts.uri.path();
         let path: Cow<'_, str> = if route::is_normal(raw_path) {
             Cow::Borrowed(raw_path)
@@ -262,7 +267,7 @@ fn proxy_request<'a>(
         let live = proxy.routes.load_full();
         let (index, route) = live
             .table
-            .find_indexed(host.as_deref(), &path)
+            .find_indexed(host, &path)
             .ok_or(ProxyError::NoRoute)?;
         let service = &route.service;
         exchange.stats = Some(live.stats[index].clone());
@@ -314,17 +319,13 @@ fn proxy_request<'a>(
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
         }
-        let host_value = match host_header {
-            // Already the request's one Host field.
-            Some(h) => Some(h),
-            // An HTTP/2 client names the host in :authority only.
-            None => {
-                let h = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok());
-                if let Some(h) = &h {
-                    parts.headers.insert(header::HOST, h.clone());
-                }
-                h
+        let host_value = match target_host {
+            Some(h) => {
+                parts.headers.insert(header::HOST, h.clone());
+                Some(h)
             }
+            // Already the request's one Host field.
+            None => host_header,
         };
         let forwarding = headers::Forwarding::new(
             &parts.headers,
@@ -772,35 +773,43 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// The host the client addressed, lower-case and without port: from an
-/// absolute-form target or :authority if present, else the Host header. An
-/// absolute-form target whose host differs from the Host header is refused
-/// (RFC 9112 section 3.2.2 lets a proxy pick either; a mismatch is a classic
-/// routing-confusion probe).
-fn request_host(
+/// The authority the client addressed: an absolute-form target or
+/// :authority if present, else the Host header. An absolute-form target
+/// whose host differs from the Host header is refused (RFC 9112 section
+/// 3.2.2 lets a proxy pick either; a mismatch is a classic routing-confusion
+/// probe). Hosts compare without regard to case, as routes match them.
+fn request_authority(
     uri: &Uri,
     host_header: Option<&HeaderValue>,
-) -> Result<Option<String>, ProxyError> {
+) -> Result<Option<Authority>, ProxyError> {
     let from_header = match host_header {
         Some(v) => Some(
             v.to_str()
                 .ok()
-                .and_then(|s| s.parse::<http::uri::Authority>().ok())
+                .and_then(|s| s.parse::<Authority>().ok())
                 .ok_or(ProxyError::BadRequest(
                     "Bad request: malformed Host header.\n",
                 ))?,
         ),
         None => None,
     };
-    let host = match (uri.authority(), &from_header) {
+    match (uri.authority(), from_header) {
         (Some(a), Some(h)) if !a.host().eq_ignore_ascii_case(h.host()) => {
-            return Err(ProxyError::BadRequest(
+            Err(ProxyError::BadRequest(
                 "Bad request: the request target and Host name different hosts.\n",
             ))
         }
-        (Some(a), _) => Some(a.host()),
-        (None, Some(h)) => Some(h.host()),
-        (None, None) => None,
+        (Some(a), _) => Ok(Some(a.clone())),
+        (None, h) => Ok(h),
+    }
+}
+
+/// A Host field for `authority`: host and port as the client sent them, any
+/// userinfo left out (RFC 9110 section 7.2).
+fn host_field(authority: &Authority) -> Result<HeaderValue, ProxyError> {
+    let value = match authority.port() {
+        Some(port) => HeaderValue::from_str(&format!("{}:{}", authority.host(), port.as_str())),
+        None => HeaderValue::from_str(authority.host()),
     };
-    Ok(host.map(|h| h.to_ascii_lowercase()))
+    value.map_err(|_| ProxyError::BadRequest("Bad request: the request target is malformed.\n"))
 }
