@@ -202,6 +202,53 @@ async fn an_absolute_form_target_names_the_host_the_backend_sees() {
     }
 }
 
+/// A new connection costs the client as few segments as TCP allows: the
+/// request is acknowledged by the response (no ACK of its own), and the
+/// last response carries the FIN. Counted on the client's socket by `ss`;
+/// only the segments without data are counted, as the response may span
+/// several. The best of three tries: a slow moment may let the proxy's
+/// delayed-ACK timer fire once, which only ever adds.
+#[tokio::test]
+async fn a_closing_exchange_sends_the_fin_with_the_response() {
+    use std::io::{Read, Write};
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    let mut fewest = u64::MAX;
+    for _ in 0..3 {
+        let addr = ing.addr;
+        let (got, counts) = tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+            c.write_all(b"GET /fin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .expect("send");
+            let mut got = String::new();
+            c.read_to_string(&mut got).expect("read to the end");
+            let local = c.local_addr().expect("address").to_string();
+            let out = std::process::Command::new("ss")
+                .args(["-tinaH", "src", &local])
+                .output()
+                .expect("run ss (iproute2)");
+            (got, String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+        .await
+        .expect("client");
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(got.contains("backend=b GET /fin"), "{got}");
+        let field = |name: &str| -> u64 {
+            counts
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in: {counts}"))
+        };
+        // The SYN-ACK, and nothing else without data.
+        fewest = fewest.min(field("segs_in:") - field("data_segs_in:"));
+    }
+    assert_eq!(fewest, 1, "segments without data, besides the SYN-ACK");
+}
+
 #[tokio::test]
 async fn ten_megabytes_stream_both_ways() {
     const TEN_MB: usize = 10 * 1024 * 1024;

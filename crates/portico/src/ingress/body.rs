@@ -71,6 +71,14 @@ impl ResponseBody {
         }
     }
 
+    /// All of the body is in memory, none of it still to be read.
+    pub fn is_in_hand(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream(b) => b.is_in_hand(),
+            Kind::Local(_) => true,
+        }
+    }
+
     pub fn on_completion(mut self, done: Completion) -> Self {
         self.done = Some(done);
         self

@@ -112,6 +112,7 @@ pub fn handle(
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static {
     async move {
         let in_flight = client.state.begin_request(req.version());
+        let closes = headers::request_closes(req.version(), req.headers());
         let started = Instant::now();
         let method = req.method().clone();
         let uri = req.uri().clone();
@@ -154,6 +155,9 @@ pub fn handle(
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+        }
+        if closes && response.body().is_in_hand() {
+            client.state.hold_last_response();
         }
         let log = proxy.access_log.clone().map(|sink| {
             Box::new(Record {

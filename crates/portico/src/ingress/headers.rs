@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
 
 const HOP_BY_HOP_COUNT: usize = 5;
 
@@ -45,13 +46,29 @@ fn new_request_id() -> HeaderValue {
 /// `upgrade` among the Connection tokens (RFC 9110 section 7.8).
 pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     let upgrade = headers.get(header::UPGRADE)?;
-    let asked = headers
+    connection_has(headers, "upgrade").then(|| upgrade.clone())
+}
+
+/// The connection closes after the response to this HTTP/1.x request
+/// (RFC 9112 section 9.3): it says `close`, or it is HTTP/1.0 and does not
+/// say `keep-alive`. hyper's server reads the fields the same way.
+pub fn request_closes(version: Version, headers: &HeaderMap) -> bool {
+    match version {
+        Version::HTTP_11 => connection_has(headers, "close"),
+        Version::HTTP_10 => {
+            connection_has(headers, "close") || !connection_has(headers, "keep-alive")
+        }
+        _ => false,
+    }
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asked.then(|| upgrade.clone())
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Put back the two headers an upgrade needs on the next hop.
@@ -275,6 +292,36 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn which_requests_close_their_connection() {
+        const HTTP_10: Version = Version::HTTP_10;
+        const HTTP_11: Version = Version::HTTP_11;
+        const HTTP_2: Version = Version::HTTP_2;
+        type Case<'a> = (Version, &'a [(&'a str, &'a str)], bool);
+        let cases: &[Case] = &[
+            (HTTP_11, &[], false),
+            (HTTP_11, &[("connection", "keep-alive")], false),
+            (HTTP_11, &[("connection", "Keep-Alive, CLOSE")], true),
+            (
+                HTTP_11,
+                &[("connection", "keep-alive"), ("connection", " close ")],
+                true,
+            ),
+            (HTTP_11, &[("connection", "closed")], false),
+            (HTTP_10, &[], true),
+            (HTTP_10, &[("connection", "keep-alive")], false),
+            (HTTP_10, &[("connection", "keep-alive, close")], true),
+            (HTTP_2, &[("connection", "close")], false),
+        ];
+        for (version, fields, closes) in cases {
+            assert_eq!(
+                request_closes(*version, &map(fields)),
+                *closes,
+                "{version:?} {fields:?}"
+            );
+        }
     }
 
     #[test]

@@ -332,7 +332,7 @@ async fn serve_connection<IO>(
     timeouts: ConnTimeouts,
     shutdown: watch::Receiver<bool>,
 ) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + conn::HoldWrite + Unpin + Send + 'static,
 {
     let state = ConnState::new();
     let client = Client {

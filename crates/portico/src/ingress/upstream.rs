@@ -463,6 +463,12 @@ impl UpstreamBody {
             _load: load,
         }
     }
+
+    /// All of the body is already read (our own client only: hyper's does
+    /// not tell).
+    pub fn is_in_hand(&self) -> bool {
+        matches!(&self.inner, Inner::Own(body) if body.is_in_hand())
+    }
 }
 
 fn release(release: &mut Option<(Arc<Pool>, Conn)>, cx: &mut Context<'_>) {

@@ -235,6 +235,16 @@ impl<R: Release + Unpin> ResponseBody<R> {
         body
     }
 
+    /// All that is left of the body is already read: one write can carry
+    /// it whole.
+    pub fn is_in_hand(&self) -> bool {
+        match (&self.state, &self.conn) {
+            (Reading::Done, _) => true,
+            (Reading::Length(n), Some(conn)) => conn.read.len() as u64 >= *n,
+            _ => false,
+        }
+    }
+
     /// The body ended as framed: the connection goes back if nothing
     /// unasked follows it.
     fn finish(&mut self) {
