@@ -101,18 +101,27 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     // HOP_BY_HOP[0] is Connection.
     if present[0] {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // Connection options, not header names (keep-alive goes below).
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+        let named = || {
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                // Connection options, not header names (keep-alive goes below).
+                .filter(|t| {
+                    !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
+                })
+        };
+        // Most Connection fields name no other field (`close`, `keep-alive`):
+        // then there is nothing to collect.
+        if named().next().is_some() {
+            let named: Vec<HeaderName> = named()
+                .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
         }
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
