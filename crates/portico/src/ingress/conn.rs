@@ -112,8 +112,9 @@ impl ConnState {
     /// of it is in hand. Its write is then sent with MSG_MORE: the kernel
     /// holds a short tail until the close, and the FIN rides on the last
     /// data segment. The client then answers both with one ACK, or with its
-    /// own FIN: two segments fewer per connection. Should the close not
-    /// follow, the kernel sends the tail after an RTO (200 ms) anyway.
+    /// own FIN: a segment fewer per connection, two when the FIN answers.
+    /// Should the close not follow, the kernel sends the tail after an RTO
+    /// (200 ms) anyway.
     pub fn hold_last_response(&self) {
         self.hold_next_write.store(true, Ordering::Relaxed);
     }

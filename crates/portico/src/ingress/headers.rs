@@ -63,12 +63,17 @@ pub fn request_closes(version: Version, headers: &HeaderMap) -> bool {
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The comma-separated tokens of every Connection field, trimmed.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(str::trim)
 }
 
 /// Put back the two headers an upgrade needs on the next hop.
@@ -101,22 +106,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     // HOP_BY_HOP[0] is Connection.
     if present[0] {
-        let named = || {
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                // Connection options, not header names (keep-alive goes below).
-                .filter(|t| {
-                    !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
-                })
-        };
+        let mut named = connection_tokens(headers)
+            // Connection options, not header names (keep-alive goes below).
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .peekable();
         // Most Connection fields name no other field (`close`, `keep-alive`):
         // then there is nothing to collect.
-        if named().next().is_some() {
-            let named: Vec<HeaderName> = named()
+        if named.peek().is_some() {
+            let named: Vec<HeaderName> = named
                 .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
                 .collect();
             for name in named {
