@@ -397,7 +397,7 @@ fn proxy_request<'a>(
             exchange,
         )
         .await;
-        if too_large.load(std::sync::atomic::Ordering::Relaxed) {
+        if too_large.is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed)) {
             return Err(ProxyError::BodyTooLarge);
         }
         let mut response = sent?;

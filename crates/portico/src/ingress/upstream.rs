@@ -46,7 +46,9 @@ pub type SendError = hyper::client::conn::TrySendError<Request<UpstreamRequestBo
 pub struct Capped {
     inner: Incoming,
     left: u64,
-    exceeded: Arc<std::sync::atomic::AtomicBool>,
+    /// `None` for a body that had ended before it was read, which cannot
+    /// go over: most requests, spared an allocation.
+    exceeded: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +56,9 @@ pub struct Capped {
 pub struct BodyTooLarge;
 
 impl Capped {
-    pub fn new(inner: Incoming, limit: u64) -> (Self, Arc<std::sync::atomic::AtomicBool>) {
-        let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    pub fn new(inner: Incoming, limit: u64) -> (Self, Option<Arc<std::sync::atomic::AtomicBool>>) {
+        let exceeded =
+            (!inner.is_end_stream()).then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
         let capped = Self {
             inner,
             left: limit,
@@ -77,8 +80,9 @@ impl Body for Capped {
             Poll::Ready(Some(Ok(frame))) => {
                 let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                 if len > self.left {
-                    self.exceeded
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(exceeded) = &self.exceeded {
+                        exceeded.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                 }
                 self.left -= len;
