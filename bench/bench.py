@@ -703,7 +703,9 @@ def chart(res, args):
              f'<text x="20" y="28" font-size="18">Portico vs nginx vs HAProxy, '
              f'{res["machine"]["date"]}, {res["machine"]["cores"]} cores, proxy on one core</text>']
 
-    def panel(x, y, w, h, title, groups, series, unit):
+    def panel(x, y, w, h, title, groups, series, unit, lower=None):
+        """`lower`: per series, a part of each bar (kernel time) drawn
+        darker at its foot."""
         parts.append(f'<text x="{x}" y="{y - 8}" font-size="14">{title}</text>')
         vals = [v for _, vs in series for v in vs if v]
         top = max(vals) * 1.15 if vals else 1
@@ -726,6 +728,13 @@ def chart(res, args):
                 parts.append(f'<rect x="{gx + si * bw:.1f}" y="{y + h - bh:.1f}" width="{bw - 1:.1f}" '
                              f'height="{bh:.1f}" fill="{COLORS.get(name, "#999")}">'
                              f'<title>{name} {g}: {v:.4g} {unit}</title></rect>')
+                low = lower[si][gi] if lower else None
+                if low:
+                    lh = h * min(low, v) / top
+                    parts.append(f'<rect x="{gx + si * bw:.1f}" y="{y + h - lh:.1f}" '
+                                 f'width="{bw - 1:.1f}" height="{lh:.1f}" fill="black" '
+                                 f'fill-opacity="0.3"><title>{name} {g}: {low:.4g} {unit} '
+                                 f'of it kernel time</title></rect>')
         for si, (name, _) in enumerate(series):
             lx = x + w + 8 if w < 600 else x + w - 130
             ly = y + 6 + si * 15
@@ -737,9 +746,13 @@ def chart(res, args):
     panel(70, 80, 1100, 170, "Requests per second (higher is better; ka = keep-alive, "
           "new = a connection per request)", groups,
           [(p, [m.get((p, mo, c), {}).get("rps") for mo, c in cells]) for p in args.proxies], "req/s")
-    panel(70, 320, 1100, 170, "Proxy CPU µs per request (lower is better)", groups,
+    cpu_proxies = [p for p in args.proxies if p != "direct"]
+    panel(70, 320, 1100, 170, "Proxy CPU µs per request (lower is better; the darker foot of "
+          "each bar is kernel time)", groups,
           [(p, [m.get((p, mo, c), {}).get("cpu_us_per_req") for mo, c in cells])
-           for p in args.proxies if p != "direct"], "µs")
+           for p in cpu_proxies], "µs",
+          lower=[[m.get((p, mo, c), {}).get("kernel_us_per_req") for mo, c in cells]
+                 for p in cpu_proxies])
     lat = latency_medians(res["latency"])
     panel(70, 570, 440, 170, f"Latency µs at a fixed {args.rate} req/s, medians (lower is better)",
           ["p50", "p99", "p99.9"],
