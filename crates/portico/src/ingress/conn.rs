@@ -254,16 +254,42 @@ impl HoldWrite for TcpStream {
 
 impl HoldWrite for TlsStream<TcpStream> {}
 
+/// The one write of a held last response (`ConnState::hold_last_response`),
+/// or `None` to write as usual: nothing is held, or the socket cannot hold.
+fn poll_held<T: HoldWrite>(
+    state: &ConnState,
+    inner: &T,
+    cx: &mut Context<'_>,
+    bufs: &[io::IoSlice<'_>],
+) -> Option<Poll<io::Result<usize>>> {
+    if !state.hold_next_write.load(Ordering::Relaxed) {
+        return None;
+    }
+    let polled = inner.poll_write_held(cx, bufs)?;
+    if polled.is_ready() {
+        // One write only: anything after it goes out at once.
+        state.hold_next_write.store(false, Ordering::Relaxed);
+    }
+    Some(polled)
+}
+
 impl<T: AsyncWrite + HoldWrite> AsyncWrite for Tracked<T> {
+    // hyper writes a response whole through `poll_write` (its buffer
+    // holds the head and the body's first bytes); either way may carry the
+    // held last response.
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        // Not the vectored write the hold was meant for: write as usual.
-        this.state.hold_next_write.store(false, Ordering::Relaxed);
-        let polled = this.inner.poll_write(cx, buf);
+        let held = poll_held(
+            this.state,
+            this.inner.as_ref().get_ref(),
+            cx,
+            &[io::IoSlice::new(buf)],
+        );
+        let polled = held.unwrap_or_else(|| this.inner.poll_write(cx, buf));
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.state.touch(false);
         }
@@ -276,21 +302,8 @@ impl<T: AsyncWrite + HoldWrite> AsyncWrite for Tracked<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        let held = if this.state.hold_next_write.load(Ordering::Relaxed) {
-            this.inner.as_ref().get_ref().poll_write_held(cx, bufs)
-        } else {
-            None
-        };
-        let polled = match held {
-            Some(polled) => {
-                if polled.is_ready() {
-                    // One write only: anything after it goes out at once.
-                    this.state.hold_next_write.store(false, Ordering::Relaxed);
-                }
-                polled
-            }
-            None => this.inner.poll_write_vectored(cx, bufs),
-        };
+        let held = poll_held(this.state, this.inner.as_ref().get_ref(), cx, bufs);
+        let polled = held.unwrap_or_else(|| this.inner.poll_write_vectored(cx, bufs));
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             this.state.touch(false);
         }
@@ -395,9 +408,10 @@ mod tests {
             .unwrap_or_else(|| panic!("no segs_in for {local} in: {text}"))
     }
 
-    /// Write a response through `Tracked`, close, and count what the
-    /// client's socket received: the SYN-ACK, then the data and the FIN.
-    async fn segments_for_a_last_response(hold: bool) -> u64 {
+    /// Write a response through `Tracked` (as one buffer, or as a vector
+    /// of head and body), close, and count what the client's socket
+    /// received: the SYN-ACK, then the data and the FIN.
+    async fn segments_for_a_last_response(hold: bool, vectored: bool) -> u64 {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -413,8 +427,15 @@ mod tests {
         }
         let head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n";
         let body = b"hello";
-        let bufs = [io::IoSlice::new(head), io::IoSlice::new(body)];
-        let n = server.write_vectored(&bufs).await.expect("write");
+        let n = if vectored {
+            let bufs = [io::IoSlice::new(head), io::IoSlice::new(body)];
+            server.write_vectored(&bufs).await.expect("write")
+        } else {
+            server
+                .write(&[&head[..], &body[..]].concat())
+                .await
+                .expect("write")
+        };
         assert_eq!(n, head.len() + body.len());
         server.shutdown().await.expect("shutdown");
         let mut got = Vec::new();
@@ -425,8 +446,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_last_response_leaves_with_the_fin() {
-        assert_eq!(segments_for_a_last_response(false).await, 3);
-        assert_eq!(segments_for_a_last_response(true).await, 2);
+        for vectored in [false, true] {
+            assert_eq!(segments_for_a_last_response(false, vectored).await, 3);
+            assert_eq!(segments_for_a_last_response(true, vectored).await, 2);
+        }
     }
 
     #[test]

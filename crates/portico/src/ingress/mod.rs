@@ -210,6 +210,12 @@ impl Protocols {
             .header_read_timeout(None)
             .max_buf_size(settings.max_header_bytes.max(8192))
             .max_headers(settings.max_headers)
+            // The head and the body copied into one buffer and written
+            // with one call, rather than queued and written as a vector:
+            // 1.4% fewer instructions per 1 KiB response, and less CPU per
+            // 1 MiB one too (copying costs less than the writes it saves;
+            // docs/benchmarks.md, ninth pass).
+            .writev(false)
             .keep_alive(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
