@@ -791,7 +791,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--rate", type=int, default=10000, help="fixed rate for the latency test")
     ap.add_argument("--rate-conns", type=int, default=50)
-    ap.add_argument("--latency-rounds", type=int, default=3,
+    ap.add_argument("--latency-rounds", type=int, default=5,
                     help="interleaved fixed-rate samples per proxy; the report gives medians")
     ap.add_argument("--idle-conns", type=int, default=10000)
     ap.add_argument("--idle-hold", type=float, default=3)
