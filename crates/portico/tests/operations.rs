@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
+use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
+use tokio_tungstenite::tungstenite::Message;
 
 fn admin(ing: &Proc) -> SocketAddr {
     ing.logged_addr("admin listening on ")
@@ -188,6 +190,115 @@ async fn readyz_follows_the_towers_watch() {
         200,
         "alive all the same"
     );
+}
+
+type WebSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket through the ingress at `addr`, shown to echo.
+async fn websocket(addr: SocketAddr) -> WebSocket {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/"), stream)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_echoes(&mut ws, "open").await;
+    ws
+}
+
+async fn assert_echoes(ws: &mut WebSocket, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    let back = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap();
+    assert_eq!(back.unwrap().unwrap(), Message::text(text));
+}
+
+/// Close `ws` and read until the tunnel has ended.
+async fn close(mut ws: WebSocket) {
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap() {}
+}
+
+async fn active_connections(admin: SocketAddr) -> f64 {
+    metrics(admin).await["portico_active_connections"]
+}
+
+#[tokio::test]
+async fn websocket_tunnels_hold_their_connection_slots_and_count_as_active() {
+    let t = tower("30s");
+    let echo = websocket_echo().await;
+    register(t.addr, "ws", echo);
+    let ing = ingress(t.addr, &["/:ws"], &["--max-connections", "2"]);
+    wait_synced(&ing, 1).await;
+    let first = websocket(ing.addr).await;
+    let mut second = websocket(ing.addr).await;
+    let out = raw(ing.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", DEADLINE).await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(out.ends_with("At capacity.\n"), "{out}");
+    assert_eq!(active_connections(admin(&ing)).await, 2.0);
+
+    // A tunnel that ends gives its slot back.
+    close(first).await;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while active_connections(admin(&ing)).await != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot never given back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let third = websocket(ing.addr).await;
+    assert_echoes(&mut second, "still open").await;
+    close(third).await;
+    close(second).await;
+}
+
+#[tokio::test]
+async fn sigterm_drain_waits_for_an_open_tunnel() {
+    let t = tower("30s");
+    let echo = websocket_echo().await;
+    register(t.addr, "ws", echo);
+    // Longer than the test's own deadline: an exit is the tunnel's doing.
+    let mut ing = ingress(t.addr, &["/:ws"], &["--drain-timeout", "120s"]);
+    wait_synced(&ing, 1).await;
+    let mut ws = websocket(ing.addr).await;
+    ing.signal(nix::sys::signal::Signal::SIGTERM);
+    let log = ing.log.clone();
+    eventually(DEADLINE, "drain waiting for one connection", || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("draining connections") && l.contains("open=1"))
+    })
+    .await;
+    // The tunnel still carries messages while the drain waits for it.
+    assert_echoes(&mut ws, "during the drain").await;
+    assert!(
+        ing.child.try_wait().unwrap().is_none(),
+        "exited under a tunnel"
+    );
+    close(ws).await;
+    let status = ing.wait_exit(DEADLINE);
+    assert!(status.success(), "{status:?}");
+    assert!(ing.log_text().contains("drained"), "{}", ing.log_text());
+}
+
+#[tokio::test]
+async fn the_drain_timeout_closes_tunnels_left_open() {
+    let t = tower("30s");
+    let echo = websocket_echo().await;
+    register(t.addr, "ws", echo);
+    let mut ing = ingress(t.addr, &["/:ws"], &["--drain-timeout", "1s"]);
+    wait_synced(&ing, 1).await;
+    let mut ws = websocket(ing.addr).await;
+    ing.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = ing.wait_exit(DEADLINE);
+    assert!(status.success(), "{status:?}");
+    assert!(
+        ing.log_text().contains("drain timeout passed"),
+        "{}",
+        ing.log_text()
+    );
+    // The client sees its tunnel end.
+    while let Some(Ok(_)) = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap() {}
 }
 
 #[tokio::test]

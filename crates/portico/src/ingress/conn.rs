@@ -18,8 +18,10 @@ use bytes::{Buf, Bytes};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_rustls::server::TlsStream;
+
+use prometheus_client::metrics::gauge::Gauge;
 
 /// Timeouts a client connection lives under.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +48,33 @@ pub(crate) fn coarse_ms() -> u64 {
     }
 }
 
+/// A client connection's place under `--max-connections` and its count in
+/// `portico_active_connections`, given back when the last part of the
+/// connection is gone: its `ConnState`, which the socket (`Tracked`) holds,
+/// and with it a tunnel after an upgrade. A WebSocket is then refused past
+/// the limit, counted, and waited for by the drain like any connection.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    active: Gauge,
+}
+
+impl Slot {
+    pub fn new(permit: OwnedSemaphorePermit, active: Gauge) -> Self {
+        active.inc();
+        Self {
+            _permit: permit,
+            active,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
 /// Shared between the connection's IO, its requests and its watchdog.
 #[derive(Debug)]
 pub struct ConnState {
@@ -64,10 +93,21 @@ pub struct ConnState {
     served: AtomicU32,
     /// The next write is the last response, whole: it may wait for the FIN.
     hold_next_write: AtomicBool,
+    /// Held as long as the connection lives (`None` in unit tests).
+    _slot: Option<Slot>,
 }
 
 impl ConnState {
     pub fn new() -> Arc<Self> {
+        Self::build(None)
+    }
+
+    /// The state of a connection that holds `slot` until it is gone.
+    pub fn holding(slot: Slot) -> Arc<Self> {
+        Self::build(Some(slot))
+    }
+
+    fn build(slot: Option<Slot>) -> Arc<Self> {
         Arc::new(Self {
             base: coarse_ms(),
             in_flight: AtomicU32::new(0),
@@ -77,6 +117,7 @@ impl ConnState {
             multiplexed: AtomicBool::new(false),
             served: AtomicU32::new(0),
             hold_next_write: AtomicBool::new(false),
+            _slot: slot,
         })
     }
 

@@ -406,8 +406,13 @@ fn proxy_request<'a>(
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let backend_upgrade = response.extensions_mut().remove::<OnUpgrade>();
             match (client_upgrade, backend_upgrade) {
-                (Some(client), Some(backend)) => {
-                    tokio::spawn(tunnel::run(client, backend, proxy.tunnel_idle));
+                (Some(upgraded), Some(backend)) => {
+                    tokio::spawn(tunnel::run(
+                        upgraded,
+                        backend,
+                        proxy.tunnel_idle,
+                        client.state.clone(),
+                    ));
                 }
                 _ => {
                     return Err(ProxyError::Backend {

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use conn::{ConnState, ConnTimeouts, Tracked};
+use conn::{ConnState, ConnTimeouts, Slot, Tracked};
 use handler::{Client, Proxy};
 
 /// How client connections are served.
@@ -64,7 +64,8 @@ const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: t
 const MAX_REFUSING: usize = 1024;
 
 /// Serve clients from `listener` until `shutdown` flips to true, then stop
-/// accepting and give open connections up to the drain timeout to finish.
+/// accepting and give open connections (upgraded tunnels too) up to the
+/// drain timeout to finish; whatever is left is closed as the process exits.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -111,10 +112,11 @@ pub async fn serve(
                 let timeouts = settings.timeouts;
                 let shutdown = shutdown.clone();
                 proxy.metrics.connections.inc();
-                proxy.metrics.active_connections.inc();
+                // Given back when the connection is gone, however it ends
+                // (an upgraded one when its tunnel closes).
+                let slot = Slot::new(permit, proxy.metrics.active_connections.clone());
                 let tls = settings.tls.clone();
                 tokio::spawn(async move {
-                    let metrics = proxy.metrics.clone();
                     match tls {
                         // Boxed: the connection's state is kilobytes, and
                         // spawning moves the task's future by value five
@@ -123,7 +125,7 @@ pub async fn serve(
                         // poll.
                         None => {
                             Box::pin(serve_plain(
-                                stream, peer, &protocols, proxy, timeouts, shutdown,
+                                stream, peer, slot, &protocols, proxy, timeouts, shutdown,
                             ))
                             .await
                         }
@@ -143,6 +145,7 @@ pub async fn serve(
                                             tls,
                                             Bytes::new(),
                                             peer,
+                                            slot,
                                             true,
                                             h2,
                                             &protocols,
@@ -163,8 +166,6 @@ pub async fn serve(
                             .await
                         }
                     }
-                    metrics.active_connections.dec();
-                    drop(permit);
                 });
             }
             Err(_) => {
@@ -294,6 +295,7 @@ fn poll_read_some(
 async fn serve_plain(
     mut stream: TcpStream,
     peer: SocketAddr,
+    slot: Slot,
     protocols: &Protocols,
     proxy: Arc<Proxy>,
     timeouts: ConnTimeouts,
@@ -315,12 +317,12 @@ async fn serve_plain(
         // Boxed: an HTTP/2 connection's state is large, and HTTP/1.1
         // connections are the many.
         Box::pin(serve_connection(
-            stream, first, peer, false, true, protocols, proxy, timeouts, shutdown,
+            stream, first, peer, slot, false, true, protocols, proxy, timeouts, shutdown,
         ))
         .await
     } else {
         serve_connection(
-            stream, first, peer, false, false, protocols, proxy, timeouts, shutdown,
+            stream, first, peer, slot, false, false, protocols, proxy, timeouts, shutdown,
         )
         .await
     }
@@ -331,6 +333,7 @@ async fn serve_connection<IO>(
     stream: IO,
     first: Bytes,
     peer: SocketAddr,
+    slot: Slot,
     tls: bool,
     h2: bool,
     protocols: &Protocols,
@@ -340,7 +343,7 @@ async fn serve_connection<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + conn::HoldWrite + Unpin + Send + 'static,
 {
-    let state = ConnState::new();
+    let state = ConnState::holding(slot);
     let client = Client {
         addr: peer,
         state: state.clone(),

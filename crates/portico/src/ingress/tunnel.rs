@@ -1,18 +1,26 @@
 //! Upgraded connections (WebSocket and other `Upgrade`s, after the 101):
 //! bytes both ways until either side closes, half-closes passed on, and the
-//! idle timeout applied to the pair (quiet in both directions).
+//! idle timeout applied to the pair (quiet in both directions). A tunnel
+//! keeps its client connection's slot (`conn::Slot`) until it ends.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::conn::ConnState;
+
 const BUF: usize = 16 * 1024;
 
-/// Wait for both upgrades, then carry bytes until done or idle.
-pub async fn run(client: OnUpgrade, backend: OnUpgrade, idle: Duration) {
+/// Wait for both upgrades, then carry bytes until done or idle. `_conn`,
+/// the client connection's state, is held to the end: with it the
+/// connection's place under `--max-connections`, its count as active, and
+/// the drain's wait for it. (The upgraded socket holds it too; this says so
+/// where it matters.)
+pub async fn run(client: OnUpgrade, backend: OnUpgrade, idle: Duration, _conn: Arc<ConnState>) {
     let (client, backend) = match tokio::join!(client, backend) {
         (Ok(c), Ok(b)) => (TokioIo::new(c), TokioIo::new(b)),
         (c, b) => {
