@@ -513,6 +513,118 @@ async fn sigterm_drains_in_flight_requests() {
     assert!(ing.log_text().contains("drained"), "{}", ing.log_text());
 }
 
+/// Write `request`, shut the write side (as `nc -N` does), and read until
+/// the ingress closes.
+async fn half_closed_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .expect("the connection was not closed after the response")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_response() {
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    // An idle timeout past the test's deadline: the close must follow the
+    // response, not the timeout.
+    let ing = ingress(t.addr, &["/:svc"], &["--idle-timeout", "120s"]);
+    wait_synced(&ing, 1).await;
+
+    // The backend answers after the end of input has arrived.
+    let out = half_closed_exchange(ing.addr, b"GET /slow?ms=200 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("backend=b slow\n"), "{out}");
+
+    let out = half_closed_exchange(
+        ing.addr,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("received=5\n"), "{out}");
+
+    // Pipelined requests are all answered, in order.
+    let out = half_closed_exchange(
+        ing.addr,
+        b"GET /slow?ms=100 HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+    assert!(out.ends_with("backend=b GET /second\n"), "{out}");
+}
+
+/// A backend that reads a request head and never answers. `arrived` is
+/// notified when a head has come, `closed` when the ingress then closes
+/// that connection.
+async fn silent_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<tokio::sync::Notify>,
+    std::sync::Arc<tokio::sync::Notify>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+    let closed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (a, c) = (arrived.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (a, c) = (a.clone(), c.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            seen.extend_from_slice(&buf[..n]);
+                            if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                                a.notify_one();
+                                seen.clear();
+                            }
+                        }
+                    }
+                }
+                c.notify_one();
+            });
+        }
+    });
+    (addr, arrived, closed)
+}
+
+#[tokio::test]
+async fn a_client_that_resets_cancels_its_backend_request() {
+    use tokio::io::AsyncWriteExt;
+    let t = tower("30s");
+    let (backend, arrived, closed) = silent_backend().await;
+    register(t.addr, "svc", backend);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, arrived.notified())
+        .await
+        .expect("the request never reached the backend");
+    // Closed with SO_LINGER 0: a reset, not a FIN.
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    tokio::time::timeout(DEADLINE, closed.notified())
+        .await
+        .expect("the backend request outlived its client");
+}
+
 #[tokio::test]
 async fn http2_prior_knowledge_clients_are_routed_per_stream() {
     let t = tower("30s");

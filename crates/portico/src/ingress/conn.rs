@@ -93,6 +93,9 @@ pub struct ConnState {
     served: AtomicU32,
     /// The next write is the last response, whole: it may wait for the FIN.
     hold_next_write: AtomicBool,
+    /// HTTP/1.1: the client ended its side (a FIN) while its request was in
+    /// flight; kept from hyper until the response is done (`hold_eof`).
+    eof_held: AtomicBool,
     /// Held as long as the connection lives (`None` in unit tests).
     _slot: Option<Slot>,
 }
@@ -117,6 +120,7 @@ impl ConnState {
             multiplexed: AtomicBool::new(false),
             served: AtomicU32::new(0),
             hold_next_write: AtomicBool::new(false),
+            eof_held: AtomicBool::new(false),
             _slot: slot,
         })
     }
@@ -158,6 +162,35 @@ impl ConnState {
     /// (200 ms) anyway.
     pub fn hold_last_response(&self) {
         self.hold_next_write.store(true, Ordering::Relaxed);
+    }
+
+    /// The client's end of input was read: may hyper see it yet? Not while
+    /// an HTTP/1.1 request is in flight. hyper would take it for a client
+    /// that left and drop the request, but a client that shut its write
+    /// side after a whole request (`nc -N`, `shutdown(SHUT_WR)`) still
+    /// reads the response, as HAProxy and nginx give it. The read is
+    /// reported as not ready instead, and `supervise` has hyper read again
+    /// once the response is done (`release_eof`). hyper keeps reading while
+    /// the request is in flight, so a client that resets still fails that
+    /// read and cancels its request; a write that fails does too. (hyper's
+    /// own `half_close(true)` would stop those reads, and a reset would go
+    /// unseen until the response.) HTTP/2 frames its own ends of streams.
+    fn hold_eof(&self) -> bool {
+        let hold =
+            self.in_flight.load(Ordering::Relaxed) > 0 && !self.multiplexed.load(Ordering::Relaxed);
+        if hold {
+            self.eof_held.store(true, Ordering::Relaxed);
+        }
+        hold
+    }
+
+    /// An end of input was held and no request is in flight any more: true
+    /// once, for the connection to be polled again, so that hyper reads
+    /// the end and closes.
+    fn release_eof(&self) -> bool {
+        self.eof_held.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.eof_held.swap(false, Ordering::Relaxed)
     }
 
     /// When the watchdog must look again, or `None` if a timeout has passed.
@@ -248,8 +281,14 @@ impl<T: AsyncRead> AsyncRead for Tracked<T> {
         }
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.state.touch(true);
+        if matches!(polled, Poll::Ready(Ok(()))) {
+            if buf.filled().len() > before {
+                this.state.touch(true);
+            } else if buf.remaining() > 0 && this.state.hold_eof() {
+                // The end of input, held (no waker is needed: `supervise`
+                // polls again when the response is done).
+                return Poll::Pending;
+            }
         }
         polled
     }
@@ -367,9 +406,10 @@ impl<T: AsyncWrite + HoldWrite> AsyncWrite for Tracked<T> {
 /// Drive one connection future until it ends, a timeout passes, or shutdown
 /// is asked (then it is closed gracefully: in-flight requests finish).
 ///
-/// This runs on every wake-up of the connection, so the watchdog costs two
-/// atomic loads there: its timer and the shutdown signal are polled (which
-/// registers them) only when armed anew or when they have fired.
+/// This runs on every wake-up of the connection, so the watchdog costs three
+/// atomic loads there (the third for a held end of input): its timer and
+/// the shutdown signal are polled (which registers them) only when armed
+/// anew or when they have fired.
 pub async fn supervise<F, E>(
     conn: F,
     graceful: impl FnOnce(Pin<&mut F>),
@@ -402,6 +442,11 @@ pub async fn supervise<F, E>(
                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
             return Poll::Ready(());
+        }
+        if state.release_eof() {
+            // The client's end of input, held while it was served: hyper
+            // reads it now and closes.
+            continue;
         }
         if graceful.is_some() && (!stop_armed || !matches!(shutdown_seen.has_changed(), Ok(false)))
         {
@@ -522,6 +567,23 @@ mod tests {
             d <= Duration::from_secs(10),
             "a started head gets the header timeout"
         );
+    }
+
+    #[test]
+    fn an_end_of_input_waits_for_the_http1_response_in_flight() {
+        let s = ConnState::new();
+        assert!(!s.hold_eof(), "idle: the end closes the connection");
+        let request = s.begin_request(http::Version::HTTP_11);
+        assert!(s.hold_eof());
+        assert!(!s.release_eof(), "not while the request is in flight");
+        drop(request);
+        assert!(s.release_eof());
+        assert!(!s.release_eof(), "released once");
+
+        let h2 = ConnState::new();
+        let stream = h2.begin_request(http::Version::HTTP_2);
+        assert!(!h2.hold_eof(), "HTTP/2 is not held");
+        drop(stream);
     }
 
     #[test]

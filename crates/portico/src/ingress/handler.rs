@@ -110,8 +110,11 @@ pub fn handle(
     client: Client,
     req: Request<Incoming>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static {
+    // In flight from the moment hyper hands the request over, before the
+    // future's first poll: hyper may read on (and find the client's end of
+    // input, `ConnState::hold_eof`) before it polls us.
+    let in_flight = client.state.begin_request(req.version());
     async move {
-        let in_flight = client.state.begin_request(req.version());
         let closes = headers::request_closes(req.version(), req.headers());
         let started = Instant::now();
         let method = req.method().clone();
