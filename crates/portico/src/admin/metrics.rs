@@ -120,7 +120,7 @@ impl Metrics {
         );
         registry.register(
             "active_connections",
-            "Client connections open now",
+            "Client connections open now, upgraded tunnels (WebSockets) included",
             active_connections.clone(),
         );
         registry.register(
