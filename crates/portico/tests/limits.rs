@@ -272,6 +272,95 @@ async fn a_slow_reader_cannot_hold_a_connection_past_the_timeouts() {
     assert!(got < 64 << 20, "closed before the whole body: {got} bytes");
 }
 
+/// A backend that answers every request with an endless body, as fast
+/// as it is taken. `closed` is notified when the ingress closes one of its
+/// connections.
+async fn endless_backend() -> (std::net::SocketAddr, std::sync::Arc<tokio::sync::Notify>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let c = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|x| x == b"\r\n\r\n") {
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let write = async {
+                    let chunk = vec![b'x'; 64 * 1024];
+                    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n";
+                    if w.write_all(head).await.is_ok() {
+                        while w.write_all(&chunk).await.is_ok() {}
+                    }
+                };
+                // The ingress closing shows as the end of its side, or as a
+                // write that fails.
+                let read_end = async { while !matches!(r.read(&mut buf).await, Ok(0) | Err(_)) {} };
+                tokio::select! {
+                    _ = write => {}
+                    _ = read_end => {}
+                }
+                c.notify_one();
+            });
+        }
+    });
+    (addr, closed)
+}
+
+#[tokio::test]
+async fn an_h2_client_cannot_pin_a_backend_connection_with_pings() {
+    let t = tower("30s");
+    let (backend, closed) = endless_backend().await;
+    register(t.addr, "svc", backend);
+    let ing = ingress(
+        t.addr,
+        &["/:svc"],
+        &["--idle-timeout", "2s", "--backend-timeout", "2s"],
+    );
+    wait_synced(&ing, 1).await;
+    // A raw HTTP/2 client whose streams start with a window of 0: no
+    // response byte can move. It PINGs every 0.5 s, so the connection is
+    // never quiet.
+    let tcp = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    let (mut client, mut conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let mut pings = conn.ping_pong().unwrap();
+    tokio::spawn(conn);
+    tokio::spawn(async move {
+        while pings.ping(h2::Ping::opaque()).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let req = hyper::Request::get("http://test.local/endless")
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(DEADLINE, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let started = std::time::Instant::now();
+    // Cancelled at the idle timeout (2 s), with room for a loaded machine.
+    tokio::time::timeout(Duration::from_secs(10), closed.notified())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the backend connection was still open after {:?}",
+                started.elapsed()
+            )
+        });
+    let _body = resp;
+}
+
 #[tokio::test]
 async fn a_stalled_body_sender_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

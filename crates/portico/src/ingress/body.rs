@@ -97,6 +97,9 @@ impl Body for ResponseBody {
             Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
             Kind::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         };
+        // An HTTP/2 stream's stall guard learns here whether the stream now
+        // waits on its client or on its backend.
+        super::conn::note_body_poll(matches!(polled, Poll::Ready(Some(Ok(_)))));
         if let (Poll::Ready(Some(Ok(frame))), Some(done)) = (&polled, self.done.as_mut()) {
             if let Some(data) = frame.data_ref() {
                 done.bytes += data.len() as u64;

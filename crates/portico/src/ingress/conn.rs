@@ -218,6 +218,131 @@ impl ConnState {
     }
 }
 
+tokio::task_local! {
+    /// Within an HTTP/2 stream's task (`StreamExec`): how its response body
+    /// stands, as the body's polls report it (`note_body_poll`).
+    static STREAM: std::cell::Cell<BodyProgress>;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct BodyProgress {
+    /// The body's last poll gave hyper a frame: the stream now waits for
+    /// the client (its flow-control window) to take it, not for the backend.
+    waiting_on_client: bool,
+    /// A frame was taken during this poll of the stream's task.
+    took: bool,
+}
+
+/// Called by the response body after each of its polls, with whether it
+/// gave a frame. Outside an HTTP/2 stream's task (HTTP/1.1: the body is
+/// polled by the connection, whose watchdog sees its bytes) it does
+/// nothing.
+pub fn note_body_poll(gave_frame: bool) {
+    let _ = STREAM.try_with(|p| {
+        let took = p.get().took || gave_frame;
+        p.set(BodyProgress {
+            waiting_on_client: gave_frame,
+            took,
+        });
+    });
+}
+
+/// Spawns each HTTP/2 stream of a client connection as a task of its own
+/// (as `TokioExecutor` does), under a stall guard. hyper polls a response
+/// body's next frame only once the client's window takes the last one, and
+/// a client may keep that window shut while PINGs or other streams keep
+/// the connection busy: the watchdog, which counts bytes, would never see
+/// the stream stall, and the backend connection would be held for as long
+/// as the client cares to. A stream whose body has handed hyper a frame and
+/// has not been asked for another for `idle` is dropped: hyper's stream is
+/// reset (RST_STREAM CANCEL), and the body with its backend connection goes.
+/// A stream waiting for its backend (its body's poll was pending) is not
+/// the client's doing and is left alone.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamExec {
+    idle: Duration,
+}
+
+impl StreamExec {
+    pub fn new(idle: Duration) -> Self {
+        Self { idle }
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(StreamTask {
+            inner: fut,
+            timer: None,
+            idle: self.idle,
+            waiting_on_client: false,
+            last_taken: 0,
+        });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One HTTP/2 stream's task (see `StreamExec`).
+    struct StreamTask<F> {
+        #[pin]
+        inner: F,
+        // Armed at the stream's first wait on the client; kept armed after
+        // (a fire while the stream waits on its backend is ignored).
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+        idle: Duration,
+        waiting_on_client: bool,
+        // `coarse_ms()` when the client last took a frame.
+        last_taken: u64,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for StreamTask<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let before = BodyProgress {
+            waiting_on_client: *this.waiting_on_client,
+            took: false,
+        };
+        let inner = this.inner.as_mut();
+        let (polled, progress) = STREAM.sync_scope(std::cell::Cell::new(before), || {
+            (inner.poll(cx), STREAM.with(std::cell::Cell::get))
+        });
+        if polled.is_ready() {
+            return Poll::Ready(());
+        }
+        *this.waiting_on_client = progress.waiting_on_client;
+        if !progress.waiting_on_client {
+            return Poll::Pending;
+        }
+        if progress.took {
+            *this.last_taken = coarse_ms();
+        }
+        if this.timer.is_none() {
+            this.timer.set(Some(tokio::time::sleep(*this.idle)));
+        }
+        let Some(mut timer) = this.timer.as_mut().as_pin_mut() else {
+            return Poll::Pending;
+        };
+        let due = *this.last_taken + this.idle.as_millis() as u64;
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = coarse_ms();
+            if now >= due {
+                tracing::debug!(idle = ?this.idle, "HTTP/2 stream cancelled: the client took none of its response for the idle timeout");
+                return Poll::Ready(());
+            }
+            let left = Duration::from_millis(due - now);
+            timer.as_mut().reset(tokio::time::Instant::now() + left);
+        }
+        Poll::Pending
+    }
+}
+
 /// A request in flight on a connection.
 #[derive(Debug)]
 pub struct InFlight(Arc<ConnState>);

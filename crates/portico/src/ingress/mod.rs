@@ -21,12 +21,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use conn::{ConnState, ConnTimeouts, Slot, Tracked};
+use conn::{ConnState, ConnTimeouts, Slot, StreamExec, Tracked};
 use handler::{Client, Proxy};
 
 /// How client connections are served.
@@ -200,7 +200,7 @@ pub async fn serve(
 /// The HTTP/1.1 and HTTP/2 server settings, built once.
 struct Protocols {
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<StreamExec>,
 }
 
 impl Protocols {
@@ -218,7 +218,9 @@ impl Protocols {
             // docs/benchmarks.md, ninth pass).
             .writev(false)
             .keep_alive(true);
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        // Each stream's task is dropped when its client takes none of its
+        // response for the idle timeout (PINGs do not count).
+        let mut h2 = http2::Builder::new(StreamExec::new(settings.timeouts.idle));
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(settings.max_h2_streams)
             // Bounds a header block across CONTINUATION frames (CONTINUATION
