@@ -274,13 +274,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        tokio::spawn(StreamTask {
-            inner: fut,
-            timer: None,
-            idle: self.idle,
-            waiting_on_client: false,
-            last_taken: 0,
-        });
+        tokio::spawn(StreamTask::new(fut, self.idle));
     }
 }
 
@@ -297,6 +291,18 @@ pin_project_lite::pin_project! {
         waiting_on_client: bool,
         // `coarse_ms()` when the client last took a frame.
         last_taken: u64,
+    }
+}
+
+impl<F> StreamTask<F> {
+    fn new(inner: F, idle: Duration) -> Self {
+        Self {
+            inner,
+            timer: None,
+            idle,
+            waiting_on_client: false,
+            last_taken: 0,
+        }
     }
 }
 
@@ -692,6 +698,32 @@ mod tests {
             d <= Duration::from_secs(10),
             "a started head gets the header timeout"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_goes_when_its_client_takes_nothing_for_the_idle_timeout() {
+        let idle = Duration::from_millis(50);
+        // Its body gave a frame and was never asked for the next one.
+        let stalled = StreamTask::new(
+            async {
+                note_body_poll(true);
+                std::future::pending::<()>().await
+            },
+            idle,
+        );
+        tokio::time::timeout(Duration::from_secs(10), stalled)
+            .await
+            .expect("a stream stalled on its client is dropped");
+        // Its body waits for the backend: not the client's doing.
+        let waiting = StreamTask::new(
+            async {
+                note_body_poll(true);
+                note_body_poll(false);
+                std::future::pending::<()>().await
+            },
+            idle,
+        );
+        assert!(tokio::time::timeout(idle * 6, waiting).await.is_err());
     }
 
     #[test]
