@@ -495,3 +495,53 @@ async fn active_health_checks_take_a_failing_replica_out_and_back() {
     }
     assert!(served_by_a);
 }
+
+/// A UDP-only Tower that knows `services` and answers each LOOKUP with a
+/// stray reply naming another service, then the true reply, then the stray
+/// again: a duplicate or forged datagram from the Tower's own address, which
+/// must not be taken as the answer to this request or a later one.
+fn tower_with_strays(services: Vec<(&'static str, std::net::SocketAddr)>) -> std::net::SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let reply = |name: &str, a: std::net::SocketAddr| {
+            format!("OK|LOOKUP|{name}|{}|{}", a.ip(), a.port())
+        };
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let answers = match text.strip_prefix("LOOKUP|") {
+                Some(name) => match services.iter().find(|(n, _)| *n == name) {
+                    Some((n, a)) => {
+                        let (other, b) = services.iter().find(|(o, _)| o != n).unwrap();
+                        let stray = reply(other, *b);
+                        vec![stray.clone(), reply(n, *a), stray]
+                    }
+                    None => vec![format!("ERR|NOT_FOUND|{name}")],
+                },
+                None if text == "PING" => vec!["OK|PONG|tower".to_owned()],
+                None => vec!["ERR|unknown command".to_owned()],
+            };
+            for a in answers {
+                let _ = socket.send_to(a.as_bytes(), from);
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn lookup_replies_are_matched_to_their_request() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let t = tower_with_strays(vec![("a", a.addr), ("b", b.addr)]);
+    let ing = ingress(t, &["/a:a", "/b:b"], &["--discovery", "lookup"]);
+    let mut c = Client::connect(ing.addr).await;
+    for _ in 0..20 {
+        for (path, want) in [("/a", "a"), ("/b", "b")] {
+            let answer = c.get(path).await;
+            assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+            assert_eq!(answer.headers["x-backend"], want, "{path} went astray");
+        }
+    }
+}
