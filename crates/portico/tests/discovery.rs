@@ -515,7 +515,13 @@ async fn a_request_right_after_its_register_is_routed() {
     let names: Vec<String> = (0..50).map(|i| format!("new{i:02}")).collect();
     let routes: Vec<String> = names.iter().map(|n| format!("/{n}:{n}")).collect();
     let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
-    let ing = ingress(t.addr, &routes, &["--discovery", "watch"]);
+    // A generous timeout: what is tested is that the Tower is asked, not how fast
+    // a loaded machine answers.
+    let ing = ingress(
+        t.addr,
+        &routes,
+        &["--discovery", "watch", "--tower-timeout", "2s"],
+    );
     wait_synced(&ing, 1).await;
     let mut failed = Vec::new();
     for name in &names {
@@ -603,7 +609,11 @@ async fn lookup_replies_are_matched_to_their_request() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let t = tower_with_strays(vec![("a", a.addr), ("b", b.addr)]);
-    let ing = ingress(t, &["/a:a", "/b:b"], &["--discovery", "lookup"]);
+    let ing = ingress(
+        t,
+        &["/a:a", "/b:b"],
+        &["--discovery", "lookup", "--tower-timeout", "2s"],
+    );
     let mut c = Client::connect(ing.addr).await;
     for _ in 0..20 {
         for (path, want) in [("/a", "a"), ("/b", "b")] {
