@@ -190,6 +190,8 @@ pub struct IngressArgs {
     pub tower: String,
 
     /// How long to wait for the Tower's answer to a LOOKUP before asking again.
+    /// In watch mode, how long a request for a service the table lacks waits
+    /// for the one LOOKUP that checks the Tower has not just registered it.
     #[arg(long, value_parser = parse_duration, default_value = "250ms")]
     pub tower_timeout: Duration,
 
