@@ -11,6 +11,12 @@
 //! | `DEREGISTER\|name\|ip\|port` | `OK\|DEREGISTERED\|name`              |
 //! | `LIST`                       | `OK\|LIST\|n\|name:ip:port:ttl,...`   |
 //! | `PING`                       | `OK\|PONG\|tower`                     |
+//!
+//! A LIST reply that would not fit [`MAX_UDP_REPLY_LEN`] carries the first
+//! entries that fit and a trailing field: `OK|LIST|n|entries|TRUNCATED|total`,
+//! where `n` counts the entries in this datagram (so a parser that checks
+//! `n` against the entries, or reads only the fourth field, still works) and
+//! `total` how many are live. The whole list is on the HTTP API.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +33,14 @@ pub const MAX_REQUEST_LEN: usize = 512;
 /// 65,507 bytes; replies longer than this are refused with an error reply
 /// instead of being cut (the caller should use the HTTP API).
 pub const MAX_REPLY_LEN: usize = 65_000;
+
+/// Largest reply the Tower sends to an unauthenticated datagram: DNS's safe
+/// UDP size (no fragmentation on any path with an MTU of 1280, IPv6's
+/// minimum), and a bound on how much a spoofed request can reflect.
+pub const MAX_UDP_REPLY_LEN: usize = 1232;
+
+/// The field that marks a LIST reply cut to fit one datagram.
+pub const TRUNCATED: &str = "TRUNCATED";
 
 /// A validated service name: 1..=127 bytes of visible ASCII, none of which is
 /// `|`, `:` or `,` (those delimit fields of REGISTER and of the LIST reply).
@@ -111,8 +125,24 @@ pub enum Reply {
     Lookup(Registration),
     Deregistered(ServiceName),
     List(Vec<ListEntry>),
+    /// The first entries of a LIST that did not fit one datagram, and how
+    /// many are live in all (`OK|LIST|n|entries|TRUNCATED|total`).
+    ListPart {
+        entries: Vec<ListEntry>,
+        total: usize,
+    },
     Pong,
     Error(ErrorReply),
+}
+
+impl Reply {
+    /// The entries of a LIST reply, whole or cut.
+    pub fn list_entries(self) -> Option<Vec<ListEntry>> {
+        match self {
+            Reply::List(entries) | Reply::ListPart { entries, .. } => Some(entries),
+            _ => None,
+        }
+    }
 }
 
 /// The `ERR|...` replies. The first four carry the seed's exact wording.
@@ -140,6 +170,9 @@ pub enum ErrorReply {
     /// `ERR|unauthorized: <why>`: a write without a valid signature on a
     /// Tower that requires one.
     Unauthorized(String),
+    /// `ERR|REGISTER refused: <why>`: an address that can never be a
+    /// backend, or one outside the Tower's `--allow-register` networks.
+    RegisterRefused(String),
     /// Any other `ERR|...` text, kept so that a client can show it.
     Other(String),
 }
@@ -162,6 +195,7 @@ impl fmt::Display for ErrorReply {
                 "reply too large for one datagram: {entries} entries; use the HTTP API"
             ),
             ErrorReply::Unauthorized(why) => write!(f, "unauthorized: {why}"),
+            ErrorReply::RegisterRefused(why) => write!(f, "REGISTER refused: {why}"),
             ErrorReply::Other(text) => f.write_str(text),
         }
     }
@@ -196,6 +230,31 @@ impl DecodeError {
             DecodeError::Deregister => ErrorReply::DeregisterSyntax,
             DecodeError::Lookup => ErrorReply::LookupSyntax,
         }
+    }
+}
+
+/// The shortest error reply: what garbage gets when its `ERR|...` would be
+/// longer than the garbage itself.
+pub const BARE_ERR: &[u8] = b"ERR";
+
+/// The reply to a datagram of `len` bytes that did not decode. A malformed
+/// REGISTER, DEREGISTER or LOOKUP gets its syntax (a few dozen bytes, worth
+/// it to the person who typed it). Anything else gets no more bytes than it
+/// sent, so that garbage with a forged source reflects nothing larger: its
+/// `ERR|...` when that fits, else a bare `ERR`, else (shorter than `ERR`)
+/// no reply at all.
+pub fn encode_refusal(error: &DecodeError, len: usize) -> Option<Vec<u8>> {
+    let full = encode_reply(&Reply::Error(error.reply()));
+    let names_a_command = matches!(
+        error,
+        DecodeError::Register | DecodeError::Deregister | DecodeError::Lookup
+    );
+    if names_a_command || full.len() <= len {
+        Some(full)
+    } else if BARE_ERR.len() <= len {
+        Some(BARE_ERR.to_vec())
+    } else {
+        None
     }
 }
 
@@ -390,13 +449,7 @@ pub fn encode_reply(reply: &Reply) -> Vec<u8> {
                 if i > 0 {
                     out.push(',');
                 }
-                out.push_str(&format!(
-                    "{}:{}:{}:{}",
-                    e.name,
-                    e.addr.ip(),
-                    e.addr.port(),
-                    e.ttl_left_secs
-                ));
+                push_entry(&mut out, e);
                 if out.len() > MAX_REPLY_LEN {
                     let too_large = ErrorReply::ReplyTooLarge {
                         entries: entries.len(),
@@ -406,9 +459,67 @@ pub fn encode_reply(reply: &Reply) -> Vec<u8> {
             }
             out
         }
+        Reply::ListPart { entries, total } => {
+            let body: Vec<String> = entries.iter().map(entry_text).collect();
+            format!(
+                "OK|LIST|{}|{}|{TRUNCATED}|{total}",
+                entries.len(),
+                body.join(",")
+            )
+        }
         Reply::Error(e) => format!("ERR|{e}"),
     };
     text.into_bytes()
+}
+
+fn entry_text(e: &ListEntry) -> String {
+    let mut out = String::new();
+    push_entry(&mut out, e);
+    out
+}
+
+fn push_entry(out: &mut String, e: &ListEntry) {
+    use fmt::Write;
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        "{}:{}:{}:{}",
+        e.name,
+        e.addr.ip(),
+        e.addr.port(),
+        e.ttl_left_secs
+    );
+}
+
+/// The LIST reply for one datagram of at most `cap` bytes: the whole list
+/// when it fits, else the first entries that fit with the `TRUNCATED`
+/// marker. `cap` below the marker's own size yields a reply with no entries
+/// (still a valid, if longer, reply).
+pub fn encode_list(entries: &[ListEntry], cap: usize) -> Vec<u8> {
+    let total = entries.len();
+    // Room for the header and the marker at their longest (n <= total).
+    let fixed = format!("OK|LIST|{total}||{TRUNCATED}|{total}").len();
+    let mut body = String::new();
+    let mut fitted = 0;
+    for e in entries {
+        let item = entry_text(e);
+        let comma = usize::from(fitted > 0);
+        if fixed + body.len() + comma + item.len() > cap {
+            break;
+        }
+        if comma == 1 {
+            body.push(',');
+        }
+        body.push_str(&item);
+        fitted += 1;
+    }
+    if fitted == total {
+        let whole = format!("OK|LIST|{total}|{body}");
+        if whole.len() <= cap {
+            return whole.into_bytes();
+        }
+    }
+    format!("OK|LIST|{fitted}|{body}|{TRUNCATED}|{total}").into_bytes()
 }
 
 fn malformed(text: &str) -> ReplyDecodeError {
@@ -431,6 +542,9 @@ fn parse_list_entry(item: &str) -> Option<ListEntry> {
 pub fn decode_reply(datagram: &[u8]) -> Result<Reply, ReplyDecodeError> {
     let text =
         std::str::from_utf8(trim_line_end(datagram)).map_err(|_| ReplyDecodeError::NotText)?;
+    if text.as_bytes() == BARE_ERR {
+        return Ok(Reply::Error(ErrorReply::Other(String::new())));
+    }
     if let Some(err) = text.strip_prefix("ERR|") {
         let reply = match err {
             "REGISTER syntax: name|ip|port" => ErrorReply::RegisterSyntax,
@@ -444,6 +558,8 @@ pub fn decode_reply(datagram: &[u8]) -> Result<Reply, ReplyDecodeError> {
                     ErrorReply::NotFound(name.to_owned())
                 } else if let Some(why) = other.strip_prefix("unauthorized: ") {
                     ErrorReply::Unauthorized(why.to_owned())
+                } else if let Some(why) = other.strip_prefix("REGISTER refused: ") {
+                    ErrorReply::RegisterRefused(why.to_owned())
                 } else {
                     ErrorReply::Other(other.to_owned())
                 }
@@ -462,20 +578,33 @@ pub fn decode_reply(datagram: &[u8]) -> Result<Reply, ReplyDecodeError> {
             addr: parse_endpoint(ip, port).ok_or_else(|| malformed(text))?,
         })),
         ["OK", "LIST", count, rest @ ..] if rest.len() <= 1 => {
-            let count: usize = count.parse().map_err(|_| malformed(text))?;
             let items = rest.first().copied().unwrap_or("");
-            let entries = items
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(|item| parse_list_entry(item).ok_or_else(|| malformed(text)))
-                .collect::<Result<Vec<_>, _>>()?;
-            if entries.len() != count {
+            Ok(Reply::List(list_items(text, count, items)?))
+        }
+        ["OK", "LIST", count, items, marker, total] if *marker == TRUNCATED => {
+            let entries = list_items(text, count, items)?;
+            let total: usize = total.parse().map_err(|_| malformed(text))?;
+            if total < entries.len() {
                 return Err(malformed(text));
             }
-            Ok(Reply::List(entries))
+            Ok(Reply::ListPart { entries, total })
         }
         _ => Err(malformed(text)),
     }
+}
+
+/// The entries of a LIST reply, checked against its count.
+fn list_items(text: &str, count: &str, items: &str) -> Result<Vec<ListEntry>, ReplyDecodeError> {
+    let count: usize = count.parse().map_err(|_| malformed(text))?;
+    let entries = items
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|item| parse_list_entry(item).ok_or_else(|| malformed(text)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if entries.len() != count {
+        return Err(malformed(text));
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]
@@ -665,6 +794,84 @@ mod tests {
         );
     }
 
+    fn entries(n: usize) -> Vec<ListEntry> {
+        (0..n)
+            .map(|i| ListEntry {
+                name: name(&format!("svc{i:04}")),
+                addr: SocketAddr::new("10.0.0.1".parse().unwrap(), 1 + i as u16),
+                ttl_left_secs: 29,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn garbage_gets_no_more_bytes_than_it_sent() {
+        let refusal = |d: &[u8]| {
+            let e = decode_request(d).unwrap_err();
+            encode_refusal(&e, d.len()).map(|b| String::from_utf8(b).unwrap())
+        };
+        assert_eq!(refusal(b""), None);
+        assert_eq!(refusal(b"\x01"), None);
+        assert_eq!(refusal(b"HELLO").as_deref(), Some("ERR"));
+        assert_eq!(refusal(b"\xff\xfe\x00").as_deref(), Some("ERR"));
+        assert_eq!(
+            refusal(b"HELLO, is this the Tower?").as_deref(),
+            Some("ERR|unknown command")
+        );
+        assert!(refusal(&[b'A'; 600])
+            .unwrap()
+            .starts_with("ERR|request too long"));
+        // A malformed command still gets its syntax, as the seed answered.
+        assert_eq!(
+            refusal(b"REGISTER").as_deref(),
+            Some("ERR|REGISTER syntax: name|ip|port")
+        );
+        assert_eq!(
+            decode_reply(BARE_ERR).unwrap(),
+            Reply::Error(ErrorReply::Other(String::new()))
+        );
+    }
+
+    #[test]
+    fn list_within_the_cap_is_whole_and_byte_exact() {
+        let small = entries(3);
+        assert_eq!(
+            encode_list(&small, MAX_UDP_REPLY_LEN),
+            encode_reply(&Reply::List(small.clone()))
+        );
+        assert_eq!(encode_list(&[], MAX_UDP_REPLY_LEN), b"OK|LIST|0|");
+    }
+
+    #[test]
+    fn long_list_is_cut_with_a_marker_the_parsers_read() {
+        let all = entries(1200);
+        let bytes = encode_list(&all, MAX_UDP_REPLY_LEN);
+        assert!(bytes.len() <= MAX_UDP_REPLY_LEN, "{}", bytes.len());
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let fields: Vec<&str> = text.split('|').collect();
+        assert_eq!(fields[..2], ["OK", "LIST"]);
+        assert_eq!(fields[4..], [TRUNCATED, "1200"]);
+        // A seed-style parser (count, then the fourth field split on ',')
+        // sees exactly `n` well-formed entries.
+        let n: usize = fields[2].parse().unwrap();
+        assert!(n > 10 && n < 1200, "{n}");
+        assert_eq!(fields[3].split(',').count(), n);
+        match decode_reply(&bytes).unwrap() {
+            Reply::ListPart { entries, total } => {
+                assert_eq!(total, 1200);
+                assert_eq!(entries, all[..n]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The next entry would not have fitted.
+        let one_more = Reply::ListPart {
+            entries: all[..=n].to_vec(),
+            total: 1200,
+        };
+        assert!(encode_reply(&one_more).len() > MAX_UDP_REPLY_LEN);
+        assert_eq!(encode_reply(&decode_reply(&bytes).unwrap()), bytes);
+    }
+
     #[test]
     fn signed_writes_keep_their_signature_and_signed_span() {
         let mac = "ab".repeat(32);
@@ -721,6 +928,9 @@ mod tests {
             b"OK|LIST|2|a:1.2.3.4:1:1",
             b"OK|LIST|x|",
             b"OK|LIST|1|a:1.2.3.4",
+            b"OK|LIST|1|a:1.2.3.4:1:1|TRUNCATED|0",
+            b"OK|LIST|1|a:1.2.3.4:1:1|TRUNCATED|x",
+            b"OK|LIST|1|a:1.2.3.4:1:1|MORE|5",
             b"\xff",
         ] {
             assert!(decode_reply(input).is_err(), "{input:?}");
