@@ -277,6 +277,25 @@ pub struct RegistryArgs {
     #[arg(long)]
     pub key_file: Option<PathBuf>,
 
+    /// Accept REGISTER only for endpoints inside this network (repeatable):
+    /// the registered address must match, whoever sends it. Without it any
+    /// address that can be a backend is accepted; unspecified, broadcast,
+    /// multicast and link-local ones never are, loopback only from this host.
+    #[arg(long = "allow-register", value_name = "CIDR")]
+    pub allow_register: Vec<crate::registry::admit::Cidr>,
+
+    /// UDP replies a second per source address (an IPv6 /64 counts as one);
+    /// datagrams past it are dropped unanswered, so that a forged source
+    /// cannot aim the Tower at a victim. 0 turns the limit off.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub udp_reply_rate: u32,
+
+    /// Sources exempt from --udp-reply-rate (repeatable; replaces the
+    /// default, loopback, whose replies cannot leave the host; `none` for
+    /// no exemption). E.g. the network of ingresses in --discovery lookup.
+    #[arg(long, value_name = "CIDR", default_values = ["127.0.0.0/8", "::1"])]
+    pub udp_rate_exempt: Vec<String>,
+
     /// Where registrations live: `memory`, or `etcd` (shared by every Tower
     /// on the same etcd; needs --etcd).
     #[arg(long, value_enum, default_value_t = StoreKind::Memory)]

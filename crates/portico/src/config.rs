@@ -10,6 +10,8 @@ use crate::ingress::conn::ConnTimeouts;
 use crate::ingress::route::{RouteError, RouteTable};
 use crate::ingress::upstream::PoolSettings;
 use crate::ingress::ServeSettings;
+use crate::registry::admit::Cidr;
+use crate::registry::ratelimit::ReplyLimit;
 use crate::registry::Limits;
 
 pub const TOWER_PORT: u16 = 7772;
@@ -297,6 +299,26 @@ impl ProxyConfig {
                 .then_some(a.max_requests_per_connection),
         })
     }
+}
+
+/// The UDP reply limit: `--udp-reply-rate` and its exempt networks.
+pub fn reply_limit(a: &RegistryArgs) -> Result<ReplyLimit, StartupError> {
+    let mut exempt = Vec::new();
+    for value in &a.udp_rate_exempt {
+        if value == "none" {
+            continue;
+        }
+        let cidr = value.parse::<Cidr>().map_err(|e| StartupError::Flag {
+            flag: "--udp-rate-exempt",
+            value: value.clone(),
+            why: e.to_string(),
+        })?;
+        exempt.push(cidr);
+    }
+    Ok(ReplyLimit {
+        rate: a.udp_reply_rate,
+        exempt,
+    })
 }
 
 pub fn registry_limits(a: &RegistryArgs) -> Result<Limits, StartupError> {

@@ -246,8 +246,9 @@ impl Discovery {
                 out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
                 out
             }
-            Source::Tower(t) => match t.udp.call(&Request::List).await {
-                Ok(Reply::List(entries)) => entries
+            // A Tower's UDP LIST may be cut to one datagram: its first entries.
+            Source::Tower(t) => match t.udp.call(&Request::List).await.map(Reply::list_entries) {
+                Ok(Some(entries)) => entries
                     .into_iter()
                     .map(|e| (e.name, e.addr, None))
                     .collect(),
@@ -346,8 +347,8 @@ impl Discovery {
                 .service(service)
                 .map(|set| set.endpoints().iter().map(|e| e.addr).collect())
                 .unwrap_or_default(),
-            Source::Tower(t) => match t.udp.call(&Request::List).await {
-                Ok(Reply::List(entries)) => {
+            Source::Tower(t) => match t.udp.call(&Request::List).await.map(Reply::list_entries) {
+                Ok(Some(entries)) => {
                     from_list(entries.into_iter().map(|e| (e.name, e.addr)).collect())
                 }
                 _ => Vec::new(),

@@ -225,11 +225,16 @@ pub(crate) fn answers(request: &Request, reply: &Reply) -> bool {
         (Request::Lookup(name), Reply::Lookup(r)) => r.name == *name,
         (Request::Register(r), Reply::Registered(name)) => r.name == *name,
         (Request::Deregister(r), Reply::Deregistered(name)) => r.name == *name,
-        (Request::List, Reply::List(_)) | (Request::Ping, Reply::Pong) => true,
+        (Request::List, Reply::List(_) | Reply::ListPart { .. }) | (Request::Ping, Reply::Pong) => {
+            true
+        }
         (Request::Lookup(name), Reply::Error(E::NotFound(n))) => name.as_str() == n,
         (Request::Deregister(r), Reply::Error(E::NotFound(n))) => r.name.as_str() == n,
         (Request::Lookup(_), Reply::Error(E::LookupSyntax))
-        | (Request::Register(_), Reply::Error(E::RegisterSyntax | E::RegistryFull))
+        | (
+            Request::Register(_),
+            Reply::Error(E::RegisterSyntax | E::RegistryFull | E::RegisterRefused(_)),
+        )
         | (Request::Deregister(_), Reply::Error(E::DeregisterSyntax))
         | (Request::Register(_) | Request::Deregister(_), Reply::Error(E::Unauthorized(_)))
         | (Request::List, Reply::Error(E::ReplyTooLarge { .. })) => true,
@@ -258,6 +263,18 @@ mod tests {
         assert!(!answers_text("LOOKUP|a", "OK|LOOKUP|other|127.0.0.1|1"));
         assert!(!answers_text("LOOKUP|a", "ERR|NOT_FOUND|other"));
         assert!(answers_text("REGISTER|a|127.0.0.1|80", "OK|REGISTERED|a"));
+        assert!(answers_text(
+            "REGISTER|a|0.0.0.0|80",
+            "ERR|REGISTER refused: 0.0.0.0 is an unspecified address, never a backend"
+        ));
+        assert!(answers_text(
+            "LIST",
+            "OK|LIST|1|a:10.0.0.1:80:29|TRUNCATED|40"
+        ));
+        assert!(!answers_text(
+            "PING",
+            "OK|LIST|1|a:10.0.0.1:80:29|TRUNCATED|40"
+        ));
         assert!(!answers_text("REGISTER|a|127.0.0.1|80", "OK|REGISTERED|b"));
         assert!(answers_text("DEREGISTER|a|127.0.0.1|80", "ERR|NOT_FOUND|a"));
         assert!(!answers_text(

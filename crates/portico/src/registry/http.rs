@@ -98,7 +98,7 @@ pub async fn serve(listener: TcpListener, registry: Registry, mut shutdown: watc
             a = listener.accept() => a,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
-        let (stream, _) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(error = %e, "tower http: accept failed");
@@ -111,7 +111,7 @@ pub async fn serve(listener: TcpListener, registry: Registry, mut shutdown: watc
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                answer(registry.clone(), shutdown.clone(), req)
+                answer(registry.clone(), shutdown.clone(), peer.ip(), req)
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder
@@ -150,6 +150,7 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
 async fn answer(
     registry: Registry,
     shutdown: watch::Receiver<bool>,
+    peer: IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
@@ -186,8 +187,10 @@ async fn answer(
                 None => error(StatusCode::NOT_FOUND, "no live endpoint under that name"),
             }
         }
-        (&Method::POST, "/v1/register") => write(&registry, req, WireRequest::Register).await,
-        (&Method::POST, "/v1/deregister") => write(&registry, req, WireRequest::Deregister).await,
+        (&Method::POST, "/v1/register") => write(&registry, peer, req, WireRequest::Register).await,
+        (&Method::POST, "/v1/deregister") => {
+            write(&registry, peer, req, WireRequest::Deregister).await
+        }
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/v1/services" | "/v1/register"
@@ -232,6 +235,7 @@ async fn services(
 
 async fn write(
     registry: &Registry,
+    peer: IpAddr,
     req: Request<Incoming>,
     make: fn(Registration) -> WireRequest,
 ) -> Response<Full<Bytes>> {
@@ -285,7 +289,7 @@ async fn write(
         signature,
         signed_len: signed.len(),
     };
-    match registry.handle(envelope, &signed, Instant::now(), unix_ms()) {
+    match registry.handle(envelope, &signed, peer, Instant::now(), unix_ms()) {
         Reply::Registered(n) => json(
             StatusCode::OK,
             &serde_json::json!({"registered": n.as_str()}),
