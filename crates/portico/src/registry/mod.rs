@@ -519,3 +519,76 @@ impl crate::etcd::watch::Sink for Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use portico_wire::decode_envelope;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn send(r: &Registry, datagram: &str, from: IpAddr, now: Instant) -> Reply {
+        let e = decode_envelope(datagram.as_bytes()).unwrap();
+        let signed = datagram.as_bytes()[..e.signed_len].to_vec();
+        r.handle(e, &signed, from, now, 0)
+    }
+
+    fn text(b: Bytes) -> String {
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn list_is_reused_within_a_revision_and_a_second_only() {
+        let r = Registry::new(Limits::default(), None, Admission::default());
+        let t0 = Instant::now();
+        send(&r, "REGISTER|a|10.0.0.1|80", LOCAL, t0);
+        assert_eq!(text(r.list_datagram(t0)), "OK|LIST|1|a:10.0.0.1:80:30");
+        // Same revision, within the second: the same bytes, ttl_left as built.
+        let soon = t0 + Duration::from_millis(900);
+        assert_eq!(text(r.list_datagram(soon)), "OK|LIST|1|a:10.0.0.1:80:30");
+        // A change shows at once.
+        send(&r, "REGISTER|b|10.0.0.2|80", LOCAL, soon);
+        assert_eq!(
+            text(r.list_datagram(soon)),
+            "OK|LIST|2|a:10.0.0.1:80:29,b:10.0.0.2:80:30"
+        );
+        // A second on, ttl_left is counted again (a refresh is no change
+        // of revision, so this is how it shows).
+        send(&r, "REGISTER|a|10.0.0.1|80", LOCAL, soon);
+        let later = soon + Duration::from_secs(1);
+        assert_eq!(
+            text(r.list_datagram(later)),
+            "OK|LIST|2|a:10.0.0.1:80:29,b:10.0.0.2:80:29"
+        );
+    }
+
+    #[test]
+    fn register_checks_the_endpoint_against_the_sender() {
+        let allow = vec!["10.0.0.0/8".parse().unwrap()];
+        let r = Registry::new(Limits::default(), None, Admission::new(allow));
+        let now = Instant::now();
+        let remote: IpAddr = "10.9.9.9".parse().unwrap();
+        assert!(matches!(
+            send(&r, "REGISTER|a|10.0.0.1|80", remote, now),
+            Reply::Registered(_)
+        ));
+        for (datagram, from) in [
+            ("REGISTER|a|127.0.0.1|80", remote),
+            ("REGISTER|a|192.168.0.1|80", LOCAL),
+            ("REGISTER|a|169.254.169.254|80", LOCAL),
+        ] {
+            let reply = send(&r, datagram, from, now);
+            assert!(
+                matches!(reply, Reply::Error(ErrorReply::RegisterRefused(_))),
+                "{datagram}: {reply:?}"
+            );
+        }
+        // DEREGISTER is not checked: it can only remove what was admitted.
+        assert!(matches!(
+            send(&r, "DEREGISTER|a|10.0.0.1|80", remote, now),
+            Reply::Deregistered(_)
+        ));
+        assert_eq!(r.len(), 0);
+    }
+}
