@@ -191,7 +191,6 @@ impl Registry {
         }
         if let Request::Register(r) = &envelope.request {
             if let Err(why) = self.inner.admission.check(r.addr.ip(), from) {
-                c.errors.fetch_add(1, Ordering::Relaxed);
                 return Reply::Error(ErrorReply::RegisterRefused(why.to_string()));
             }
         }
