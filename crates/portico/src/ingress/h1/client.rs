@@ -33,8 +33,14 @@ const MAX_READ_SIZE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
-    /// Nothing of a response was read: a reused connection the backend had
-    /// closed fails this way, and a replayable request may be sent again.
+    /// Writing the request failed before its first byte: the backend has
+    /// nothing of it, so any request may go again.
+    #[error("the backend connection failed before the request was written")]
+    Unsent(#[source] io::Error),
+    /// The request went out (some or all of it) and nothing of a response
+    /// came back. A reused connection the backend had closed fails this
+    /// way, but so does a backend that read the request and then closed:
+    /// only an idempotent request may be sent again.
     #[error("the backend closed the connection before answering")]
     ClosedBeforeResponse(#[source] Option<io::Error>),
     #[error("reading from or writing to the backend failed")]
@@ -43,6 +49,22 @@ pub enum ExchangeError {
     Head(#[from] HeadError),
     #[error("the backend sent more than {MAX_INTERIM} interim (1xx) responses")]
     TooManyInterim,
+}
+
+impl ExchangeError {
+    /// Whether any byte of the request may have reached the backend.
+    pub fn sent(&self) -> bool {
+        !matches!(self, ExchangeError::Unsent(_))
+    }
+
+    /// How a pooled connection that the backend closed meanwhile fails:
+    /// before anything of a response.
+    pub fn before_response(&self) -> bool {
+        matches!(
+            self,
+            ExchangeError::Unsent(_) | ExchangeError::ClosedBeforeResponse(_)
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,11 +129,7 @@ impl Connection {
         max_head_bytes: usize,
     ) -> Result<ResponseHead, ExchangeError> {
         encode_head(parts, forwarding, &mut self.write);
-        // Written at once when the socket has room, as it almost always has.
-        self.stream
-            .write_all(&self.write)
-            .await
-            .map_err(|e| ExchangeError::ClosedBeforeResponse(Some(e)))?;
+        self.write_request().await?;
         let is_head = parts.method == http::Method::HEAD;
         let mut interim = 0;
         let mut answered = false;
@@ -137,6 +155,28 @@ impl Connection {
                 Err(e) => return Err(ExchangeError::Io(e)),
             }
         }
+    }
+
+    /// Write the encoded request, telling a failure before its first byte
+    /// (nothing sent) from one after. Written at once when the socket has
+    /// room, as it almost always has.
+    async fn write_request(&mut self) -> Result<(), ExchangeError> {
+        let mut written = 0;
+        while written < self.write.len() {
+            let failed = match self.stream.write(&self.write[written..]).await {
+                Ok(0) => io::ErrorKind::WriteZero.into(),
+                Ok(n) => {
+                    written += n;
+                    continue;
+                }
+                Err(e) => e,
+            };
+            return Err(match written {
+                0 => ExchangeError::Unsent(failed),
+                _ => ExchangeError::ClosedBeforeResponse(Some(failed)),
+            });
+        }
+        Ok(())
     }
 
     /// Read more into the buffer; `Ok(0)` at the backend's close. Through

@@ -1,0 +1,145 @@
+//! The backend side of the request path (issue 18): when a failed request
+//! may be sent again, what a client's malformed body costs the backend, and
+//! how backend connections behave. Real `portico` processes, real backends
+//! on raw sockets that record what reached them.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What a recording backend got: each request's line (`METHOD /path`) in
+/// order, and how many connections it accepted.
+#[derive(Debug, Default)]
+struct Record {
+    requests: Vec<String>,
+    connections: usize,
+}
+
+impl Record {
+    fn count(&self, line: &str) -> usize {
+        self.requests.iter().filter(|r| *r == line).count()
+    }
+}
+
+/// Read one request head (and a Content-Length body) from `s`; `None` at
+/// the close.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len: usize = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .map_or(0, |(_, v)| v.trim().parse().unwrap());
+            while buf.len() < end + 4 + len {
+                let mut b = [0u8; 4096];
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
+            buf.drain(..end + 4 + len);
+            let line = head.lines().next().unwrap_or("");
+            return Some(line.rsplit_once(' ').map_or(line, |(l, _)| l).to_owned());
+        }
+        let mut b = [0u8; 4096];
+        match s.read(&mut b).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+/// A backend that answers the first request on each connection with
+/// keep-alive, then reads the second, records it, and closes without
+/// answering: a request sent on a pooled connection reaches it, and its
+/// answer never comes.
+async fn answers_once_per_connection() -> (SocketAddr, Arc<Mutex<Record>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let record = Arc::new(Mutex::new(Record::default()));
+    let rec = record.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            rec.lock().unwrap().connections += 1;
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(first) = read_request(&mut s, &mut buf).await else {
+                    return;
+                };
+                rec.lock().unwrap().requests.push(first);
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                if let Some(second) = read_request(&mut s, &mut buf).await {
+                    rec.lock().unwrap().requests.push(second);
+                }
+                // Dropped: closed, the second request unanswered.
+            });
+        }
+    });
+    (addr, record)
+}
+
+fn post(path: &str, body: &'static str) -> hyper::Request<BoxBody> {
+    use http_body_util::BodyExt;
+    hyper::Request::post(path)
+        .header("host", "test.local")
+        .body(
+            http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+
+/// Issue 18 item 1: a POST that reached the backend on a pooled connection
+/// whose answer never came is not sent again (the backend may have
+/// charged the card): 502. A GET in the same spot is sent again on a new
+/// connection and succeeds. Both for our own client (no body: POST with
+/// Content-Length 0) and hyper's (a body).
+#[tokio::test]
+async fn a_request_that_went_out_is_sent_again_only_when_idempotent() {
+    let t = tower("30s");
+    let (addr, record) = answers_once_per_connection().await;
+    register(t.addr, "svc", addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let mut c = Client::connect(ing.addr).await;
+
+    // Our own client: requests without a body.
+    assert_eq!(c.get("/warm").await.status, 200, "pools a connection");
+    let a = c.send(post("/charge", "")).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert_eq!(
+        record.lock().unwrap().count("POST /charge"),
+        1,
+        "the POST reached the backend once: {:?}",
+        record.lock().unwrap()
+    );
+    assert_eq!(c.get("/warm").await.status, 200, "pools a connection");
+    let a = c.get("/read").await;
+    assert_eq!((a.status, a.body.as_str()), (200, "ok"));
+    assert_eq!(
+        record.lock().unwrap().count("GET /read"),
+        2,
+        "the GET went again on a new connection"
+    );
+
+    // hyper's client: requests with a body.
+    assert_eq!(c.send(post("/warm", "w")).await.status, 200);
+    let a = c.send(post("/charge-body", "card")).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert_eq!(record.lock().unwrap().count("POST /charge-body"), 1);
+}
