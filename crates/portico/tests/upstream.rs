@@ -143,3 +143,142 @@ async fn a_request_that_went_out_is_sent_again_only_when_idempotent() {
     assert_eq!(a.status, 502, "{}", a.body);
     assert_eq!(record.lock().unwrap().count("POST /charge-body"), 1);
 }
+
+/// What a recording backend got on one connection, and whether the proxy
+/// closed it.
+#[derive(Debug, Default, Clone)]
+struct Conn {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+/// A backend that records every connection's bytes and its close, and
+/// answers 200 once a chunked body's last chunk has come.
+async fn recording_backend() -> (SocketAddr, Arc<Mutex<Vec<Conn>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(Mutex::new(Vec::<Conn>::new()));
+    let all = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let i = {
+                let mut all = all.lock().unwrap();
+                all.push(Conn::default());
+                all.len() - 1
+            };
+            let all = all.clone();
+            tokio::spawn(async move {
+                let mut b = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut b).await.unwrap_or(0);
+                    let done = {
+                        let mut all = all.lock().unwrap();
+                        let c = &mut all[i];
+                        c.bytes.extend_from_slice(&b[..n]);
+                        c.closed = n == 0;
+                        c.bytes.ends_with(b"\r\n0\r\n\r\n")
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    if done {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+fn status(out: &str) -> &str {
+    out.get(9..12).unwrap_or("")
+}
+
+/// Issue 18 item 5: a chunked request body with broken framing is the
+/// client's error: 400 and its connection closed, never a 502 that blames
+/// the backend. Broken framing that came with the head reaches no backend
+/// at all; broken framing that comes later aborts the forwarded request,
+/// and the backend connection is closed, not pooled.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_clients_error() {
+    let t = tower("30s");
+    let (addr, conns) = recording_backend().await;
+    register(t.addr, "svc", addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let head = "POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let bodies = [
+        ("a size that is not hex", "5g\r\nhello\r\n0\r\n\r\n"),
+        ("a 0x prefix", "0x5\r\nhello\r\n0\r\n\r\n"),
+        ("a negative size", "-5\r\nhello\r\n0\r\n\r\n"),
+        (
+            "a size past 2^64",
+            "10000000000000000\r\nhello\r\n0\r\n\r\n",
+        ),
+        ("data not followed by CRLF", "5\r\nhelloXX\r\n0\r\n\r\n"),
+        ("a bare LF ending the size line", "5\nhello\r\n0\r\n\r\n"),
+        ("a bare LF after the data", "5\r\nhello\n0\r\n\r\n"),
+        (
+            "a good chunk, then a bad size",
+            "5\r\nhello\r\nzz\r\nabc\r\n0\r\n\r\n",
+        ),
+    ];
+    for (what, body) in bodies {
+        let started = std::time::Instant::now();
+        let out = raw(
+            ing.addr,
+            format!("{head}{body}").as_bytes(),
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(status(&out), "400", "{what}: {out:?}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(4),
+            "{what}: the client connection is closed"
+        );
+        assert!(
+            conns.lock().unwrap().is_empty(),
+            "{what}: nothing reached the backend: {:?}",
+            conns.lock().unwrap()
+        );
+    }
+
+    // Broken framing after the head was forwarded.
+    let mut s = TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(format!("{head}5\r\nhello\r\n").as_bytes())
+        .await
+        .unwrap();
+    eventually(
+        DEADLINE,
+        "the head and first chunk reach the backend",
+        || {
+            let conns = conns.lock().unwrap();
+            conns.len() == 1 && String::from_utf8_lossy(&conns[0].bytes).contains("hello")
+        },
+    )
+    .await;
+    s.write_all(b"zz\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .expect("the client connection is closed");
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(status(&out), "400", "{out:?}");
+    eventually(DEADLINE, "the backend connection is closed", || {
+        conns.lock().unwrap()[0].closed
+    })
+    .await;
+
+    // A well-formed body still goes through.
+    let closing = head.replace("Host: x\r\n", "Host: x\r\nConnection: close\r\n");
+    let out = raw(
+        ing.addr,
+        format!("{closing}5\r\nhello\r\n0\r\n\r\n").as_bytes(),
+        DEADLINE,
+    )
+    .await;
+    assert_eq!(status(&out), "200", "{out:?}");
+}

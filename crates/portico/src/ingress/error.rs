@@ -18,6 +18,10 @@ pub enum ProxyError {
     NoRoute,
     #[error("request body over the --max-body-bytes limit")]
     BodyTooLarge,
+    /// The request body's framing is broken (or it was cut short): the
+    /// client's error, whether found before or while it was forwarded.
+    #[error("the request body is malformed")]
+    MalformedBody,
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
     /// Replicas exist but none could be connected to.
@@ -45,6 +49,17 @@ pub enum ProxyError {
     },
 }
 
+/// How a client's request body failed: the client's doing, never the
+/// backend's, whichever client path was streaming it when it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientBodyFault {
+    #[error("request body over the --max-body-bytes limit")]
+    TooLarge,
+    /// Malformed framing (a bad chunk size or line end), or cut short.
+    #[error("the client's request body is malformed or cut short")]
+    Malformed,
+}
+
 /// A failure talking to one backend.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -68,6 +83,15 @@ pub enum UpstreamError {
     AmbiguousFraming,
     #[error("the HTTP/1.1 exchange with the backend failed")]
     Exchange(#[source] super::h1::client::ExchangeError),
+}
+
+impl From<ClientBodyFault> for ProxyError {
+    fn from(fault: ClientBodyFault) -> Self {
+        match fault {
+            ClientBodyFault::TooLarge => ProxyError::BodyTooLarge,
+            ClientBodyFault::Malformed => ProxyError::MalformedBody,
+        }
+    }
 }
 
 /// What of a failed request may have reached the backend, which is all
@@ -122,6 +146,10 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "No route for this path.\n"),
+            ProxyError::MalformedBody => (
+                StatusCode::BAD_REQUEST,
+                "Bad request: malformed request body.\n",
+            ),
             ProxyError::BodyTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "Payload too large: the request body is over the limit.\n",

@@ -346,6 +346,15 @@ fn proxy_request<'a>(
         }
         // Our own client writes them after the request's fields; hyper's
         // clients take them in the map.
+        let (mut body, fault) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
+        if client_version < Version::HTTP_2
+            && !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+        {
+            // Chunked: framing that is already in hand and broken is
+            // refused before anything is forwarded.
+            body.read_ahead().await?;
+        }
         let own_client = uses_own_client(route.options.upstream, &parts.headers, &body);
         let forwarding = if own_client {
             Some(forwarding)
@@ -378,7 +387,6 @@ fn proxy_request<'a>(
             *r.headers_mut() = parts.headers.clone();
             r
         });
-        let (body, too_large) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
         let request = Request::from_parts(parts, Either::Left(body));
         let backend_timeout = route
             .options
@@ -396,8 +404,9 @@ fn proxy_request<'a>(
             exchange,
         )
         .await;
-        if too_large.is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed)) {
-            return Err(ProxyError::BodyTooLarge);
+        // However the send failed, a body that failed is the client's doing.
+        if let Some(fault) = fault.and_then(|f| f.get()) {
+            return Err(fault.into());
         }
         let mut response = sent?;
         // Our framing towards the client is ours, whatever the backend spoke.
