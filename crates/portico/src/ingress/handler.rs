@@ -344,8 +344,6 @@ fn proxy_request<'a>(
                 .or_else(|| parts.headers.get(&headers::X_REQUEST_ID))
                 .cloned();
         }
-        // Our own client writes them after the request's fields; hyper's
-        // clients take them in the map.
         let (mut body, fault) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
         if client_version < Version::HTTP_2
             && !body.is_end_stream()
@@ -355,6 +353,8 @@ fn proxy_request<'a>(
             // refused before anything is forwarded.
             body.read_ahead().await?;
         }
+        // Our own client writes them after the request's fields; hyper's
+        // clients take them in the map.
         let own_client = uses_own_client(route.options.upstream, &parts.headers, &body);
         let forwarding = if own_client {
             Some(forwarding)
