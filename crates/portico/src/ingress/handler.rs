@@ -344,6 +344,15 @@ fn proxy_request<'a>(
                 .or_else(|| parts.headers.get(&headers::X_REQUEST_ID))
                 .cloned();
         }
+        let (mut body, fault) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
+        if client_version < Version::HTTP_2
+            && !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+        {
+            // Chunked: framing that is already in hand and broken is
+            // refused before anything is forwarded.
+            body.read_ahead().await?;
+        }
         // Our own client writes them after the request's fields; hyper's
         // clients take them in the map.
         let own_client = uses_own_client(route.options.upstream, &parts.headers, &body);
@@ -367,19 +376,17 @@ fn proxy_request<'a>(
             parts.headers.remove(header::HOST);
         }
 
-        // A bodiless idempotent request may be sent again after bytes went
-        // out. hyper's clients take the request, so they need a copy; our
-        // own HTTP/1.1 client keeps it.
-        let replay =
-            (!own_client && is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
-                let mut r = Request::new(());
-                *r.method_mut() = parts.method.clone();
-                *r.uri_mut() = parts.uri.clone();
-                *r.version_mut() = parts.version;
-                *r.headers_mut() = parts.headers.clone();
-                r
-            });
-        let (body, too_large) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
+        // A bodiless request may be sent again after bytes went out, if
+        // `UpstreamError::may_resend` says so. hyper's clients take the
+        // request, so they need a copy; our own HTTP/1.1 client keeps it.
+        let replay = (!own_client && body.is_end_stream()).then(|| {
+            let mut r = Request::new(());
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = parts.uri.clone();
+            *r.version_mut() = parts.version;
+            *r.headers_mut() = parts.headers.clone();
+            r
+        });
         let request = Request::from_parts(parts, Either::Left(body));
         let backend_timeout = route
             .options
@@ -397,8 +404,9 @@ fn proxy_request<'a>(
             exchange,
         )
         .await;
-        if too_large.is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed)) {
-            return Err(ProxyError::BodyTooLarge);
+        // However the send failed, a body that failed is the client's doing.
+        if let Some(fault) = fault.and_then(|f| f.get()) {
+            return Err(fault.into());
         }
         let mut response = sent?;
         // Our framing towards the client is ours, whatever the backend spoke.
@@ -437,6 +445,7 @@ fn send_with_failover<'a>(
     upstream: UpstreamProtocol,
     exchange: &'a mut Exchange,
 ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + 'a {
+    let method = request.method().clone();
     let mut request = Some(request);
     async move {
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(proxy.attempts as usize);
@@ -482,7 +491,7 @@ fn send_with_failover<'a>(
                 // just now; when that is all that failed, a fresh connection
                 // to the same replica is tried before counting it as failed.
                 let mut pooled = proxy.pool.checkout_own(addr);
-                let (error, sent) = loop {
+                let error = loop {
                     let reused = pooled.is_some();
                     let mut conn = match pooled.take() {
                         Some(c) => c,
@@ -491,7 +500,7 @@ fn send_with_failover<'a>(
                             Err(e) => {
                                 connect_failed(proxy, exchange, addr);
                                 tracing::debug!(backend = %addr, %service, error = %e, "connect failed; trying another replica");
-                                break (e, false);
+                                break e;
                             }
                         },
                     };
@@ -516,14 +525,16 @@ fn send_with_failover<'a>(
                             }
                             return Ok(response);
                         }
-                        Ok(Err(own::ExchangeError::ClosedBeforeResponse(e))) if reused => {
-                            tracing::debug!(backend = %addr, %service, error = ?e, "pooled connection closed by the backend; retrying on a new one");
+                        Ok(Err(e)) => {
+                            let e = UpstreamError::Exchange(e);
+                            if !(reused && stale(&e) && e.may_resend(&parts.method, true)) {
+                                break e;
+                            }
+                            tracing::debug!(backend = %addr, %service, error = %super::error::chain(&e), "pooled connection closed by the backend; retrying on a new one");
                         }
-                        Ok(Err(e)) => break (UpstreamError::Exchange(e), true),
                     }
                 };
-                // Sent and failed: only a replayable request moves on.
-                if sent && !is_idempotent(&parts.method) {
+                if !error.may_resend(&parts.method, true) {
                     return Err(ProxyError::Backend {
                         service: service.clone(),
                         addr,
@@ -549,6 +560,7 @@ fn send_with_failover<'a>(
             let attempt = Attempt {
                 proxy,
                 service,
+                method: &method,
                 addr,
                 load,
                 request: &mut request,
@@ -578,6 +590,7 @@ fn send_with_failover<'a>(
 struct Attempt<'a> {
     proxy: &'a Proxy,
     service: &'a portico_wire::ServiceName,
+    method: &'a Method,
     addr: SocketAddr,
     load: Option<Load>,
     request: &'a mut Option<Request<UpstreamRequestBody>>,
@@ -610,7 +623,7 @@ async fn send_h2c(a: Attempt<'_>) -> Result<Option<Response<ResponseBody>>, Prox
             })))
         }
         Ok(Err(e)) => {
-            let (again, error) = resend_or_fail(e, a.replay, a.service, a.addr)?;
+            let (again, error) = resend_or_fail(e, &a)?;
             *a.request = Some(again);
             *a.last = Some((a.addr, error));
             Ok(None)
@@ -678,7 +691,7 @@ async fn send_hyper(a: Attempt<'_>) -> Result<Option<Response<ResponseBody>>, Pr
                 })));
             }
             Ok(Err(e)) => {
-                let (again, error) = resend_or_fail(e, a.replay, a.service, a.addr)?;
+                let (again, error) = resend_or_fail(e, &a)?;
                 *a.request = Some(again);
                 tracing::debug!(backend = %a.addr, service = %a.service, reused, error = %super::error::chain(&error), "request failed before an answer; retrying");
                 *a.last = Some((a.addr, error));
@@ -728,24 +741,36 @@ fn connect_failed(proxy: &Proxy, exchange: &Exchange, addr: SocketAddr) {
     }
 }
 
-/// After a failed send: the request to try again, if hyper never sent it or
-/// it may be replayed (idempotent, no body); otherwise the final error.
+/// After a failed send through hyper's clients: the request to try again,
+/// as `UpstreamError::may_resend` allows (hyper's own if it never sent it,
+/// else a copy of a bodiless one); otherwise the final error.
 fn resend_or_fail(
     mut e: SendError,
-    replay: Option<&Request<()>>,
-    service: &portico_wire::ServiceName,
-    addr: SocketAddr,
+    a: &Attempt<'_>,
 ) -> Result<(Request<UpstreamRequestBody>, UpstreamError), ProxyError> {
     let unsent = e.take_message();
-    let error = UpstreamError::Request(e.into_error());
-    match unsent.or_else(|| replay.map(rebuild)) {
+    let error = UpstreamError::Request {
+        source: e.into_error(),
+        unsent: unsent.is_some(),
+    };
+    let again = match error.may_resend(a.method, a.replay.is_some()) {
+        true => unsent.or_else(|| a.replay.map(rebuild)),
+        false => None,
+    };
+    match again {
         Some(request) => Ok((request, error)),
         None => Err(ProxyError::Backend {
-            service: service.clone(),
-            addr,
+            service: a.service.clone(),
+            addr: a.addr,
             source: error,
         }),
     }
+}
+
+/// A pooled connection the backend closed meanwhile fails this way; a new
+/// connection to the same replica may then take the request.
+fn stale(e: &UpstreamError) -> bool {
+    matches!(e, UpstreamError::Exchange(e) if e.before_response())
 }
 
 fn rebuild(template: &Request<()>) -> Request<UpstreamRequestBody> {
@@ -768,13 +793,6 @@ fn uses_own_client(
     upstream != UpstreamProtocol::H2c
         && body.is_end_stream()
         && !headers.contains_key(header::UPGRADE)
-}
-
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// The authority the client addressed: an absolute-form target or
