@@ -6,12 +6,21 @@
 //! - `watch`: the list-then-watch loop, shared by the Tower and the ingress.
 //! - `connect`: TCP or TLS (rustls) to a member.
 //! - `auth`: the user, its password and the token etcd gives for them.
+//! - `json`: the gateway's JSON types.
 //! - this file: the client, which tries the configured members in turn.
 
 pub mod auth;
 pub mod connect;
+mod json;
 pub mod keys;
 pub mod watch;
+
+use json::{
+    AuthenticateResponse, DeleteRequest, GatewayError, HeaderOnly, KeepAliveResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseId, PutRequest, RangeRequest, WatchAnswer,
+    WatchCreate, WatchRequest,
+};
+pub use json::{Event, Header, KeyValue, LeaseCheck, RangeResponse, WatchResult};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,7 +35,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::Serialize;
 
 use auth::{Auth, Credentials};
 use connect::Connector;
@@ -635,201 +644,6 @@ impl WatchStream {
     }
 }
 
-// The gateway's JSON: int64 as strings, bytes as base64, zero values left out.
-
-fn i64_str<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum N {
-        S(String),
-        I(i64),
-    }
-    match N::deserialize(d)? {
-        N::S(s) => s.parse().map_err(serde::de::Error::custom),
-        N::I(i) => Ok(i),
-    }
-}
-
-fn ser_i64_str<S: serde::Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&v.to_string())
-}
-
-fn b64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-    let s = String::deserialize(d)?;
-    B64.decode(s).map_err(serde::de::Error::custom)
-}
-
-#[derive(Debug, Deserialize)]
-struct GatewayError {
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-    #[serde(default)]
-    code: i32,
-}
-
-#[derive(Deserialize)]
-struct AuthenticateResponse {
-    #[serde(default)]
-    token: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct Header {
-    #[serde(default, deserialize_with = "i64_str")]
-    pub revision: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct HeaderOnly {
-    #[serde(default)]
-    header: Header,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct KeyValue {
-    #[serde(deserialize_with = "b64")]
-    pub key: Vec<u8>,
-    #[serde(default, deserialize_with = "b64")]
-    pub value: Vec<u8>,
-    #[serde(default, deserialize_with = "i64_str")]
-    pub mod_revision: i64,
-    #[serde(default, deserialize_with = "i64_str")]
-    pub lease: i64,
-}
-
-#[derive(Debug, Serialize)]
-struct RangeRequest {
-    key: String,
-    range_end: String,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    count_only: bool,
-}
-
-impl RangeRequest {
-    fn prefix(prefix: &[u8], count_only: bool) -> Self {
-        Self {
-            key: B64.encode(prefix),
-            range_end: B64.encode(prefix_end(prefix)),
-            count_only,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-pub struct RangeResponse {
-    #[serde(default)]
-    pub header: Header,
-    #[serde(default)]
-    pub kvs: Vec<KeyValue>,
-}
-
-#[derive(Debug, Serialize)]
-struct PutRequest {
-    key: String,
-    value: String,
-    #[serde(serialize_with = "ser_i64_str")]
-    lease: i64,
-}
-
-#[derive(Debug, Serialize)]
-struct DeleteRequest {
-    key: String,
-}
-
-#[derive(Debug, Serialize)]
-struct LeaseGrantRequest {
-    #[serde(rename = "TTL", serialize_with = "ser_i64_str")]
-    ttl: i64,
-    #[serde(rename = "ID", serialize_with = "ser_i64_str")]
-    id: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct LeaseGrantResponse {
-    #[serde(rename = "ID", deserialize_with = "i64_str")]
-    id: i64,
-}
-
-#[derive(Debug, Serialize)]
-struct LeaseId {
-    #[serde(rename = "ID", serialize_with = "ser_i64_str")]
-    id: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct KeepAliveResponse {
-    #[serde(default)]
-    result: Option<KeepAliveResult>,
-}
-
-#[derive(Debug, Deserialize)]
-struct KeepAliveResult {
-    #[serde(default)]
-    header: Header,
-    #[serde(rename = "TTL", default, deserialize_with = "i64_str")]
-    ttl: i64,
-}
-
-/// What a lease renewal found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseCheck {
-    pub alive: bool,
-    /// etcd's revision when it answered (0 if it did not say): a lease
-    /// found dead had its keys deleted at or before it.
-    pub revision: i64,
-}
-
-#[derive(Debug, Serialize)]
-struct WatchRequest {
-    create_request: WatchCreate,
-}
-
-#[derive(Debug, Serialize)]
-struct WatchCreate {
-    key: String,
-    range_end: String,
-    #[serde(serialize_with = "ser_i64_str")]
-    start_revision: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct WatchAnswer {
-    #[serde(default)]
-    result: Option<WatchResult>,
-    #[serde(default)]
-    error: Option<GatewayError>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct WatchResult {
-    #[serde(default)]
-    pub header: Header,
-    #[serde(default)]
-    pub canceled: bool,
-    #[serde(default, deserialize_with = "i64_str")]
-    pub compact_revision: i64,
-    #[serde(default)]
-    pub cancel_reason: Option<String>,
-    #[serde(default)]
-    pub events: Vec<Event>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Event {
-    /// "DELETE", or left out for a put.
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    pub kv: KeyValue,
-}
-
-impl Event {
-    pub fn is_delete(&self) -> bool {
-        self.kind.as_deref() == Some("DELETE")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -856,25 +670,5 @@ mod tests {
         ] {
             assert!(parse_endpoints(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn gateway_json_decodes() {
-        let line = br#"{"result":{"header":{"revision":"3"},"events":[{"kv":{"key":"YQ==","create_revision":"2","mod_revision":"2","version":"1","value":"e30=","lease":"7"}},{"type":"DELETE","kv":{"key":"YQ==","mod_revision":"3"}}]}}"#;
-        let a: WatchAnswer = serde_json::from_slice(line).unwrap();
-        let r = a.result.unwrap();
-        assert_eq!(r.header.revision, 3);
-        assert_eq!(r.events.len(), 2);
-        assert!(!r.events[0].is_delete());
-        assert_eq!(r.events[0].kv.lease, 7);
-        assert_eq!(r.events[0].kv.key, b"a");
-        assert!(r.events[1].is_delete());
-        let c: WatchAnswer = serde_json::from_slice(
-            br#"{"result":{"header":{"raft_term":"2"},"canceled":true,"compact_revision":"4"}}"#,
-        )
-        .unwrap();
-        let c = c.result.unwrap();
-        assert!(c.canceled);
-        assert_eq!(c.compact_revision, 4);
     }
 }
