@@ -379,6 +379,56 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct EtcdOnly {
+        #[command(flatten)]
+        etcd: crate::cli::EtcdArgs,
+    }
+
+    fn etcd_error(args: &str) -> String {
+        use clap::Parser as _;
+        let parsed = EtcdOnly::try_parse_from(std::iter::once("t").chain(args.split(' ')));
+        match parsed {
+            Err(e) => e.to_string(),
+            Ok(a) => etcd_settings(&a.etcd, "--store").unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn etcd_tls_and_user_flags_must_fit_together() {
+        for (args, want) in [
+            (
+                "--etcd https://e:2379",
+                "https:// members need --etcd-ca-cert",
+            ),
+            (
+                "--etcd http://e:2379 --etcd-ca-cert ca.pem",
+                "no --etcd member is https://",
+            ),
+            (
+                "--etcd http://e:2379 --etcd-cert c.pem --etcd-key k.pem",
+                "a client certificate is for TLS",
+            ),
+            (
+                "--etcd https://e:2379 --etcd-ca-cert /nonexistent/ca.pem",
+                "cannot read --etcd-ca-cert /nonexistent/ca.pem",
+            ),
+            ("--etcd http://e:2379 --etcd-cert c.pem", "--etcd-key"),
+            (
+                "--etcd ftp://e:2379",
+                "expected http://HOST:PORT or https://HOST:PORT",
+            ),
+        ] {
+            let e = etcd_error(args);
+            assert!(e.contains(want), "{args}: {e:?} should say {want:?}");
+        }
+        // Without a password from the environment either.
+        if std::env::var_os(crate::etcd::auth::PASSWORD_ENV).is_none() {
+            let e = etcd_error("--etcd http://e:2379 --etcd-user portico");
+            assert!(e.contains("--etcd-user needs a password"), "{e}");
+        }
+    }
+
     #[test]
     fn listen_forms() {
         assert_eq!(

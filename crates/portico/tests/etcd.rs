@@ -586,6 +586,7 @@ async fn wrong_etcd_credentials_or_tls_files_stop_the_start_saying_what_to_fix()
     let wrong_password = s.dir().join("wrong.password");
     std::fs::write(&wrong_password, "not-the-password\n").unwrap();
     let other_ca = common::etcd::make_ca(s.dir(), "other-ca").0;
+    let other_ca = other_ca.to_str().unwrap();
     let with = |cmd: &[&str], replace: &[(&str, Option<&str>)]| -> Vec<String> {
         let mut args: Vec<String> = cmd.iter().map(|a| (*a).to_owned()).collect();
         let flags = etcd.flags();
@@ -621,7 +622,7 @@ async fn wrong_etcd_credentials_or_tls_files_stop_the_start_saying_what_to_fix()
             "refused the user 'portico'",
         ),
         (
-            with(&ingress, &[("--etcd-ca-cert", other_ca.to_str().unwrap())].map(|(f, v)| (f, Some(v)))),
+            with(&ingress, &[("--etcd-ca-cert", Some(other_ca))]),
             "is not signed by the CA in --etcd-ca-cert",
         ),
         (

@@ -60,15 +60,16 @@ pub struct Secure {
 
 pub const USER: &str = "portico";
 
-/// Run openssl with `args`; panics with its complaint when it fails.
-pub fn openssl(args: &[&str]) {
+/// Run openssl with `args` (split at spaces: test paths have none); panics
+/// with its complaint when it fails.
+pub fn openssl(args: &str) {
     let out = Command::new("openssl")
-        .args(args)
+        .args(args.split_whitespace())
         .output()
         .expect("openssl");
     assert!(
         out.status.success(),
-        "openssl {args:?}: {}",
+        "openssl {args}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -83,27 +84,13 @@ pub fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         dir.join(format!("{name}.crt")),
         dir.join(format!("{name}.key")),
     );
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "2",
-        "-keyout",
+    openssl(&format!(
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+         -keyout {} -out {} -subj /CN={name} -addext basicConstraints=critical,CA:TRUE \
+         -addext keyUsage=critical,keyCertSign,cRLSign",
         p(&key),
-        "-out",
-        p(&crt),
-        "-subj",
-        &format!("/CN={name}"),
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
+        p(&crt)
+    ));
     (crt, key)
 }
 
@@ -115,48 +102,26 @@ pub fn make_leaf(
     subject: &str,
     ca: &(PathBuf, PathBuf),
 ) -> (PathBuf, PathBuf) {
-    let (crt, key, csr, ext) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-        dir.join(format!("{name}.csr")),
-        dir.join(format!("{name}.ext")),
-    );
-    openssl(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
+    let file = |ext: &str| dir.join(format!("{name}.{ext}"));
+    let (crt, key, csr, ext) = (file("crt"), file("key"), file("csr"), file("ext"));
+    openssl(&format!(
+        "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {} -out {} -subj {subject}",
         p(&key),
-        "-out",
-        p(&csr),
-        "-subj",
-        subject,
-    ]);
+        p(&csr)
+    ));
     std::fs::write(
         &ext,
         "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
     )
     .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
+    openssl(&format!(
+        "x509 -req -in {} -CA {} -CAkey {} -CAcreateserial -days 2 -out {} -extfile {}",
         p(&csr),
-        "-CA",
         p(&ca.0),
-        "-CAkey",
         p(&ca.1),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
         p(&crt),
-        "-extfile",
-        p(&ext),
-    ]);
+        p(&ext)
+    ));
     (crt, key)
 }
 
@@ -577,8 +542,12 @@ impl Secure {
 /// made in `dir`.
 fn jwt_flag(dir: &Path, ttl: &str) -> String {
     let (private, public) = (dir.join("jwt.key"), dir.join("jwt.pub"));
-    openssl(&["genrsa", "-out", p(&private), "2048"]);
-    openssl(&["rsa", "-in", p(&private), "-pubout", "-out", p(&public)]);
+    openssl(&format!("genrsa -out {} 2048", p(&private)));
+    openssl(&format!(
+        "rsa -in {} -pubout -out {}",
+        p(&private),
+        p(&public)
+    ));
     format!(
         "jwt,pub-key={},priv-key={},sign-method=RS256,ttl={ttl}",
         p(&public),
