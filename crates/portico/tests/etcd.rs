@@ -744,13 +744,11 @@ async fn etcd_tokens_that_expire_are_renewed_and_registration_and_routing_go_on(
     wait_routed(via_etcd.addr, &["x", "y"]).await;
     wait_ready(admin, 200).await;
     wait_ready(a.addr, 200).await;
-    // Without a moment's outage: a refused token is replaced at once.
-    for (p, lines) in [
-        (&a, ["lost etcd", "cannot write to etcd"]),
-        (&via_etcd, ["lost etcd", "lost etcd"]),
-    ] {
+    // Without an outage: a refused token is replaced within the call, so
+    // no watch was dropped (a probe refused twice in a row would).
+    for p in [&a, &via_etcd] {
         let log = p.log_text();
-        assert!(!lines.iter().any(|l| log.contains(l)), "{log}");
+        assert!(!log.contains("lost etcd"), "{log}");
     }
 
     // etcd away for longer than a token lasts: on its return the first
