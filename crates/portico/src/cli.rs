@@ -211,13 +211,38 @@ pub struct IngressArgs {
 /// watching them.
 #[derive(Debug, Args, Clone)]
 pub struct EtcdArgs {
-    /// etcd members: http://HOST:PORT, comma-separated; tried in turn.
+    /// etcd members: http://HOST:PORT or https://HOST:PORT, comma-separated;
+    /// tried in turn.
     #[arg(long, value_name = "URL[,URL..]")]
     pub etcd: Option<String>,
 
     /// Key prefix of Portico's registrations in etcd.
     #[arg(long, default_value = "/portico/v1")]
     pub etcd_prefix: String,
+
+    /// CA certificate(s), PEM, that etcd's server certificate is verified
+    /// against; needed for https:// members.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca_cert: Option<PathBuf>,
+
+    /// Client certificate (PEM) to present to etcd, for an etcd run with
+    /// --client-cert-auth; with --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user to authenticate as. The password comes from
+    /// --etcd-password-file or the PORTICO_ETCD_PASSWORD environment
+    /// variable, never from the command line.
+    #[arg(long, value_name = "NAME")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the password of --etcd-user (one line).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -62,6 +62,10 @@ pub enum StartupError {
     Tls(#[from] crate::ingress::tls::TlsError),
     #[error(transparent)]
     Etcd(#[from] crate::etcd::EtcdError),
+    #[error(transparent)]
+    EtcdTls(#[from] crate::etcd::connect::TlsFileError),
+    #[error(transparent)]
+    EtcdPassword(#[from] crate::etcd::auth::PasswordError),
 }
 
 /// The etcd client and key layout from `--etcd`/`--etcd-prefix`; `needed_by`
@@ -74,7 +78,7 @@ pub fn etcd_settings(
         return Err(StartupError::Flag {
             flag: needed_by,
             value: "etcd".into(),
-            why: "it needs --etcd http://HOST:PORT[,http://HOST:PORT...]".into(),
+            why: "it needs --etcd http://HOST:PORT[,https://HOST:PORT...]".into(),
         });
     };
     let endpoints = crate::etcd::parse_endpoints(list)?;
@@ -85,10 +89,66 @@ pub fn etcd_settings(
             why: "a key prefix like /portico/v1: starting with / and not only /".into(),
         });
     }
+    let access = etcd_access(args, &endpoints)?;
     Ok((
-        crate::etcd::EtcdClient::new(endpoints),
+        crate::etcd::EtcdClient::new(endpoints, access),
         crate::etcd::keys::Layout::new(&args.etcd_prefix),
     ))
+}
+
+/// TLS and credentials for etcd, from `--etcd-ca-cert`, `--etcd-cert`,
+/// `--etcd-key`, `--etcd-user` and the password's file or variable.
+fn etcd_access(
+    args: &crate::cli::EtcdArgs,
+    endpoints: &[http::Uri],
+) -> Result<crate::etcd::Access, StartupError> {
+    use crate::etcd::auth::{Credentials, PASSWORD_ENV};
+    use crate::etcd::connect::TlsFiles;
+    let https = endpoints.iter().any(|u| u.scheme_str() == Some("https"));
+    let tls = match (&args.etcd_ca_cert, https) {
+        (None, false) if args.etcd_cert.is_some() => {
+            return Err(StartupError::Flag {
+                flag: "--etcd-cert",
+                value: args
+                    .etcd_cert
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                why: "a client certificate is for TLS: give https:// members in --etcd, and --etcd-ca-cert".into(),
+            })
+        }
+        (None, false) => None,
+        (None, true) => {
+            return Err(StartupError::Flag {
+                flag: "--etcd",
+                value: args.etcd.clone().unwrap_or_default(),
+                why: "https:// members need --etcd-ca-cert FILE, the CA that signed etcd's certificate".into(),
+            })
+        }
+        (Some(ca), false) => {
+            return Err(StartupError::Flag {
+                flag: "--etcd-ca-cert",
+                value: ca.display().to_string(),
+                why: "no --etcd member is https://; write https:// for members that serve TLS".into(),
+            })
+        }
+        (Some(ca), true) => {
+            let files = TlsFiles {
+                ca: ca.clone(),
+                client: args.etcd_cert.clone().zip(args.etcd_key.clone()),
+            };
+            Some(std::sync::Arc::new(files.client_config()?))
+        }
+    };
+    let creds = Credentials::load(
+        args.etcd_user.as_deref(),
+        args.etcd_password_file.as_deref(),
+        std::env::var(PASSWORD_ENV).ok(),
+    )?;
+    if creds.is_some() && endpoints.iter().any(|u| u.scheme_str() == Some("http")) {
+        tracing::warn!("the etcd password and token go unencrypted to the http:// members in --etcd; use https://");
+    }
+    Ok(crate::etcd::Access { tls, creds })
 }
 
 fn bind_advice(what: &str, addr: &SocketAddr, e: &io::Error) -> String {
@@ -340,6 +400,56 @@ pub fn registry_limits(a: &RegistryArgs) -> Result<Limits, StartupError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct EtcdOnly {
+        #[command(flatten)]
+        etcd: crate::cli::EtcdArgs,
+    }
+
+    fn etcd_error(args: &str) -> String {
+        use clap::Parser as _;
+        let parsed = EtcdOnly::try_parse_from(std::iter::once("t").chain(args.split(' ')));
+        match parsed {
+            Err(e) => e.to_string(),
+            Ok(a) => etcd_settings(&a.etcd, "--store").unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn etcd_tls_and_user_flags_must_fit_together() {
+        for (args, want) in [
+            (
+                "--etcd https://e:2379",
+                "https:// members need --etcd-ca-cert",
+            ),
+            (
+                "--etcd http://e:2379 --etcd-ca-cert ca.pem",
+                "no --etcd member is https://",
+            ),
+            (
+                "--etcd http://e:2379 --etcd-cert c.pem --etcd-key k.pem",
+                "a client certificate is for TLS",
+            ),
+            (
+                "--etcd https://e:2379 --etcd-ca-cert /nonexistent/ca.pem",
+                "cannot read --etcd-ca-cert /nonexistent/ca.pem",
+            ),
+            ("--etcd http://e:2379 --etcd-cert c.pem", "--etcd-key"),
+            (
+                "--etcd ftp://e:2379",
+                "expected http://HOST:PORT or https://HOST:PORT",
+            ),
+        ] {
+            let e = etcd_error(args);
+            assert!(e.contains(want), "{args}: {e:?} should say {want:?}");
+        }
+        // Without a password from the environment either.
+        if std::env::var_os(crate::etcd::auth::PASSWORD_ENV).is_none() {
+            let e = etcd_error("--etcd http://e:2379 --etcd-user portico");
+            assert!(e.contains("--etcd-user needs a password"), "{e}");
+        }
+    }
 
     #[test]
     fn listen_forms() {

@@ -26,6 +26,7 @@ pub async fn run(
     let config = ProxyConfig::from_args(&args.proxy, explicit)?;
     if args.discovery == DiscoveryMode::Etcd {
         let (client, layout) = etcd_settings(&args.etcd, "--discovery")?;
+        client.check(layout.services_prefix()).await?;
         tracing::info!(
             etcd = %client.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             prefix = %String::from_utf8_lossy(layout.services_prefix()),

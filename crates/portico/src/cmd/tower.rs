@@ -44,7 +44,11 @@ pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Boun
     };
     let store = match a.store {
         StoreKind::Memory => None,
-        StoreKind::Etcd => Some(etcd_settings(&a.etcd, "--store")?),
+        StoreKind::Etcd => {
+            let (client, layout) = etcd_settings(&a.etcd, "--store")?;
+            client.check(layout.services_prefix()).await?;
+            Some((client, layout))
+        }
     };
     if !a.allow_register.is_empty() {
         let nets: Vec<String> = a.allow_register.iter().map(ToString::to_string).collect();
