@@ -7,9 +7,12 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
 use crate::cli::{RegistryArgs, StoreKind, TowerArgs};
-use crate::config::{etcd_settings, parse_listen, registry_limits, StartupError};
+use crate::config::{
+    etcd_settings, parse_listen, registry_limits, tower_http_settings, StartupError,
+};
 use crate::etcd::EtcdClient;
 use crate::registry::auth::Key;
+use crate::registry::http::HttpSettings;
 use crate::registry::{http, udp, Registry};
 
 pub async fn run(args: TowerArgs, shutdown: watch::Receiver<bool>) -> Result<(), StartupError> {
@@ -22,13 +25,14 @@ pub async fn run(args: TowerArgs, shutdown: watch::Receiver<bool>) -> Result<(),
 /// The sockets of one Tower.
 pub struct Bound {
     udp: UdpSocket,
-    http: Option<TcpListener>,
+    http: Option<(TcpListener, HttpSettings)>,
     etcd: Option<EtcdClient>,
 }
 
 /// Validate the registry flags, bind, and make the registry.
 pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Bound), StartupError> {
     let limits = registry_limits(a)?;
+    let http_settings = tower_http_settings(a)?;
     let key = a.key_file.as_deref().map(Key::load).transpose()?;
     if key.is_some() {
         tracing::info!("tower: REGISTER and DEREGISTER must be signed");
@@ -42,7 +46,7 @@ pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Boun
         StoreKind::Memory => None,
         StoreKind::Etcd => Some(etcd_settings(&a.etcd, "--store")?),
     };
-    let mut bound = bind(addr, http).await?;
+    let mut bound = bind(addr, http, http_settings).await?;
     let registry = match store {
         None => Registry::new(limits, key),
         Some((client, layout)) => {
@@ -64,7 +68,11 @@ enum HttpAt {
     At(SocketAddr),
 }
 
-async fn bind(addr: SocketAddr, http: HttpAt) -> Result<Bound, StartupError> {
+async fn bind(
+    addr: SocketAddr,
+    http: HttpAt,
+    settings: HttpSettings,
+) -> Result<Bound, StartupError> {
     let bind_err = |what, addr, source| StartupError::Bind { what, addr, source };
     // With port 0 the UDP port is chosen first; the TCP port of the same
     // number may be taken by someone else, so try a few.
@@ -96,7 +104,7 @@ async fn bind(addr: SocketAddr, http: HttpAt) -> Result<Bound, StartupError> {
                 tracing::info!("tower http api on http://{tcp_local}");
                 return Ok(Bound {
                     udp,
-                    http: Some(tcp),
+                    http: Some((tcp, settings)),
                     etcd: None,
                 });
             }
@@ -133,8 +141,8 @@ pub async fn serve(bound: Bound, registry: Registry, shutdown: watch::Receiver<b
         }
     }
     let api = async {
-        if let Some(listener) = bound.http {
-            http::serve(listener, registry.clone(), shutdown.clone()).await;
+        if let Some((listener, settings)) = bound.http {
+            http::serve(listener, registry.clone(), settings, shutdown.clone()).await;
         }
     };
     tokio::join!(
