@@ -250,3 +250,74 @@ async fn the_admin_listener_closes_a_half_sent_head() {
     let got = got.expect("a half-sent head still held the admin connection");
     assert!(got.is_empty(), "answered: {got}");
 }
+
+/// `portico_endpoints` series from the admin listener: labels -> value.
+async fn endpoint_series(admin: SocketAddr) -> std::collections::HashMap<String, f64> {
+    let a = get(admin, "/metrics").await;
+    assert_eq!(a.status, 200);
+    a.body
+        .lines()
+        .filter_map(|l| l.strip_prefix("portico_endpoints{"))
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(labels, v)| (labels.trim_end_matches('}').to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn endpoint_series_follow_the_towers_services_and_are_capped() {
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let admin = ing.logged_addr("admin listening on ");
+
+    // Throwaway registrations past the cap of 1,000 services: the routed
+    // one keeps its series, 999 others get theirs, 6 are summed in _other.
+    let replica: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let names: Vec<String> = (0..1005).map(|i| format!("s{i:04}")).collect();
+    for name in &names {
+        register(t.addr, name, replica);
+    }
+    let other = r#"service="_other",state="healthy""#;
+    let deadline = Instant::now() + DEADLINE;
+    let series = loop {
+        let series = endpoint_series(admin).await;
+        if series.get(other) == Some(&6.0) {
+            break series;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no _other series counting 6: {} series, _other {:?}",
+            series.len(),
+            series.get(other)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(series.len(), 3 * 1001, "1,000 services and _other");
+    assert_eq!(series[r#"service="svc",state="healthy""#], 1.0);
+    assert_eq!(series[r#"service="s0998",state="healthy""#], 1.0);
+    assert!(!series.contains_key(r#"service="s0999",state="healthy""#));
+
+    // Gone from the Tower, gone from the metrics.
+    for name in &names {
+        let reply = udp(
+            t.addr,
+            format!("DEREGISTER|{name}|{}|{}", replica.ip(), replica.port()).as_bytes(),
+        );
+        assert!(reply.starts_with("OK|"), "{reply}");
+    }
+    loop {
+        let series = endpoint_series(admin).await;
+        if series.len() == 3 {
+            assert_eq!(series[r#"service="svc",state="healthy""#], 1.0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline + DEADLINE,
+            "stale series left: {} series",
+            series.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -4,7 +4,7 @@
 
 pub mod metrics;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -130,17 +130,22 @@ async fn services(proxy: &Proxy) -> BTreeMap<String, Vec<EndpointDoc>> {
 
 async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointDoc>>, ready: bool) {
     let m = &proxy.metrics;
-    for (name, endpoints) in services {
-        for state in ["healthy", "set_aside", "failing_checks"] {
-            let n = endpoints.iter().filter(|e| e.state == state).count();
-            m.endpoints
-                .get_or_create(&vec![
-                    ("service", name.clone()),
-                    ("state", state.to_owned()),
-                ])
-                .set(n as i64);
-        }
-    }
+    let live = proxy.routes.load();
+    let routed: BTreeSet<&str> = live
+        .table
+        .routes()
+        .iter()
+        .map(|r| r.service.as_str())
+        .collect();
+    let counts = |endpoints: &[EndpointDoc]| {
+        metrics::ENDPOINT_STATES.map(|state| endpoints.iter().filter(|e| e.state == state).count())
+    };
+    // Routed services first: they keep their own series past the cap.
+    let (first, rest): (Vec<_>, Vec<_>) = services
+        .iter()
+        .map(|(name, endpoints)| (name.as_str(), counts(endpoints)))
+        .partition(|(name, _)| routed.contains(name));
+    m.set_endpoints(first.into_iter().chain(rest));
     m.discovery_synced.set(i64::from(ready));
     m.upstream_idle_connections
         .set(i64::try_from(proxy.pool.idle_count()).unwrap_or(i64::MAX));
