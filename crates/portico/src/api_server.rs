@@ -278,16 +278,19 @@ impl AsyncWrite for Tracked {
     }
 }
 
-/// Tell a client past the cap why, then close. Its request is read and
-/// dropped for a moment so that the close does not become a reset that
-/// destroys the answer before the client reads it.
+/// Tell a client past the cap why, then close. The answer waits a moment
+/// for the request, so that a client sees it as the response to what it
+/// sent rather than an unsolicited one; the rest is read and dropped for a
+/// moment so that the close does not become a reset that destroys the
+/// answer before the client reads it.
 async fn refuse(mut stream: TcpStream, refusal: &'static [u8]) {
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut sink)).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         if stream.write_all(refusal).await.is_err() {
             return;
         }
         let _ = stream.shutdown().await;
-        let mut sink = [0u8; 4096];
         let mut total = 0usize;
         while let Ok(n) = stream.read(&mut sink).await {
             total += n;
