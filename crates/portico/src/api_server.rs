@@ -302,6 +302,17 @@ async fn refuse(mut stream: TcpStream, refusal: &'static [u8]) {
     .await;
 }
 
+/// Whether a canned refusal's content-length is its body's (for tests of
+/// the constants callers pass to `serve`).
+#[cfg(test)]
+pub(crate) fn is_framed(refusal: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(refusal);
+    text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+        head.contains(&format!("\r\ncontent-length: {}\r\n", body.len()))
+            && head.contains("\r\nconnection: close")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -206,3 +206,11 @@ async fn answer(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Byte
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_refusal_past_the_cap_is_framed() {
+        assert!(crate::api_server::is_framed(super::AT_CAPACITY));
+    }
+}

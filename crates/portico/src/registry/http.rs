@@ -514,3 +514,11 @@ fn metrics(api: &Api) -> Response<Full<Bytes>> {
     );
     r
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_refusal_past_the_cap_is_framed() {
+        assert!(crate::api_server::is_framed(super::AT_CAPACITY));
+    }
+}
