@@ -297,6 +297,31 @@ pub struct RegistryArgs {
     #[arg(long, default_value = "same")]
     pub http: String,
 
+    /// A web origin (`https://ops.example.com`) whose pages may call the
+    /// HTTP API; repeatable. Requests carrying any other `Origin` header
+    /// are refused with 403 (none is listed by default).
+    #[arg(long = "http-allow-origin", value_name = "ORIGIN")]
+    pub http_allow_origins: Vec<String>,
+
+    /// Time allowed for a client of the HTTP API to send a request's head
+    /// (and a write's body).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub http_header_timeout: Duration,
+
+    /// An HTTP API connection with no request in flight and no traffic for
+    /// this long is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub http_idle_timeout: Duration,
+
+    /// Most HTTP API connections open at once; past it a client gets 503.
+    #[arg(long, default_value_t = 1024)]
+    pub http_max_connections: usize,
+
+    /// Most blocking queries (`?index=`, an ingress's watch) waiting at once;
+    /// past it one gets 503 at once. Keep it below --http-max-connections.
+    #[arg(long, default_value_t = 768)]
+    pub http_max_watches: usize,
+
     /// Require REGISTER/DEREGISTER (UDP and HTTP) to be signed with the key
     /// in this file (HMAC-SHA256; reads stay open).
     #[arg(long)]

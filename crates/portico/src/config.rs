@@ -5,6 +5,7 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use crate::api_server::ServerLimits;
 use crate::cli::{ProxyArgs, RegistryArgs};
 use crate::ingress::conn::ConnTimeouts;
 use crate::ingress::route::{RouteError, RouteTable};
@@ -12,6 +13,7 @@ use crate::ingress::upstream::PoolSettings;
 use crate::ingress::ServeSettings;
 use crate::registry::admit::Cidr;
 use crate::registry::ratelimit::ReplyLimit;
+use crate::registry::http::HttpSettings;
 use crate::registry::Limits;
 
 pub const TOWER_PORT: u16 = 7772;
@@ -396,6 +398,58 @@ pub fn registry_limits(a: &RegistryArgs) -> Result<Limits, StartupError> {
     })
 }
 
+/// The Tower's HTTP API: timeouts, caps and the web origins let in.
+pub fn tower_http_settings(a: &RegistryArgs) -> Result<HttpSettings, StartupError> {
+    let flag = |flag: &'static str, value: String, why: &str| StartupError::Flag {
+        flag,
+        value,
+        why: why.into(),
+    };
+    for (name, d) in [
+        ("--http-header-timeout", a.http_header_timeout),
+        ("--http-idle-timeout", a.http_idle_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(flag(name, "0".into(), "a timeout must be longer than zero"));
+        }
+    }
+    for (name, n) in [
+        ("--http-max-connections", a.http_max_connections),
+        ("--http-max-watches", a.http_max_watches),
+    ] {
+        if !(1..=1_000_000).contains(&n) {
+            return Err(flag(name, n.to_string(), "must be 1 to 1,000,000"));
+        }
+    }
+    for origin in &a.http_allow_origins {
+        if !is_origin(origin) {
+            return Err(flag(
+                "--http-allow-origin",
+                origin.clone(),
+                "an origin as a browser sends it: SCHEME://HOST[:PORT], no path (https://ops.example.com)",
+            ));
+        }
+    }
+    Ok(HttpSettings {
+        limits: ServerLimits {
+            header_timeout: a.http_header_timeout,
+            idle_timeout: a.http_idle_timeout,
+            max_connections: a.http_max_connections,
+        },
+        max_watches: a.http_max_watches,
+        allow_origins: a.http_allow_origins.clone(),
+    })
+}
+
+/// `http://host` or `https://host:port`: what an `Origin` header holds,
+/// so that a listed value can ever match.
+fn is_origin(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"));
+    rest.is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#', ' ']))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -485,6 +539,15 @@ mod tests {
         );
         assert_eq!(resolve_tower("localhost:9").unwrap().port(), 9);
         assert!(resolve_tower("no such host.invalid").is_err());
+    }
+
+    #[test]
+    fn origins_are_checked_as_browsers_send_them() {
+        assert!(is_origin("https://ops.example.com"));
+        assert!(is_origin("http://localhost:3000"));
+        assert!(!is_origin("ops.example.com"));
+        assert!(!is_origin("https://ops.example.com/"));
+        assert!(!is_origin("*"));
     }
 
     #[test]

@@ -7,10 +7,13 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
 use crate::cli::{RegistryArgs, StoreKind, TowerArgs};
-use crate::config::{etcd_settings, parse_listen, registry_limits, reply_limit, StartupError};
+use crate::config::{
+    etcd_settings, parse_listen, registry_limits, reply_limit, tower_http_settings, StartupError,
+};
 use crate::etcd::EtcdClient;
 use crate::registry::admit::Admission;
 use crate::registry::auth::Key;
+use crate::registry::http::HttpSettings;
 use crate::registry::ratelimit::ReplyLimit;
 use crate::registry::{http, udp, Registry};
 
@@ -24,7 +27,7 @@ pub async fn run(args: TowerArgs, shutdown: watch::Receiver<bool>) -> Result<(),
 /// The sockets of one Tower.
 pub struct Bound {
     udp: UdpSocket,
-    http: Option<TcpListener>,
+    http: Option<(TcpListener, HttpSettings)>,
     etcd: Option<EtcdClient>,
     reply_limit: ReplyLimit,
 }
@@ -33,6 +36,7 @@ pub struct Bound {
 pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Bound), StartupError> {
     let limits = registry_limits(a)?;
     let limit = reply_limit(a)?;
+    let http_settings = tower_http_settings(a)?;
     let key = a.key_file.as_deref().map(Key::load).transpose()?;
     if key.is_some() {
         tracing::info!("tower: REGISTER and DEREGISTER must be signed");
@@ -55,7 +59,7 @@ pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Boun
         tracing::info!(networks = %nets.join(","), "tower: REGISTER accepted only for endpoints in these networks");
     }
     let admission = Admission::new(a.allow_register.clone());
-    let mut bound = bind(addr, http, limit).await?;
+    let mut bound = bind(addr, http, http_settings, limit).await?;
     let registry = match store {
         None => Registry::new(limits, key, admission),
         Some((client, layout)) => {
@@ -80,6 +84,7 @@ enum HttpAt {
 async fn bind(
     addr: SocketAddr,
     http: HttpAt,
+    settings: HttpSettings,
     reply_limit: ReplyLimit,
 ) -> Result<Bound, StartupError> {
     let bind_err = |what, addr, source| StartupError::Bind { what, addr, source };
@@ -114,7 +119,7 @@ async fn bind(
                 tracing::info!("tower http api on http://{tcp_local}");
                 return Ok(Bound {
                     udp,
-                    http: Some(tcp),
+                    http: Some((tcp, settings)),
                     etcd: None,
                     reply_limit,
                 });
@@ -152,8 +157,8 @@ pub async fn serve(bound: Bound, registry: Registry, shutdown: watch::Receiver<b
         }
     }
     let api = async {
-        if let Some(listener) = bound.http {
-            http::serve(listener, registry.clone(), shutdown.clone()).await;
+        if let Some((listener, settings)) = bound.http {
+            http::serve(listener, registry.clone(), settings, shutdown.clone()).await;
         }
     };
     tokio::join!(
