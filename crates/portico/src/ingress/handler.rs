@@ -73,6 +73,8 @@ pub struct Proxy {
     /// `--max-requests-per-connection`: after this many, HTTP/1.1
     /// connections are closed after their response.
     pub max_requests_per_connection: Option<u32>,
+    /// `--path-escapes`: which ambiguous paths get 400.
+    pub path_escapes: route::PathEscapes,
 }
 
 /// What the request path knows of the client connection.
@@ -259,6 +261,9 @@ fn proxy_request<'a>(
         // from an absolute-form target or :authority, not forwarded.
         let target_host = parts.uri.authority().map(host_field).transpose()?;
         let raw_path = parts.uri.path();
+        if let Some(why) = route::ambiguous_path(raw_path, proxy.path_escapes) {
+            return Err(ProxyError::BadRequest(why.message()));
+        }
         let path: Cow<'_, str> = if route::is_normal(raw_path) {
             Cow::Borrowed(raw_path)
         } else {
@@ -319,6 +324,9 @@ fn proxy_request<'a>(
             .is_some()
             .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
+        // TE is hop-by-hop; only an HTTP/2 backend gets `trailers` back.
+        let te_trailers = route.options.upstream == UpstreamProtocol::H2c
+            && headers::wants_trailers(&parts.headers);
         headers::remove_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
@@ -331,6 +339,14 @@ fn proxy_request<'a>(
             // Already the request's one Host field.
             None => host_header,
         };
+        if host_value.is_none() {
+            // HTTP/1.0 may name no host, but the backend's request is
+            // HTTP/1.1 and must (RFC 9112 section 3.2): the service's name,
+            // as nginx sends its upstream's name ($proxy_host).
+            if let Ok(name) = HeaderValue::from_str(service.as_str()) {
+                parts.headers.insert(header::HOST, name);
+            }
+        }
         let forwarding = headers::Forwarding::new(
             &parts.headers,
             &client.ip,
@@ -339,10 +355,7 @@ fn proxy_request<'a>(
         )
         .with_request_id(&parts.headers);
         if proxy.access_log.is_some() {
-            exchange.request_id = forwarding
-                .request_id()
-                .or_else(|| parts.headers.get(&headers::X_REQUEST_ID))
-                .cloned();
+            exchange.request_id = forwarding.request_id().cloned();
         }
         // Our own client writes them after the request's fields; hyper's
         // clients take them in the map.
@@ -355,9 +368,11 @@ fn proxy_request<'a>(
         };
 
         if route.options.upstream == UpstreamProtocol::H2c {
-            // HTTP/2 names the host in :authority, taken from the target.
-            let authority = host_value
-                .as_ref()
+            // HTTP/2 names the host in :authority, taken from the Host
+            // the request would carry over HTTP/1.1.
+            let authority = parts
+                .headers
+                .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("backend");
             let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -365,6 +380,11 @@ fn proxy_request<'a>(
                 .map_err(|_| ProxyError::BadRequest("Bad request: malformed Host header.\n"))?;
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
+            if te_trailers {
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
         }
 
         // A bodiless idempotent request may be sent again after bytes went
@@ -786,6 +806,13 @@ fn request_authority(
     uri: &Uri,
     host_header: Option<&HeaderValue>,
 ) -> Result<Option<Authority>, ProxyError> {
+    if host_header.is_some_and(|v| v.as_bytes().contains(&b'@')) {
+        // RFC 9110 section 7.2: Host carries no userinfo; a backend might
+        // take the part before `@` for the host.
+        return Err(ProxyError::BadRequest(
+            "Bad request: userinfo in the Host header.\n",
+        ));
+    }
     let from_header = match host_header {
         Some(v) => Some(
             v.to_str()
