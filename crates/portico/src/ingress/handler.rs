@@ -324,12 +324,14 @@ fn proxy_request<'a>(
             .is_some()
             .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
-        // TE is hop-by-hop; only an HTTP/2 backend gets `trailers` back.
-        let te_trailers = route.options.upstream == UpstreamProtocol::H2c
-            && headers::wants_trailers(&parts.headers);
+        // TE is hop-by-hop: the client's goes, and the backend hears ours.
+        let te_trailers = headers::wants_trailers(&parts.headers);
         headers::remove_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
+        }
+        if te_trailers && route.options.upstream == UpstreamProtocol::Http1 {
+            headers::accept_trailers(&mut parts.headers);
         }
         let host_value = match target_host {
             Some(h) => {
@@ -381,6 +383,7 @@ fn proxy_request<'a>(
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
             if te_trailers {
+                // The one TE HTTP/2 allows (RFC 9113 section 8.2.2).
                 parts
                     .headers
                     .insert(header::TE, HeaderValue::from_static("trailers"));

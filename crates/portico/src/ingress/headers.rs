@@ -9,9 +9,9 @@ use http::Version;
 const HOP_BY_HOP_COUNT: usize = 6;
 
 /// Headers that describe one hop and never travel further, TE among them
-/// (RFC 9110 section 7.6.1): an HTTP/2 backend gets `TE: trailers` back
-/// from `wants_trailers`, as gRPC needs it. `Trailer` is end to end (RFC
-/// 9110 section 6.6.2), and hyper only sends the trailer fields it declares.
+/// (RFC 9110 section 7.6.1): a backend hears our own `TE: trailers`
+/// instead (`wants_trailers`). `Trailer` is end to end (RFC 9110 section
+/// 6.6.2), and hyper only sends the trailer fields it declares.
 const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -100,9 +100,11 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.iter().any(|h| h == name)
 }
 
-/// Whether a request's TE field accepts trailers: an HTTP/2 backend is
-/// then sent `TE: trailers`, the one TE an HTTP/2 request may carry (RFC
-/// 9113 section 8.2.2), which gRPC requires.
+/// Whether a request's TE field accepts trailers. We pass a backend's
+/// trailers on to such a client, so the backend is told that its next hop
+/// (us) takes them: our own `TE: trailers`, as Go's ReverseProxy and Envoy
+/// send. gRPC requires it; hyper's server sends no trailers without it. The
+/// client's other codings (`gzip`, ...) are its hop's only.
 pub fn wants_trailers(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::TE)
@@ -110,6 +112,15 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Our `TE: trailers` to an HTTP/1.1 backend, with the `TE` connection
+/// option an HTTP/1.1 sender of TE must add (RFC 9110 section 10.1.4).
+/// Call after `remove_hop_by_hop` (and `set_upgrade`): the option is added
+/// to whatever Connection says already.
+pub fn accept_trailers(headers: &mut HeaderMap) {
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    headers.append(header::CONNECTION, HeaderValue::from_static("te"));
 }
 
 /// Remove hop-by-hop headers, including every header the Connection header
@@ -371,7 +382,7 @@ mod tests {
         left.sort();
         assert_eq!(left, ["host", "trailer", "x-keep"]);
         // TE is hop-by-hop, `trailers` too (RFC 9110 section 7.6.1); the
-        // HTTP/2 path puts it back from `wants_trailers`.
+        // backend gets our own from `wants_trailers`.
         let mut h = map(&[("te", "trailers")]);
         assert!(wants_trailers(&h));
         remove_hop_by_hop(&mut h);
@@ -379,6 +390,15 @@ mod tests {
         assert!(wants_trailers(&map(&[("te", "gzip, Trailers")])));
         assert!(!wants_trailers(&map(&[("te", "gzip")])));
         assert!(!wants_trailers(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn our_te_names_itself_in_connection() {
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        accept_trailers(&mut h);
+        assert_eq!(h["te"], "trailers");
+        let options: Vec<_> = h.get_all("connection").iter().collect();
+        assert_eq!(options, ["upgrade", "te"]);
     }
 
     /// Host is never hop-by-hop: a Connection option naming it is ignored.
