@@ -429,8 +429,9 @@ fn proxy_request<'a>(
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let backend_upgrade = response.extensions_mut().remove::<OnUpgrade>();
             match (client_upgrade, backend_upgrade) {
-                (Some(client), Some(backend)) => {
-                    tokio::spawn(tunnel::run(client, backend, proxy.tunnel_idle));
+                (Some(upgrade), Some(backend)) => {
+                    client.state.upgraded();
+                    tokio::spawn(tunnel::run(upgrade, backend, proxy.tunnel_idle));
                 }
                 _ => {
                     return Err(ProxyError::Backend {
