@@ -184,8 +184,11 @@ async fn te_is_hop_by_hop_and_ours_asks_for_trailers() {
     }
 }
 
+/// The TE and :authority of each request an h2c backend got.
+type H2cSeen = Arc<Mutex<Vec<(Option<String>, String)>>>;
+
 /// An h2c backend recording the TE and :authority of what it got.
-async fn h2c_backend(seen: Arc<Mutex<Vec<(Option<String>, String)>>>) -> SocketAddr {
+async fn h2c_backend(seen: H2cSeen) -> SocketAddr {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
