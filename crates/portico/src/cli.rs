@@ -115,6 +115,15 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 0)]
     pub max_body_bytes: u64,
 
+    /// Paths that backends resolve under another prefix than we route on:
+    /// `keep-encoded` (the default) answers 400 to dot segments with
+    /// parameters (`/..;/`, which Tomcat climbs) and to backslashes (`\`,
+    /// a `/` to WHATWG URL parsers), and passes `%2F` and `%5C` on;
+    /// `reject` refuses `%2F` and `%5C` too; `keep` forwards every path as
+    /// sent (the behaviour before this flag).
+    #[arg(long, value_enum, default_value_t = crate::ingress::route::PathEscapes::KeepEncoded)]
+    pub path_escapes: crate::ingress::route::PathEscapes,
+
     /// Close an HTTP/1.1 connection after this many requests (0: no limit,
     /// the default).
     #[arg(long, default_value_t = 0)]

@@ -226,6 +226,7 @@ pub struct ProxyConfig {
     pub tls_handshake_timeout: Duration,
     pub max_body_bytes: Option<u64>,
     pub max_requests_per_connection: Option<u32>,
+    pub path_escapes: crate::ingress::route::PathEscapes,
 }
 
 impl ProxyConfig {
@@ -266,6 +267,9 @@ impl ProxyConfig {
             }
             if let (Some(n), false) = (f.file.attempts, explicit("attempts")) {
                 a.attempts = n;
+            }
+            if let (Some(p), false) = (f.file.path_escapes, explicit("path_escapes")) {
+                a.path_escapes = p.into();
             }
         }
         let a = &a;
@@ -359,6 +363,7 @@ impl ProxyConfig {
             max_body_bytes: (a.max_body_bytes > 0).then_some(a.max_body_bytes),
             max_requests_per_connection: (a.max_requests_per_connection > 0)
                 .then_some(a.max_requests_per_connection),
+            path_escapes: a.path_escapes,
         })
     }
 }

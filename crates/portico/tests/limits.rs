@@ -528,3 +528,53 @@ async fn h2_ping_flood_keeps_memory_bounded_and_others_served() {
     drop(w);
     reader.abort();
 }
+
+/// A request target over 16 KiB gets 414 however long it is: one too long
+/// for the head's buffer (`--max-header-bytes`, 64 KiB) too, which hyper
+/// would answer 431. On a kept-alive connection as on a new one.
+#[tokio::test]
+async fn a_target_longer_than_the_head_buffer_gets_414() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let status = |out: &str| out.get(9..12).unwrap_or("").to_owned();
+    for len in [20_000, 100 * 1024, 1024 * 1024] {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(len));
+        let out = raw(ing.addr, long.as_bytes(), DEADLINE).await;
+        assert_eq!(status(&out), "414", "{len}: {out}");
+        assert!(out.ends_with("Request target too long.\n"), "{len}: {out}");
+    }
+    // The second request of a connection, after a served one.
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("GET /first\n") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "b".repeat(100 * 1024)
+    );
+    // The proxy may answer and close before it has read all of this.
+    let _ = s.write_all(long.as_bytes()).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(status(&rest), "414", "{rest}");
+    assert_eq!(
+        b.hits.load(Ordering::SeqCst),
+        1,
+        "only /first was forwarded"
+    );
+}

@@ -73,6 +73,8 @@ pub struct Proxy {
     /// `--max-requests-per-connection`: after this many, HTTP/1.1
     /// connections are closed after their response.
     pub max_requests_per_connection: Option<u32>,
+    /// `--path-escapes`: which ambiguous paths get 400.
+    pub path_escapes: route::PathEscapes,
 }
 
 /// What the request path knows of the client connection.
@@ -259,6 +261,9 @@ fn proxy_request<'a>(
         // from an absolute-form target or :authority, not forwarded.
         let target_host = parts.uri.authority().map(host_field).transpose()?;
         let raw_path = parts.uri.path();
+        if let Some(why) = route::ambiguous_path(raw_path, proxy.path_escapes) {
+            return Err(ProxyError::BadRequest(why.message()));
+        }
         let path: Cow<'_, str> = if route::is_normal(raw_path) {
             Cow::Borrowed(raw_path)
         } else {
@@ -319,9 +324,14 @@ fn proxy_request<'a>(
             .is_some()
             .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
+        // TE is hop-by-hop: the client's goes, and the backend hears ours.
+        let te_trailers = headers::wants_trailers(&parts.headers);
         headers::remove_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
+        }
+        if te_trailers && route.options.upstream == UpstreamProtocol::Http1 {
+            headers::accept_trailers(&mut parts.headers);
         }
         let host_value = match target_host {
             Some(h) => {
@@ -331,6 +341,14 @@ fn proxy_request<'a>(
             // Already the request's one Host field.
             None => host_header,
         };
+        if host_value.is_none() {
+            // HTTP/1.0 may name no host, but the backend's request is
+            // HTTP/1.1 and must (RFC 9112 section 3.2): the service's name,
+            // as nginx sends its upstream's name ($proxy_host).
+            if let Ok(name) = HeaderValue::from_str(service.as_str()) {
+                parts.headers.insert(header::HOST, name);
+            }
+        }
         let forwarding = headers::Forwarding::new(
             &parts.headers,
             &client.ip,
@@ -339,10 +357,7 @@ fn proxy_request<'a>(
         )
         .with_request_id(&parts.headers);
         if proxy.access_log.is_some() {
-            exchange.request_id = forwarding
-                .request_id()
-                .or_else(|| parts.headers.get(&headers::X_REQUEST_ID))
-                .cloned();
+            exchange.request_id = forwarding.request_id().cloned();
         }
         let (mut body, fault) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
         if client_version < Version::HTTP_2
@@ -364,9 +379,11 @@ fn proxy_request<'a>(
         };
 
         if route.options.upstream == UpstreamProtocol::H2c {
-            // HTTP/2 names the host in :authority, taken from the target.
-            let authority = host_value
-                .as_ref()
+            // HTTP/2 names the host in :authority, taken from the Host
+            // the request would carry over HTTP/1.1.
+            let authority = parts
+                .headers
+                .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("backend");
             let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -374,6 +391,12 @@ fn proxy_request<'a>(
                 .map_err(|_| ProxyError::BadRequest("Bad request: malformed Host header.\n"))?;
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
+            if te_trailers {
+                // The one TE HTTP/2 allows (RFC 9113 section 8.2.2).
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
         }
 
         // A bodiless request may be sent again after bytes went out, if
@@ -414,8 +437,9 @@ fn proxy_request<'a>(
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let backend_upgrade = response.extensions_mut().remove::<OnUpgrade>();
             match (client_upgrade, backend_upgrade) {
-                (Some(client), Some(backend)) => {
-                    tokio::spawn(tunnel::run(client, backend, proxy.tunnel_idle));
+                (Some(upgrade), Some(backend)) => {
+                    client.state.upgraded();
+                    tokio::spawn(tunnel::run(upgrade, backend, proxy.tunnel_idle));
                 }
                 _ => {
                     return Err(ProxyError::Backend {
@@ -804,6 +828,13 @@ fn request_authority(
     uri: &Uri,
     host_header: Option<&HeaderValue>,
 ) -> Result<Option<Authority>, ProxyError> {
+    if host_header.is_some_and(|v| v.as_bytes().contains(&b'@')) {
+        // RFC 9110 section 7.2: Host carries no userinfo; a backend might
+        // take the part before `@` for the host.
+        return Err(ProxyError::BadRequest(
+            "Bad request: userinfo in the Host header.\n",
+        ));
+    }
     let from_header = match host_header {
         Some(v) => Some(
             v.to_str()
