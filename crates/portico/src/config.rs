@@ -12,8 +12,8 @@ use crate::ingress::route::{RouteError, RouteTable};
 use crate::ingress::upstream::PoolSettings;
 use crate::ingress::ServeSettings;
 use crate::registry::admit::Cidr;
-use crate::registry::ratelimit::ReplyLimit;
 use crate::registry::http::HttpSettings;
+use crate::registry::ratelimit::ReplyLimit;
 use crate::registry::Limits;
 
 pub const TOWER_PORT: u16 = 7772;
