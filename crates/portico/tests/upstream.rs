@@ -8,6 +8,10 @@ mod common;
 use common::*;
 
 use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -300,6 +304,9 @@ const PYTHON_BACKEND: &str = r#"
 import http.server
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.do_GET()
     def do_GET(self):
         body = str(self.client_address[1]).encode()
         self.send_response(200)
@@ -325,6 +332,28 @@ s.serve_forever()
 /// median ignores them), not every one by 20 ms.
 #[tokio::test]
 async fn a_backend_that_writes_head_and_body_apart_does_not_stall() {
+    median_through_a_nagle_backend(|| get_req("/", &[])).await;
+}
+
+/// The same through hyper's client, which takes requests with a body.
+#[tokio::test]
+async fn a_nagle_backend_does_not_stall_requests_with_a_body() {
+    median_through_a_nagle_backend(|| {
+        Request::post("/")
+            .header("host", "test.local")
+            .body(
+                Full::new(Bytes::from_static(b"a body"))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap()
+    })
+    .await;
+}
+
+async fn median_through_a_nagle_backend(
+    request: impl Fn() -> Request<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>,
+) {
     use std::io::BufRead;
     let mut python = std::process::Command::new("python3")
         .args(["-c", PYTHON_BACKEND])
@@ -346,15 +375,15 @@ async fn a_backend_that_writes_head_and_body_apart_does_not_stall() {
     let mut c = Client::connect(ing.addr).await;
     // Past a new connection's first exchanges, which Linux acknowledges
     // at once (quick-ack mode) anyway.
-    let first = c.get("/").await;
+    let first = c.send(request()).await;
     assert_eq!(first.status, 200);
     for _ in 0..10 {
-        c.get("/").await;
+        c.send(request()).await;
     }
     let mut took = Vec::new();
     for i in 0..20 {
         let started = std::time::Instant::now();
-        let a = c.get("/").await;
+        let a = c.send(request()).await;
         took.push(started.elapsed());
         assert_eq!(
             (a.status, &a.body),

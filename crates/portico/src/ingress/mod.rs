@@ -8,6 +8,7 @@ pub mod error;
 pub mod h1;
 pub mod handler;
 pub mod headers;
+mod quickack;
 pub mod request_line;
 pub mod route;
 pub mod tls;

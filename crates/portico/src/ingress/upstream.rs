@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use super::conn::coarse_ms;
 use super::error::{ClientBodyFault, UpstreamError};
 use super::h1::client::{self as own, Release};
+use super::quickack::QuickAck;
 use crate::discovery::snapshot::Load;
 
 /// A response body's error: hyper's, or our HTTP/1.1 client's.
@@ -401,7 +402,7 @@ impl Pool {
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(20))
-                .handshake(TokioIo::new(stream))
+                .handshake(TokioIo::new(QuickAck::new(stream)))
                 .await
                 .map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
@@ -420,7 +421,7 @@ impl Pool {
     pub async fn connect(&self, addr: SocketAddr) -> Result<Conn, UpstreamError> {
         let stream = self.tcp(addr).await?;
         let (sender, driver) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(QuickAck::new(stream)))
             .await
             .map_err(UpstreamError::Handshake)?;
         Ok(Conn {
