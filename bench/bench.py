@@ -638,7 +638,8 @@ def summary(res, args):
         lines += ["## A backend that writes head and body apart (python3 http.server)", "",
                   "One keep-alive connection (wrk -c1). Nagle holds the body until the head "
                   "is acknowledged; a proxy that delays that ACK adds its delayed-ACK timer "
-                  "to every request on a reused backend connection.", "",
+                  "to every request on a reused backend connection (direct: wrk's own ACK is "
+                  "the delayed one).", "",
                   "| proxy | req/s | p50 µs | p99 µs | errors |", "|---|---|---|---|---|"]
         for r in res["nagle"]:
             lines.append(f"| {r['proxy']} | {fmt(r['rps'], 0)} | {fmt(r['p50_us'], 0)} | "
