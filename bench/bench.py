@@ -21,6 +21,10 @@ Measured, each with the proxy started fresh:
            100 ms, against the same load without.
   lookup   Portico in the seed's per-request LOOKUP mode (CPU includes the
            Tower's).
+  nagle    one connection to python3's http.server (head and body in two
+           writes, Nagle on), direct and through each proxy: a proxy that
+           delays its ACK of the head stalls each reused connection's
+           request by the delayed-ACK timer.
 
 Writes DIR/results.json, DIR/summary.md and DIR/chart.svg.
 """
@@ -163,9 +167,10 @@ def render(template, out, **values):
 
 
 class Tower:
-    """A Portico Tower with the two replicas registered (and kept so)."""
+    """A Portico Tower with the replicas registered (and kept so)."""
 
-    def __init__(self, portico, cpu, backends):
+    def __init__(self, portico, cpu, backends, service=SERVICE):
+        self.service = service
         self.port = free_port()
         self.proc = Proc([portico, "tower", "--listen", f"127.0.0.1:{self.port}",
                           "--log-level", "warn"], cpu)
@@ -174,7 +179,7 @@ class Tower:
         self.stop_flag = threading.Event()
         self.paused = set()
         for b in backends:
-            self.send(f"REGISTER|{SERVICE}|127.0.0.1|{b}")
+            self.send(f"REGISTER|{service}|127.0.0.1|{b}")
         self.thread = threading.Thread(target=self.heartbeat, daemon=True)
         self.thread.start()
 
@@ -193,7 +198,7 @@ class Tower:
         while not self.stop_flag.wait(5):
             for b in self.backends:
                 if b not in self.paused:
-                    self.send(f"REGISTER|{SERVICE}|127.0.0.1|{b}")
+                    self.send(f"REGISTER|{self.service}|127.0.0.1|{b}")
 
     def stop(self):
         self.stop_flag.set()
@@ -241,7 +246,7 @@ class Bench:
         self.a = args
         self.work = os.path.join(args.out, "work")
         os.makedirs(self.work, exist_ok=True)
-        self.results = {"cells": [], "latency": [], "memory": [], "churn": None}
+        self.results = {"cells": [], "latency": [], "memory": [], "churn": None, "nagle": []}
         body = "x" * args.body_bytes
         self.backend_ports = [free_port(), free_port()]
         self.backends = []
@@ -260,9 +265,12 @@ class Bench:
         for b in self.backends:
             b.stop()
 
-    def start(self, name):
-        """Start proxy `name` fresh: (port, Proc or None, CPU pids extra)."""
-        a, b1, b2 = self.a, *self.backend_ports
+    def start(self, name, tower=None, b1=None, b2=None):
+        """Start proxy `name` fresh, in front of the two nginx replicas or
+        the given ones: (port, Proc or None)."""
+        a = self.a
+        tower = tower or self.tower
+        b1, b2 = b1 or self.backend_ports[0], b2 or self.backend_ports[1]
         if name == "direct":
             return b1, None
         port = free_port()
@@ -270,7 +278,7 @@ class Bench:
         os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
         if name in ("portico", "portico-lookup"):
             argv = [a.portico, "ingress", "--listen", f"127.0.0.1:{port}",
-                    "--tower", f"127.0.0.1:{self.tower.port}", "--route", f"/:{SERVICE}",
+                    "--tower", f"127.0.0.1:{tower.port}", "--route", f"/:{tower.service}",
                     "--threads", "1", "--admin", "off", "--log-level", "warn",
                     "--max-connections", str(a.nofile - 1000)]
             if name == "portico-lookup":
@@ -406,6 +414,34 @@ class Bench:
                 f"{r['kib_per_conn']:.1f} KiB/conn; new-connection request max "
                 f"{r['probe_max_us']} us")
             self.results["memory"].append(r)
+
+    def run_nagle(self):
+        """One keep-alive connection to a Nagle backend, each proxy in turn."""
+        a = self.a
+        d = os.path.join(self.work, "nagle")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "index.html"), "w") as f:
+            f.write("x" * a.body_bytes)
+        port = free_port()
+        backend = Proc([sys.executable, os.path.join(HERE, "conf", "nagle_backend.py"), str(port), d],
+                       a.load_cpu)
+        wait_listening(port, backend)
+        tower = Tower(a.portico, a.proxy_cpu, [port], service="nagle")
+        try:
+            for name in a.proxies:
+                proxy_port, proc = self.start(name, tower, port, port)
+                try:
+                    r = wrk(proxy_port, 1, a.duration, False, a.load_cpu)
+                finally:
+                    if proc:
+                        proc.stop()
+                r.update({"proxy": name, "rps": r["ok"] / a.duration})
+                log(f"  nagle {name:15} {r['rps']:7.0f} req/s  p50 {fmt(r['p50_us'])} us  "
+                    f"errors {r['non2xx'] + r['socket_errors']}")
+                self.results["nagle"].append(r)
+        finally:
+            tower.stop()
+            backend.stop()
 
     def run_churn(self):
         """Keep-alive load with and without a registration change every
@@ -597,6 +633,17 @@ def summary(res, args):
         for (p, mode, c), v in sorted(look):
             lines.append(f"| {mode} | {c} | {fmt(v['rps'], 0)} | {fmt(v['cpu_us_per_req'])} | "
                          f"{fmt(v['tower_cpu_us_per_req'])} |")
+        lines.append("")
+    if res.get("nagle"):
+        lines += ["## A backend that writes head and body apart (python3 http.server)", "",
+                  "One keep-alive connection (wrk -c1). Nagle holds the body until the head "
+                  "is acknowledged; a proxy that delays that ACK adds its delayed-ACK timer "
+                  "to every request on a reused backend connection (direct: wrk's own ACK is "
+                  "the delayed one).", "",
+                  "| proxy | req/s | p50 µs | p99 µs | errors |", "|---|---|---|---|---|"]
+        for r in res["nagle"]:
+            lines.append(f"| {r['proxy']} | {fmt(r['rps'], 0)} | {fmt(r['p50_us'], 0)} | "
+                         f"{fmt(r['p99_us'], 0)} | {r['non2xx'] + r['socket_errors']} |")
         lines.append("")
     lines += ["## Targets (issue 8)", ""] + targets(res, args, m) + [""]
     return "\n".join(lines)
@@ -802,7 +849,7 @@ def main():
     ap.add_argument("--body-bytes", type=int, default=1024)
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
-    ap.add_argument("--skip", default="", help="comma list of: cells,latency,memory,churn,lookup")
+    ap.add_argument("--skip", default="", help="comma list of: cells,latency,memory,nagle,churn,lookup")
     a = ap.parse_args()
     if a.report:
         with open(os.path.join(a.out, "results.json")) as f:
@@ -843,6 +890,9 @@ def main():
         if "memory" not in skip:
             log("memory:")
             b.run_memory()
+        if "nagle" not in skip:
+            log("nagle:")
+            b.run_nagle()
         if "churn" not in skip and "portico" in a.proxies:
             log("churn:")
             b.run_churn()

@@ -41,12 +41,16 @@ if [[ $profile == release ]]; then
 else
     cargo build --locked -p portico -p portico-loadgen >&2
 fi
+# Where cargo put them: CARGO_TARGET_DIR or build.target-dir may move it
+# out of the checkout, and cargo metadata is how cargo itself says where.
+target_dir="$(cargo metadata --format-version 1 --no-deps --locked |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 out="bench/results/$(date -u +%Y%m%d-%H%M%S)"
 for ((i = 0; i < ${#args[@]}; i++)); do
     [[ ${args[$i]} == --out ]] && out=${args[$((i + 1))]}
 done
-BENCH_COMMAND="bash bench/run.sh $*" python3 bench/bench.py --out "$out" --portico "target/$profile/portico" \
-    --loadgen "target/$profile/portico-loadgen" "${args[@]}"
+BENCH_COMMAND="bash bench/run.sh $*" python3 bench/bench.py --out "$out" --portico "$target_dir/$profile/portico" \
+    --loadgen "$target_dir/$profile/portico-loadgen" "${args[@]}"
 echo "results in $out" >&2
 if ((publish)); then
     mkdir -p docs/bench

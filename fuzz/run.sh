@@ -18,13 +18,17 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 # build scripts (which would fail to link the coverage hooks).
 host="$(rustc -vV | sed -n 's/^host: //p')"
 cargo build --release --bins --quiet --target "$host"
+# CARGO_TARGET_DIR or build.target-dir may put the build outside fuzz/;
+# cargo metadata says where cargo itself looks.
+target_dir="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 for target in wire_decode registry_table route_match header_rewrite h1_response; do
     cp -r "corpus/$target" "$scratch/$target"
     mkdir -p "artifacts/$target"
     echo "fuzz: $target for ${seconds}s"
-    "target/$host/release/$target" "$scratch/$target" -max_total_time="$seconds" \
+    "$target_dir/$host/release/$target" "$scratch/$target" -max_total_time="$seconds" \
         -artifact_prefix="artifacts/$target/" -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
         | grep -E "^(Done|stat::number_of_executed_units)|panicked|ERROR|SUMMARY" || true
     if compgen -G "artifacts/$target/crash-*" >/dev/null; then

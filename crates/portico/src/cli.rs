@@ -115,6 +115,15 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 0)]
     pub max_body_bytes: u64,
 
+    /// Paths that backends resolve under another prefix than we route on:
+    /// `keep-encoded` (the default) answers 400 to dot segments with
+    /// parameters (`/..;/`, which Tomcat climbs) and to backslashes (`\`,
+    /// a `/` to WHATWG URL parsers), and passes `%2F` and `%5C` on;
+    /// `reject` refuses `%2F` and `%5C` too; `keep` forwards every path as
+    /// sent (the behaviour before this flag).
+    #[arg(long, value_enum, default_value_t = crate::ingress::route::PathEscapes::KeepEncoded)]
+    pub path_escapes: crate::ingress::route::PathEscapes,
+
     /// Close an HTTP/1.1 connection after this many requests (0: no limit,
     /// the default).
     #[arg(long, default_value_t = 0)]
@@ -190,6 +199,8 @@ pub struct IngressArgs {
     pub tower: String,
 
     /// How long to wait for the Tower's answer to a LOOKUP before asking again.
+    /// In watch mode, how long a request for a service the table lacks waits
+    /// for the one LOOKUP that checks the Tower has not just registered it.
     #[arg(long, value_parser = parse_duration, default_value = "250ms")]
     pub tower_timeout: Duration,
 
@@ -209,13 +220,38 @@ pub struct IngressArgs {
 /// watching them.
 #[derive(Debug, Args, Clone)]
 pub struct EtcdArgs {
-    /// etcd members: http://HOST:PORT, comma-separated; tried in turn.
+    /// etcd members: http://HOST:PORT or https://HOST:PORT, comma-separated;
+    /// tried in turn.
     #[arg(long, value_name = "URL[,URL..]")]
     pub etcd: Option<String>,
 
     /// Key prefix of Portico's registrations in etcd.
     #[arg(long, default_value = "/portico/v1")]
     pub etcd_prefix: String,
+
+    /// CA certificate(s), PEM, that etcd's server certificate is verified
+    /// against; needed for https:// members.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca_cert: Option<PathBuf>,
+
+    /// Client certificate (PEM) to present to etcd, for an etcd run with
+    /// --client-cert-auth; with --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user to authenticate as. The password comes from
+    /// --etcd-password-file or the PORTICO_ETCD_PASSWORD environment
+    /// variable, never from the command line.
+    #[arg(long, value_name = "NAME")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the password of --etcd-user (one line).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -270,10 +306,54 @@ pub struct RegistryArgs {
     #[arg(long, default_value = "same")]
     pub http: String,
 
+    /// A web origin (`https://ops.example.com`) whose pages may call the
+    /// HTTP API; repeatable. Requests carrying any other `Origin` header
+    /// are refused with 403 (none is listed by default).
+    #[arg(long = "http-allow-origin", value_name = "ORIGIN")]
+    pub http_allow_origins: Vec<String>,
+
+    /// Time allowed for a client of the HTTP API to send a request's head
+    /// (and a write's body).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub http_header_timeout: Duration,
+
+    /// An HTTP API connection with no request in flight and no traffic for
+    /// this long is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub http_idle_timeout: Duration,
+
+    /// Most HTTP API connections open at once; past it a client gets 503.
+    #[arg(long, default_value_t = 1024)]
+    pub http_max_connections: usize,
+
+    /// Most blocking queries (`?index=`, an ingress's watch) waiting at once;
+    /// past it one gets 503 at once. Keep it below --http-max-connections.
+    #[arg(long, default_value_t = 768)]
+    pub http_max_watches: usize,
+
     /// Require REGISTER/DEREGISTER (UDP and HTTP) to be signed with the key
     /// in this file (HMAC-SHA256; reads stay open).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+
+    /// Accept REGISTER only for endpoints inside this network (repeatable):
+    /// the registered address must match, whoever sends it. Without it any
+    /// address that can be a backend is accepted; unspecified, broadcast,
+    /// multicast and link-local ones never are, loopback only from this host.
+    #[arg(long = "allow-register", value_name = "CIDR")]
+    pub allow_register: Vec<crate::registry::admit::Cidr>,
+
+    /// UDP replies a second per source address (an IPv6 /64 counts as one);
+    /// datagrams past it are dropped unanswered, so that a forged source
+    /// cannot aim the Tower at a victim. 0 turns the limit off.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub udp_reply_rate: u32,
+
+    /// Sources exempt from --udp-reply-rate (repeatable; replaces the
+    /// default, loopback, whose replies cannot leave the host; `none` for
+    /// no exemption). E.g. the network of ingresses in --discovery lookup.
+    #[arg(long, value_name = "CIDR", default_values = ["127.0.0.0/8", "::1"])]
+    pub udp_rate_exempt: Vec<String>,
 
     /// Where registrations live: `memory`, or `etcd` (shared by every Tower
     /// on the same etcd; needs --etcd).

@@ -5,11 +5,15 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use crate::api_server::ServerLimits;
 use crate::cli::{ProxyArgs, RegistryArgs};
 use crate::ingress::conn::ConnTimeouts;
 use crate::ingress::route::{RouteError, RouteTable};
 use crate::ingress::upstream::PoolSettings;
 use crate::ingress::ServeSettings;
+use crate::registry::admit::Cidr;
+use crate::registry::http::HttpSettings;
+use crate::registry::ratelimit::ReplyLimit;
 use crate::registry::Limits;
 
 pub const TOWER_PORT: u16 = 7772;
@@ -60,6 +64,10 @@ pub enum StartupError {
     Tls(#[from] crate::ingress::tls::TlsError),
     #[error(transparent)]
     Etcd(#[from] crate::etcd::EtcdError),
+    #[error(transparent)]
+    EtcdTls(#[from] crate::etcd::connect::TlsFileError),
+    #[error(transparent)]
+    EtcdPassword(#[from] crate::etcd::auth::PasswordError),
 }
 
 /// The etcd client and key layout from `--etcd`/`--etcd-prefix`; `needed_by`
@@ -72,7 +80,7 @@ pub fn etcd_settings(
         return Err(StartupError::Flag {
             flag: needed_by,
             value: "etcd".into(),
-            why: "it needs --etcd http://HOST:PORT[,http://HOST:PORT...]".into(),
+            why: "it needs --etcd http://HOST:PORT[,https://HOST:PORT...]".into(),
         });
     };
     let endpoints = crate::etcd::parse_endpoints(list)?;
@@ -83,10 +91,66 @@ pub fn etcd_settings(
             why: "a key prefix like /portico/v1: starting with / and not only /".into(),
         });
     }
+    let access = etcd_access(args, &endpoints)?;
     Ok((
-        crate::etcd::EtcdClient::new(endpoints),
+        crate::etcd::EtcdClient::new(endpoints, access),
         crate::etcd::keys::Layout::new(&args.etcd_prefix),
     ))
+}
+
+/// TLS and credentials for etcd, from `--etcd-ca-cert`, `--etcd-cert`,
+/// `--etcd-key`, `--etcd-user` and the password's file or variable.
+fn etcd_access(
+    args: &crate::cli::EtcdArgs,
+    endpoints: &[http::Uri],
+) -> Result<crate::etcd::Access, StartupError> {
+    use crate::etcd::auth::{Credentials, PASSWORD_ENV};
+    use crate::etcd::connect::TlsFiles;
+    let https = endpoints.iter().any(|u| u.scheme_str() == Some("https"));
+    let tls = match (&args.etcd_ca_cert, https) {
+        (None, false) if args.etcd_cert.is_some() => {
+            return Err(StartupError::Flag {
+                flag: "--etcd-cert",
+                value: args
+                    .etcd_cert
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                why: "a client certificate is for TLS: give https:// members in --etcd, and --etcd-ca-cert".into(),
+            })
+        }
+        (None, false) => None,
+        (None, true) => {
+            return Err(StartupError::Flag {
+                flag: "--etcd",
+                value: args.etcd.clone().unwrap_or_default(),
+                why: "https:// members need --etcd-ca-cert FILE, the CA that signed etcd's certificate".into(),
+            })
+        }
+        (Some(ca), false) => {
+            return Err(StartupError::Flag {
+                flag: "--etcd-ca-cert",
+                value: ca.display().to_string(),
+                why: "no --etcd member is https://; write https:// for members that serve TLS".into(),
+            })
+        }
+        (Some(ca), true) => {
+            let files = TlsFiles {
+                ca: ca.clone(),
+                client: args.etcd_cert.clone().zip(args.etcd_key.clone()),
+            };
+            Some(std::sync::Arc::new(files.client_config()?))
+        }
+    };
+    let creds = Credentials::load(
+        args.etcd_user.as_deref(),
+        args.etcd_password_file.as_deref(),
+        std::env::var(PASSWORD_ENV).ok(),
+    )?;
+    if creds.is_some() && endpoints.iter().any(|u| u.scheme_str() == Some("http")) {
+        tracing::warn!("the etcd password and token go unencrypted to the http:// members in --etcd; use https://");
+    }
+    Ok(crate::etcd::Access { tls, creds })
 }
 
 fn bind_advice(what: &str, addr: &SocketAddr, e: &io::Error) -> String {
@@ -162,6 +226,7 @@ pub struct ProxyConfig {
     pub tls_handshake_timeout: Duration,
     pub max_body_bytes: Option<u64>,
     pub max_requests_per_connection: Option<u32>,
+    pub path_escapes: crate::ingress::route::PathEscapes,
 }
 
 impl ProxyConfig {
@@ -202,6 +267,9 @@ impl ProxyConfig {
             }
             if let (Some(n), false) = (f.file.attempts, explicit("attempts")) {
                 a.attempts = n;
+            }
+            if let (Some(p), false) = (f.file.path_escapes, explicit("path_escapes")) {
+                a.path_escapes = p.into();
             }
         }
         let a = &a;
@@ -295,8 +363,29 @@ impl ProxyConfig {
             max_body_bytes: (a.max_body_bytes > 0).then_some(a.max_body_bytes),
             max_requests_per_connection: (a.max_requests_per_connection > 0)
                 .then_some(a.max_requests_per_connection),
+            path_escapes: a.path_escapes,
         })
     }
+}
+
+/// The UDP reply limit: `--udp-reply-rate` and its exempt networks.
+pub fn reply_limit(a: &RegistryArgs) -> Result<ReplyLimit, StartupError> {
+    let mut exempt = Vec::new();
+    for value in &a.udp_rate_exempt {
+        if value == "none" {
+            continue;
+        }
+        let cidr = value.parse::<Cidr>().map_err(|e| StartupError::Flag {
+            flag: "--udp-rate-exempt",
+            value: value.clone(),
+            why: e.to_string(),
+        })?;
+        exempt.push(cidr);
+    }
+    Ok(ReplyLimit {
+        rate: a.udp_reply_rate,
+        exempt,
+    })
 }
 
 pub fn registry_limits(a: &RegistryArgs) -> Result<Limits, StartupError> {
@@ -314,10 +403,112 @@ pub fn registry_limits(a: &RegistryArgs) -> Result<Limits, StartupError> {
     })
 }
 
+/// The Tower's HTTP API: timeouts, caps and the web origins let in.
+pub fn tower_http_settings(a: &RegistryArgs) -> Result<HttpSettings, StartupError> {
+    let flag = |flag: &'static str, value: String, why: &str| StartupError::Flag {
+        flag,
+        value,
+        why: why.into(),
+    };
+    for (name, d) in [
+        ("--http-header-timeout", a.http_header_timeout),
+        ("--http-idle-timeout", a.http_idle_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(flag(name, "0".into(), "a timeout must be longer than zero"));
+        }
+    }
+    for (name, n) in [
+        ("--http-max-connections", a.http_max_connections),
+        ("--http-max-watches", a.http_max_watches),
+    ] {
+        if !(1..=1_000_000).contains(&n) {
+            return Err(flag(name, n.to_string(), "must be 1 to 1,000,000"));
+        }
+    }
+    for origin in &a.http_allow_origins {
+        if !is_origin(origin) {
+            return Err(flag(
+                "--http-allow-origin",
+                origin.clone(),
+                "an origin as a browser sends it: SCHEME://HOST[:PORT], no path (https://ops.example.com)",
+            ));
+        }
+    }
+    Ok(HttpSettings {
+        limits: ServerLimits {
+            header_timeout: a.http_header_timeout,
+            idle_timeout: a.http_idle_timeout,
+            max_connections: a.http_max_connections,
+        },
+        max_watches: a.http_max_watches,
+        allow_origins: a.http_allow_origins.clone(),
+    })
+}
+
+/// `http://host` or `https://host:port`: what an `Origin` header holds,
+/// so that a listed value can ever match.
+fn is_origin(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"));
+    rest.is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#', ' ']))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct EtcdOnly {
+        #[command(flatten)]
+        etcd: crate::cli::EtcdArgs,
+    }
+
+    fn etcd_error(args: &str) -> String {
+        use clap::Parser as _;
+        let parsed = EtcdOnly::try_parse_from(std::iter::once("t").chain(args.split(' ')));
+        match parsed {
+            Err(e) => e.to_string(),
+            Ok(a) => etcd_settings(&a.etcd, "--store").unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn etcd_tls_and_user_flags_must_fit_together() {
+        for (args, want) in [
+            (
+                "--etcd https://e:2379",
+                "https:// members need --etcd-ca-cert",
+            ),
+            (
+                "--etcd http://e:2379 --etcd-ca-cert ca.pem",
+                "no --etcd member is https://",
+            ),
+            (
+                "--etcd http://e:2379 --etcd-cert c.pem --etcd-key k.pem",
+                "a client certificate is for TLS",
+            ),
+            (
+                "--etcd https://e:2379 --etcd-ca-cert /nonexistent/ca.pem",
+                "cannot read --etcd-ca-cert /nonexistent/ca.pem",
+            ),
+            ("--etcd http://e:2379 --etcd-cert c.pem", "--etcd-key"),
+            (
+                "--etcd ftp://e:2379",
+                "expected http://HOST:PORT or https://HOST:PORT",
+            ),
+        ] {
+            let e = etcd_error(args);
+            assert!(e.contains(want), "{args}: {e:?} should say {want:?}");
+        }
+        // Without a password from the environment either.
+        if std::env::var_os(crate::etcd::auth::PASSWORD_ENV).is_none() {
+            let e = etcd_error("--etcd http://e:2379 --etcd-user portico");
+            assert!(e.contains("--etcd-user needs a password"), "{e}");
+        }
+    }
 
     #[test]
     fn listen_forms() {
@@ -353,6 +544,15 @@ mod tests {
         );
         assert_eq!(resolve_tower("localhost:9").unwrap().port(), 9);
         assert!(resolve_tower("no such host.invalid").is_err());
+    }
+
+    #[test]
+    fn origins_are_checked_as_browsers_send_them() {
+        assert!(is_origin("https://ops.example.com"));
+        assert!(is_origin("http://localhost:3000"));
+        assert!(!is_origin("ops.example.com"));
+        assert!(!is_origin("https://ops.example.com/"));
+        assert!(!is_origin("*"));
     }
 
     #[test]

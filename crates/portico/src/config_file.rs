@@ -7,6 +7,7 @@
 //! ```toml
 //! balance = "p2c"            # or "round-robin"
 //! attempts = 3
+//! path_escapes = "reject"    # or "keep-encoded" (the default), "keep"
 //! [timeouts]
 //! connect = "5s"
 //! header = "10s"
@@ -27,13 +28,17 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::Balance;
-use crate::ingress::route::{Route, RouteError, RouteOptions, RouteTable, UpstreamProtocol};
+use crate::ingress::route::{
+    PathEscapes, Route, RouteError, RouteOptions, RouteTable, UpstreamProtocol,
+};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub balance: Option<BalanceName>,
     pub attempts: Option<u32>,
+    /// As `--path-escapes`.
+    pub path_escapes: Option<PathEscapesName>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default, rename = "route")]
@@ -52,6 +57,24 @@ impl From<BalanceName> for Balance {
         match b {
             BalanceName::RoundRobin => Balance::RoundRobin,
             BalanceName::P2c => Balance::P2c,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathEscapesName {
+    Keep,
+    KeepEncoded,
+    Reject,
+}
+
+impl From<PathEscapesName> for PathEscapes {
+    fn from(p: PathEscapesName) -> Self {
+        match p {
+            PathEscapesName::Keep => PathEscapes::Keep,
+            PathEscapesName::KeepEncoded => PathEscapes::KeepEncoded,
+            PathEscapesName::Reject => PathEscapes::Reject,
         }
     }
 }
@@ -295,6 +318,19 @@ mod tests {
         assert_eq!(api.options.backend_timeout, Some(Duration::from_secs(2)));
         assert_eq!(table.find(None, "/x").unwrap().service.as_str(), "other");
         assert!(matches!(f.file.balance, Some(BalanceName::P2c)));
+    }
+
+    #[test]
+    fn path_escapes_by_name() {
+        for (name, want) in [
+            ("keep", PathEscapes::Keep),
+            ("keep-encoded", PathEscapes::KeepEncoded),
+            ("reject", PathEscapes::Reject),
+        ] {
+            let f = loaded(&format!("path_escapes = \"{name}\"\n")).unwrap();
+            assert_eq!(f.file.path_escapes.map(PathEscapes::from), Some(want));
+        }
+        assert!(loaded("path_escapes = \"decode\"\n").is_err());
     }
 
     #[test]

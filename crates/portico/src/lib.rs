@@ -14,11 +14,14 @@
 //! - `etcd`: the etcd client (JSON gateway), key layout and list-then-watch,
 //!   for a Tower whose registrations live in etcd and an ingress watching it.
 //! - `admin`: metrics, health, the status page.
+//! - `api_server`: the accept loop and timeouts of the Tower's HTTP API and
+//!   the admin listener.
 //!
 //! The wire protocol itself is the `portico-wire` crate. ARCHITECTURE.md
 //! walks the request and Tower paths in order.
 
 pub mod admin;
+pub mod api_server;
 pub mod backoff;
 pub mod cli;
 pub mod cmd;

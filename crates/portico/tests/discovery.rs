@@ -495,3 +495,131 @@ async fn active_health_checks_take_a_failing_replica_out_and_back() {
     }
     assert!(served_by_a);
 }
+
+/// The Tower's count of LOOKUPs (over UDP and HTTP), from its /metrics.
+async fn tower_lookups(tower: std::net::SocketAddr) -> u64 {
+    let body = get(tower, "/metrics").await.body;
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(r#"portico_tower_requests_total{command="LOOKUP"} "#))
+        .expect("the Tower counts LOOKUPs");
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_request_right_after_its_register_is_routed() {
+    // Read your writes: once the Tower answered OK|REGISTERED, the ingress
+    // routes to the new service, whether or not its watch has told it yet.
+    let t = tower("30s");
+    let a = Backend::start("a").await;
+    let names: Vec<String> = (0..50).map(|i| format!("new{i:02}")).collect();
+    let routes: Vec<String> = names.iter().map(|n| format!("/{n}:{n}")).collect();
+    let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+    // A generous timeout: what is tested is that the Tower is asked, not how fast
+    // a loaded machine answers.
+    let ing = ingress(
+        t.addr,
+        &routes,
+        &["--discovery", "watch", "--tower-timeout", "2s"],
+    );
+    wait_synced(&ing, 1).await;
+    let mut failed = Vec::new();
+    for name in &names {
+        register(t.addr, name, a.addr);
+        let answer = get(ing.addr, &format!("/{name}")).await;
+        if answer.status != 200 {
+            failed.push(format!("{name}: {} {}", answer.status, answer.body.trim()));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 50 failed: {failed:?}",
+        failed.len()
+    );
+}
+
+#[tokio::test]
+async fn a_flood_for_an_unknown_service_costs_the_tower_a_few_lookups() {
+    let t = tower("30s");
+    let ing = ingress(t.addr, &["/:ghost"], &["--discovery", "watch"]);
+    wait_synced(&ing, 1).await;
+    let before = tower_lookups(t.addr).await;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let addr = ing.addr;
+            tokio::spawn(async move { get(addr, "/x").await })
+        })
+        .collect();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (503, "Service not found in Tower\n")
+        );
+    }
+    let elapsed = started.elapsed();
+    let lookups = tower_lookups(t.addr).await - before;
+    println!("200 requests for an unknown service in {elapsed:?}: {lookups} LOOKUPs");
+    // The Tower was asked before the 503s; then one question at a time, and
+    // a NOT_FOUND believed for a second while the table does not change.
+    assert!(lookups >= 1, "the ingress never asked the Tower");
+    assert!(
+        lookups <= 2 + elapsed.as_secs(),
+        "{lookups} LOOKUPs for 200 requests in {elapsed:?}"
+    );
+}
+
+/// A UDP-only Tower that knows `services` and answers each LOOKUP with a
+/// stray reply naming another service, then the true reply, then the stray
+/// again: a duplicate or forged datagram from the Tower's own address, which
+/// must not be taken as the answer to this request or a later one.
+fn tower_with_strays(services: Vec<(&'static str, std::net::SocketAddr)>) -> std::net::SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let reply = |name: &str, a: std::net::SocketAddr| {
+            format!("OK|LOOKUP|{name}|{}|{}", a.ip(), a.port())
+        };
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let answers = match text.strip_prefix("LOOKUP|") {
+                Some(name) => match services.iter().find(|(n, _)| *n == name) {
+                    Some((n, a)) => {
+                        let (other, b) = services.iter().find(|(o, _)| o != n).unwrap();
+                        let stray = reply(other, *b);
+                        vec![stray.clone(), reply(n, *a), stray]
+                    }
+                    None => vec![format!("ERR|NOT_FOUND|{name}")],
+                },
+                None if text == "PING" => vec!["OK|PONG|tower".to_owned()],
+                None => vec!["ERR|unknown command".to_owned()],
+            };
+            for a in answers {
+                let _ = socket.send_to(a.as_bytes(), from);
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn lookup_replies_are_matched_to_their_request() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let t = tower_with_strays(vec![("a", a.addr), ("b", b.addr)]);
+    let ing = ingress(
+        t,
+        &["/a:a", "/b:b"],
+        &["--discovery", "lookup", "--tower-timeout", "2s"],
+    );
+    let mut c = Client::connect(ing.addr).await;
+    for _ in 0..20 {
+        for (path, want) in [("/a", "a"), ("/b", "b")] {
+            let answer = c.get(path).await;
+            assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+            assert_eq!(answer.headers["x-backend"], want, "{path} went astray");
+        }
+    }
+}

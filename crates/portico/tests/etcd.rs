@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::etcd::Etcd;
+use common::etcd::{Etcd, Security};
 use common::*;
 
 use std::net::SocketAddr;
@@ -472,4 +472,296 @@ async fn register_to_routed_delay_through_etcd_and_in_memory() {
             delays.len()
         );
     }
+}
+
+/// A Tower storing in `etcd`, with its TLS files and user when it has them.
+fn tower_on(etcd: &Etcd, ttl: &str) -> Proc {
+    let flags = etcd.flags();
+    let mut args = vec![
+        "tower",
+        "--listen",
+        "127.0.0.1:0",
+        "--ttl",
+        ttl,
+        "--store",
+        "etcd",
+    ];
+    args.extend(flags.iter().map(String::as_str));
+    Proc::start(&args, "tower listening on udp ")
+}
+
+/// An ingress watching `etcd`, with its TLS files and user.
+fn ingress_on(etcd: &Etcd, routes: &[&str]) -> Proc {
+    let flags = etcd.flags();
+    let mut extra = vec!["--discovery", "etcd"];
+    extra.extend(flags.iter().map(String::as_str));
+    ingress(dead_addr(), routes, &extra)
+}
+
+/// Wait until etcd holds exactly `want` under the services prefix.
+async fn wait_keys(etcd: &Etcd, want: &[String]) {
+    let mut want = want.to_vec();
+    want.sort();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut got = etcd.keys("/portico/v1/services/");
+        got.sort();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd holds {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Run `portico ARGS` until it has said `what` (or stopped): its exit code
+/// if it stopped, and what it wrote to stderr. A misconfiguration stops the
+/// start when etcd answers the start's check in time; on a machine too
+/// loaded for that, the loops log the same words instead.
+fn run_until_said(args: &[String], what: &str) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let said = Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let said = said.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut said = said.lock().unwrap();
+                said.push_str(&line);
+                said.push('\n');
+            }
+        })
+    };
+    let deadline = Instant::now() + DEADLINE;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if said.lock().unwrap().contains(what) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "portico {args:?} did not say {what:?}: {}",
+                said.lock().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    reader.join().unwrap();
+    let text = said.lock().unwrap().clone();
+    (code, text)
+}
+
+/// etcd as run in production: TLS with client certificates, a user with a
+/// password allowed only Portico's prefix. A Tower writes there and an
+/// ingress watching etcd routes to what it wrote, through an etcd restart.
+#[tokio::test]
+async fn a_tower_and_an_ingress_use_etcd_over_tls_with_a_client_certificate_and_a_password() {
+    let mut etcd = Etcd::start_secure(Security::default());
+    let a = tower_on(&etcd, "30s");
+    let x = Backend::start("x").await;
+    register(a.addr, "web", x.addr);
+    wait_keys(&etcd, &[format!("/portico/v1/services/web/{}", x.addr)]).await;
+
+    let via_etcd = ingress_on(&etcd, &["/:web"]);
+    let admin = via_etcd.logged_addr("admin listening on ");
+    wait_routed(via_etcd.addr, &["x"]).await;
+    wait_ready(admin, 200).await;
+
+    // Both come back to an etcd that restarted (new connections, new
+    // handshakes, tokens that may not have survived).
+    etcd.restart(0);
+    let y = Backend::start("y").await;
+    register(a.addr, "web", y.addr);
+    wait_routed(via_etcd.addr, &["x", "y"]).await;
+    wait_ready(admin, 200).await;
+    wait_ready(a.addr, 200).await;
+
+    let password = &etcd.secure().password;
+    for p in [&a, &via_etcd] {
+        assert!(
+            !p.log_text().contains(password.as_str()),
+            "{}",
+            p.log_text()
+        );
+    }
+}
+
+/// Each flag that is wrong stops the start with one line that says which
+/// flag (or, when etcd is too slow to answer the start's check, the same
+/// words are logged), and never shows the password.
+#[tokio::test]
+async fn wrong_etcd_credentials_or_tls_files_stop_the_start_saying_what_to_fix() {
+    let etcd = Etcd::start_secure(Security::default());
+    let s = etcd.secure();
+    let wrong_password = s.dir().join("wrong.password");
+    std::fs::write(&wrong_password, "not-the-password\n").unwrap();
+    let other_ca = common::etcd::make_ca(s.dir(), "other-ca").0;
+    let other_ca = other_ca.to_str().unwrap();
+    let with = |cmd: &[&str], replace: &[(&str, Option<&str>)]| -> Vec<String> {
+        let mut args: Vec<String> = cmd.iter().map(|a| (*a).to_owned()).collect();
+        let flags = etcd.flags();
+        for pair in flags.chunks(2) {
+            match replace.iter().find(|(f, _)| *f == pair[0]) {
+                Some((_, None)) => {}
+                Some((f, Some(v))) => args.extend([(*f).to_owned(), (*v).to_owned()]),
+                None => args.extend(pair.iter().cloned()),
+            }
+        }
+        args
+    };
+    let tower = ["tower", "--listen", "127.0.0.1:0", "--store", "etcd"];
+    let ingress = [
+        "ingress",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--route",
+        "/:web",
+        "--discovery",
+        "etcd",
+    ];
+    let wrong_pw = wrong_password.to_str().unwrap();
+    let cases = [
+        (
+            with(&tower, &[("--etcd-password-file", Some(wrong_pw))]),
+            "refused the user 'portico': wrong user or password; check --etcd-user and the password in --etcd-password-file",
+        ),
+        (
+            with(&ingress, &[("--etcd-password-file", Some(wrong_pw))]),
+            "refused the user 'portico'",
+        ),
+        (
+            with(&ingress, &[("--etcd-ca-cert", Some(other_ca))]),
+            "is not signed by the CA in --etcd-ca-cert",
+        ),
+        (
+            with(&tower, &[("--etcd-cert", None), ("--etcd-key", None)]),
+            "etcd refused our client certificate; pass --etcd-cert and --etcd-key",
+        ),
+        (
+            with(&tower, &[("--etcd-password-file", Some("/nonexistent/etcd.password"))]),
+            "cannot read --etcd-password-file /nonexistent/etcd.password",
+        ),
+        (
+            with(&tower, &[("--etcd-password-file", None), ("--etcd-user", None)]),
+            "requires authentication; pass --etcd-user",
+        ),
+        (
+            with(&tower, &[("--etcd-ca-cert", None)]),
+            "https:// members need --etcd-ca-cert",
+        ),
+    ];
+    for (args, want) in cases {
+        let started = Instant::now();
+        let (code, stderr) = run_until_said(&args, want);
+        println!(
+            "{:?} ({:?}): {}",
+            started.elapsed(),
+            code,
+            stderr.trim_end()
+        );
+        assert!(
+            stderr.contains(want),
+            "{args:?} should say {want:?}: {stderr}"
+        );
+        if let Some(code) = code {
+            assert_eq!(code, 1, "{args:?}: {stderr}");
+        }
+        assert!(!stderr.contains("not-the-password"), "{stderr}");
+        assert!(!stderr.contains(&s.password), "{stderr}");
+    }
+}
+
+/// etcd's tokens expire (JWT tokens, here after 2 s, whatever their use):
+/// a Tower and an ingress that have used theirs past that keep writing,
+/// watching and routing, on new tokens; also when the first call after
+/// the expiry opens a watch (etcd cancels the watch rather than failing
+/// the call).
+#[tokio::test]
+async fn etcd_tokens_that_expire_are_renewed_and_registration_and_routing_go_on() {
+    let mut etcd = Etcd::start_secure(Security {
+        jwt_ttl: Some("2s"),
+    });
+    let a = tower_on(&etcd, "30s");
+    let via_etcd = ingress_on(&etcd, &["/:web"]);
+    let admin = via_etcd.logged_addr("admin listening on ");
+    let x = Backend::start("x").await;
+    register(a.addr, "web", x.addr);
+    wait_routed(via_etcd.addr, &["x"]).await;
+
+    // Every token issued so far has expired once a token issued now has:
+    // etcd refuses it.
+    let s = etcd.secure();
+    let probe = etcd.authenticate(common::etcd::USER, &s.password).unwrap();
+    let issued = Instant::now();
+    let member = etcd.members[0].client;
+    let range = r#"{"key":"L3BvcnRpY28vdjEv","range_end":"L3BvcnRpY28vdjEw"}"#;
+    assert_eq!(
+        etcd.curl(member, "/v3/kv/range", range, Some(&probe))
+            .unwrap()
+            .0,
+        200
+    );
+    while issued.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = etcd
+        .curl(member, "/v3/kv/range", range, Some(&probe))
+        .unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("invalid auth token"), "{body}");
+
+    // Writes (lease, put), the Tower's watch and the ingress's watch all
+    // go on.
+    let y = Backend::start("y").await;
+    register(a.addr, "web", y.addr);
+    wait_keys(
+        &etcd,
+        &[
+            format!("/portico/v1/services/web/{}", x.addr),
+            format!("/portico/v1/services/web/{}", y.addr),
+        ],
+    )
+    .await;
+    wait_listed(a.addr, "web", &[x.addr, y.addr]).await;
+    wait_routed(via_etcd.addr, &["x", "y"]).await;
+    wait_ready(admin, 200).await;
+    wait_ready(a.addr, 200).await;
+    // Without an outage: a refused token is replaced within the call, so
+    // no watch was dropped (a probe refused twice in a row would).
+    for p in [&a, &via_etcd] {
+        let log = p.log_text();
+        assert!(!log.contains("lost etcd"), "{log}");
+    }
+
+    // etcd away for longer than a token lasts: on its return the first
+    // call each makes is to watch again, with a token that has expired.
+    etcd.kill(0);
+    let killed = Instant::now();
+    while killed.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    etcd.restart(0);
+    let z = Backend::start("z").await;
+    register(a.addr, "web", z.addr);
+    wait_routed(via_etcd.addr, &["x", "y", "z"]).await;
+    wait_ready(admin, 200).await;
+    wait_ready(a.addr, 200).await;
 }

@@ -83,7 +83,7 @@ fn the_tower_survives_a_udp_flood_with_its_registrations() {
     let rss_before = rss_kib(t.child.id());
     let started = std::time::Instant::now();
     // 4 senders x 25,000 datagrams: valid registrations under many names,
-    // lookups, garbage, oversized datagrams. Replies are not waited for.
+    // lookups, garbage, oversized datagrams, LIST. Replies are not waited for.
     let senders: Vec<_> = (0..4u32)
         .map(|n| {
             let addr = t.addr;
@@ -91,7 +91,7 @@ fn the_tower_survives_a_udp_flood_with_its_registrations() {
                 let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
                 let big = vec![b'Z'; 4000];
                 for i in 0..25_000u32 {
-                    let msg: Vec<u8> = match i % 5 {
+                    let msg: Vec<u8> = match i % 6 {
                         0 => format!(
                             "REGISTER|flood{}|10.0.{}.{}|{}",
                             i % 500,
@@ -103,6 +103,7 @@ fn the_tower_survives_a_udp_flood_with_its_registrations() {
                         1 => format!("LOOKUP|flood{}", i % 500).into_bytes(),
                         2 => vec![0xff, 0x00, b'|', (i % 251) as u8],
                         3 => big.clone(),
+                        4 => b"LIST".to_vec(),
                         _ => b"DEREGISTER|nope|1.2.3.4|5".to_vec(),
                     };
                     let _ = s.send_to(&msg, addr);
@@ -135,6 +136,100 @@ fn the_tower_survives_a_udp_flood_with_its_registrations() {
         rss_after < rss_before + 32 * 1024,
         "memory bounded: {rss_before} -> {rss_after} KiB"
     );
+}
+
+/// One heartbeat as `portico register` sends it: up to 3 tries, a second
+/// each. True when answered.
+fn heartbeat(s: &std::net::UdpSocket, tower: std::net::SocketAddr) -> bool {
+    let mut buf = [0u8; 2048];
+    for _ in 0..3 {
+        s.send_to(b"REGISTER|hb|127.0.0.1|7", tower).unwrap();
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"OK|REGISTERED|hb");
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn a_list_flood_leaves_heartbeats_answered_and_replies_small() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::Arc;
+    let t = Proc::start(
+        &["tower", "--listen", "127.0.0.1:0", "--max-per-name", "2000"],
+        "tower listening on udp ",
+    );
+    // 1,200 registrations: a LIST of them was 33-64 KB, encoded under the
+    // table's lock for every datagram.
+    let reg = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    reg.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 256];
+    for i in 0..1200u32 {
+        let msg = format!("REGISTER|svc{}|10.1.{}.{}|80", i % 40, i / 200, 1 + i % 200);
+        reg.send_to(msg.as_bytes(), t.addr).unwrap();
+        let (n, _) = reg.recv_from(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"OK|REGISTERED|"));
+    }
+    // One source floods LIST at 20,000 a second; another reads what comes back.
+    let flood = Arc::new(std::net::UdpSocket::bind("127.0.0.2:0").unwrap());
+    flood
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (replies, largest) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let sender = {
+        let (flood, stop, tower) = (flood.clone(), stop.clone(), t.addr);
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Paced in 5 ms steps: 100 datagrams per step.
+                for _ in 0..100 {
+                    let _ = flood.send_to(b"LIST", tower);
+                }
+                sent += 100;
+                let due = start + Duration::from_micros(sent * 50);
+                std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            }
+            sent
+        })
+    };
+    let reader = {
+        let (flood, stop) = (flood.clone(), stop.clone());
+        let (replies, largest) = (replies.clone(), largest.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, _)) = flood.recv_from(&mut buf) {
+                    assert!(buf[..n].starts_with(b"OK|LIST|"));
+                    replies.fetch_add(1, Ordering::Relaxed);
+                    largest.fetch_max(n, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Meanwhile 40 heartbeats from this host's usual address, 50 ms apart.
+    let hb = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    hb.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut unanswered = 0;
+    for _ in 0..40 {
+        if !heartbeat(&hb, t.addr) {
+            unanswered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    reader.join().unwrap();
+    let (replies, largest) = (
+        replies.load(Ordering::Relaxed),
+        largest.load(Ordering::Relaxed),
+    );
+    println!("{sent} LIST sent, {replies} replies, largest {largest} bytes");
+    assert_eq!(unanswered, 0, "heartbeats unanswered under the LIST flood");
+    assert!(replies > 0, "the flood was answered");
+    assert!(largest <= 1232, "a LIST reply of {largest} bytes");
 }
 
 #[tokio::test]
@@ -521,4 +616,54 @@ async fn h2_ping_flood_keeps_memory_bounded_and_others_served() {
     );
     drop(w);
     reader.abort();
+}
+
+/// A request target over 16 KiB gets 414 however long it is: one too long
+/// for the head's buffer (`--max-header-bytes`, 64 KiB) too, which hyper
+/// would answer 431. On a kept-alive connection as on a new one.
+#[tokio::test]
+async fn a_target_longer_than_the_head_buffer_gets_414() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    wait_synced(&ing, 1).await;
+    let status = |out: &str| out.get(9..12).unwrap_or("").to_owned();
+    for len in [20_000, 100 * 1024, 1024 * 1024] {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(len));
+        let out = raw(ing.addr, long.as_bytes(), DEADLINE).await;
+        assert_eq!(status(&out), "414", "{len}: {out}");
+        assert!(out.ends_with("Request target too long.\n"), "{len}: {out}");
+    }
+    // The second request of a connection, after a served one.
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("GET /first\n") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "b".repeat(100 * 1024)
+    );
+    // The proxy may answer and close before it has read all of this.
+    let _ = s.write_all(long.as_bytes()).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(status(&rest), "414", "{rest}");
+    assert_eq!(
+        b.hits.load(Ordering::SeqCst),
+        1,
+        "only /first was forwarded"
+    );
 }

@@ -127,12 +127,12 @@ fn cases() -> Vec<Case> {
         case(
             "RFC 9112 7.1: invalid chunk size",
             "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
-            &["400", "502", ""],
+            &["400"],
         ),
         case(
             "RFC 9112 7.1: chunk size overflowing 64 bits",
             "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
-            &["400", "502", ""],
+            &["400"],
         ),
     ]
 }
@@ -187,8 +187,8 @@ async fn malformed_and_smuggling_requests_are_refused_and_nothing_leaks() {
         .count();
     assert_eq!(smuggled, 0, "a smuggled request reached the backend");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    // Only CL.TE (forwarded with TE framing and no body) and the chunk-size
-    // cases (valid heads, bodies cut off mid-stream) may reach the backend.
+    // Only CL.TE (forwarded with TE framing and no body) may reach the
+    // backend: a bad chunk size in hand with the head is refused first.
     let seen: Vec<(String, usize)> = b
         .seen
         .lock()

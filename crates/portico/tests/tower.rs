@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -68,8 +69,10 @@ fn malformed_datagrams_get_err_and_change_nothing() {
     let a = t.addr;
     assert_eq!(udp(a, b"REGISTER|keep|127.0.0.1|1"), "OK|REGISTERED|keep");
     let cases: &[(&[u8], &str)] = &[
-        (b"HELLO", "ERR|unknown command"),
-        (b"", "ERR|unknown command"),
+        // Garbage gets no more bytes back than it sent (see
+        // garbage_gets_no_more_bytes_back_than_it_sent).
+        (b"HELLO", "ERR"),
+        (b"HELLO, is this the Tower?", "ERR|unknown command"),
         (b"REGISTER|x|127.0.0.1", "ERR|REGISTER syntax: name|ip|port"),
         (
             b"REGISTER|x|not-an-ip|80",
@@ -80,7 +83,11 @@ fn malformed_datagrams_get_err_and_change_nothing() {
             "ERR|REGISTER syntax: name|ip|port",
         ),
         (b"DEREGISTER|keep", "ERR|DEREGISTER syntax: name|ip|port"),
-        (b"\xff\xfe\x00", "ERR|request is not UTF-8 text"),
+        (b"\xff\xfe\x00", "ERR"),
+        (
+            b"\xff\xfe\x00 and enough bytes for the whole reply",
+            "ERR|request is not UTF-8 text",
+        ),
     ];
     for (input, want) in cases {
         assert_eq!(udp(a, input), *want, "{:?}", String::from_utf8_lossy(input));
@@ -148,4 +155,279 @@ fn registry_full_is_an_error_not_a_crash() {
     assert_eq!(udp(t.addr, b"REGISTER|a|127.0.0.1|2"), "OK|REGISTERED|a");
     assert_eq!(udp(t.addr, b"REGISTER|b|127.0.0.1|3"), "ERR|registry full");
     assert_eq!(udp(t.addr, b"LOOKUP|a").split('|').next(), Some("OK"));
+}
+
+/// Send each datagram of `msgs` from one socket bound to `from`, then read
+/// the replies in order: a datagram that gets no reply shows as the next
+/// one's reply, so end with one that always answers (PING).
+fn replies_from(from: &str, tower: SocketAddr, msgs: &[&[u8]]) -> Vec<String> {
+    let s = UdpSocket::bind(from).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for m in msgs {
+        s.send_to(m, tower).unwrap();
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    while out.last().map(String::as_str) != Some("OK|PONG|tower") {
+        let (n, _) = s.recv_from(&mut buf).expect("tower reply");
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
+}
+
+#[test]
+fn garbage_gets_no_more_bytes_back_than_it_sent() {
+    let t = tower("30s");
+    // One datagram after the other on one socket: the Tower answers in order,
+    // so a datagram it does not answer leaves no reply before PING's.
+    let got = replies_from(
+        "127.0.0.1:0",
+        t.addr,
+        &[b"", b"\x01", b"HI", b"HELLO", b"\xff\xfe\x00", b"PING"],
+    );
+    assert_eq!(got, ["ERR", "ERR", "OK|PONG|tower"]);
+}
+
+fn register_many(tower: SocketAddr, n: usize) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 256];
+    for i in 0..n {
+        let msg = format!(
+            "REGISTER|service-{:04}|10.0.{}.{}|8080",
+            i,
+            i / 250,
+            1 + i % 250
+        );
+        s.send_to(msg.as_bytes(), tower).unwrap();
+        let (len, _) = s.recv_from(&mut buf).expect("tower reply");
+        assert!(buf[..len].starts_with(b"OK|REGISTERED|"));
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn a_long_list_fits_one_safe_datagram_with_a_truncation_marker() {
+    let t = tower("30s");
+    register_many(t.addr, 1200);
+    let list = udp(t.addr, b"LIST");
+    // Was 33-64 KB to a 4-byte datagram from anyone.
+    assert!(list.len() <= 1232, "{} bytes", list.len());
+    // OK|LIST|n|entries|TRUNCATED|total: n counts the entries sent, so the
+    // seed's reading (count, then the fourth field split on ',') holds.
+    let fields: Vec<&str> = list.split('|').collect();
+    assert_eq!(fields.len(), 6, "{list}");
+    assert_eq!(fields[..2], ["OK", "LIST"]);
+    assert_eq!(fields[4..], ["TRUNCATED", "1200"]);
+    let n: usize = fields[2].parse().unwrap();
+    let entries: Vec<&str> = fields[3].split(',').collect();
+    assert_eq!(entries.len(), n);
+    assert!(n >= 20, "{n} entries");
+    assert!(
+        entries[0].starts_with("service-0000:10.0.0.1:8080:"),
+        "{list}"
+    );
+    // The whole list is on the HTTP API.
+    let doc = http_get(t.addr, "/v1/services");
+    assert!(doc.starts_with("HTTP/1.1 200"), "{doc}");
+    assert_eq!(doc.matches("\"port\":8080").count(), 1200);
+    // `portico services` shows what came, and says where the rest is.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args(["services", "--tower", &t.addr.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.matches("service-").count(), n, "{stdout}");
+    assert!(
+        stderr.contains("of 1200") && stderr.contains("/v1/services"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn udp_replies_are_rate_limited_per_source() {
+    let t = Proc::start(
+        &[
+            "tower",
+            "--listen",
+            "127.0.0.1:0",
+            "--udp-reply-rate",
+            "20",
+            "--udp-rate-exempt",
+            "none",
+        ],
+        "tower listening on udp ",
+    );
+    // One source (as a forged one would be) sends 300 datagrams at once.
+    let s = UdpSocket::bind("127.0.0.2:0").unwrap();
+    let started = Instant::now();
+    for _ in 0..300 {
+        s.send_to(b"PING", t.addr).unwrap();
+    }
+    // Its burst comes back, then nothing more for the rest of the flood.
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let mut answered = 0;
+    while s.recv_from(&mut buf).is_ok() {
+        answered += 1;
+    }
+    let refill = (started.elapsed().as_secs_f64() * 20.0).ceil() as usize;
+    assert!(answered >= 20, "the burst is answered: {answered}");
+    assert!(answered <= 20 + refill, "{answered} of 300 answered");
+    // Another source has its own budget.
+    assert_eq!(udp(t.addr, b"PING"), "OK|PONG|tower");
+}
+
+#[test]
+fn loopback_senders_are_exempt_from_the_rate_limit_by_default() {
+    let t = Proc::start(
+        &["tower", "--listen", "127.0.0.1:0", "--udp-reply-rate", "5"],
+        "tower listening on udp ",
+    );
+    let s = UdpSocket::bind("127.0.0.3:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for _ in 0..50 {
+        s.send_to(b"PING", t.addr).unwrap();
+    }
+    let mut buf = [0u8; 64];
+    for i in 0..50 {
+        assert!(s.recv_from(&mut buf).is_ok(), "reply {i} of 50");
+    }
+}
+
+fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn register_json(ip: &str, port: u16) -> String {
+    format!(r#"{{"name":"web","ip":"{ip}","port":{port}}}"#)
+}
+
+const NEVER_BACKENDS: [&str; 8] = [
+    "169.254.169.254",
+    "0.0.0.0",
+    "::",
+    "255.255.255.255",
+    "224.0.0.1",
+    "fe80::1",
+    "ff02::1",
+    "::ffff:169.254.169.254",
+];
+
+#[test]
+fn register_refuses_addresses_that_are_never_a_backend() {
+    let t = tower("30s");
+    for ip in NEVER_BACKENDS {
+        let reply = udp(t.addr, format!("REGISTER|web|{ip}|80").as_bytes());
+        assert!(reply.starts_with("ERR|REGISTER refused: "), "{ip}: {reply}");
+        let answer = http_post_json(t.addr, "/v1/register", &register_json(ip, 80));
+        assert!(answer.starts_with("HTTP/1.1 400"), "{ip}: {answer}");
+        assert!(answer.contains("REGISTER refused: "), "{ip}: {answer}");
+    }
+    assert_eq!(udp(t.addr, b"LIST"), "OK|LIST|0|");
+    // Loopback from a loopback sender: the seed's demo.
+    assert_eq!(
+        udp(t.addr, b"REGISTER|web|127.0.0.1|8181"),
+        "OK|REGISTERED|web"
+    );
+    let answer = http_post_json(t.addr, "/v1/register", &register_json("::1", 8182));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(udp(t.addr, b"LIST").split('|').nth(2), Some("2"));
+}
+
+#[test]
+fn allow_register_admits_only_endpoints_in_its_networks() {
+    let t = Proc::start(
+        &[
+            "tower",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-register",
+            "10.0.0.0/8",
+            "--allow-register",
+            "fd00::/8",
+        ],
+        "tower listening on udp ",
+    );
+    assert_eq!(
+        udp(t.addr, b"REGISTER|web|10.1.2.3|80"),
+        "OK|REGISTERED|web"
+    );
+    assert_eq!(udp(t.addr, b"REGISTER|web|fd00::7|80"), "OK|REGISTERED|web");
+    for ip in ["192.168.1.1", "127.0.0.1", "2001:db8::1"] {
+        let reply = udp(t.addr, format!("REGISTER|web|{ip}|80").as_bytes());
+        assert!(
+            reply.starts_with("ERR|REGISTER refused: ") && reply.contains("--allow-register"),
+            "{ip}: {reply}"
+        );
+        let answer = http_post_json(t.addr, "/v1/register", &register_json(ip, 80));
+        assert!(answer.starts_with("HTTP/1.1 400"), "{ip}: {answer}");
+    }
+    let answer = http_post_json(t.addr, "/v1/register", &register_json("10.9.9.9", 80));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Never-backend addresses stay refused inside an allowed network.
+    let t = Proc::start(
+        &[
+            "tower",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-register",
+            "0.0.0.0/0",
+        ],
+        "tower listening on udp ",
+    );
+    let reply = udp(t.addr, b"REGISTER|web|169.254.169.254|80");
+    assert!(reply.starts_with("ERR|REGISTER refused: "), "{reply}");
+}
+
+#[test]
+fn portico_up_takes_allow_register_too() {
+    let up = Proc::start(
+        &[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--tower-listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--route",
+            "/:web",
+            "--allow-register",
+            "10.0.0.0/8",
+        ],
+        "ingress listening on ",
+    );
+    let tower = up.logged_addr("tower listening on udp ");
+    assert_eq!(udp(tower, b"REGISTER|web|10.0.0.5|80"), "OK|REGISTERED|web");
+    let reply = udp(tower, b"REGISTER|web|192.168.0.5|80");
+    assert!(reply.starts_with("ERR|REGISTER refused: "), "{reply}");
 }

@@ -3,8 +3,9 @@
 //! Per-route handles are resolved once, when the route table is built, so
 //! the request path only does atomic increments.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -16,6 +17,40 @@ use prometheus_client::registry::Registry as PromRegistry;
 use crate::ingress::route::{Route, RouteTable};
 
 type Labels = Vec<(&'static str, String)>;
+
+/// The states `portico_endpoints` counts, in the order of its counts.
+pub const ENDPOINT_STATES: [&str; 3] = ["healthy", "set_aside", "failing_checks"];
+
+/// Distinct `service` values in `portico_endpoints` at most. The Tower
+/// holds whatever anyone registered (the ingress sees all of it), so past
+/// this the rest is summed under `service="_other"`.
+pub const MAX_SERVICE_SERIES: usize = 1000;
+pub const OTHER_SERVICES: &str = "_other";
+
+/// The services to show, each with its counts by state: the first
+/// `max` of `by_service` (in its order; callers put routed ones first),
+/// the rest summed under `_other` (a service of that name too).
+fn cap_services<'a>(
+    by_service: impl IntoIterator<Item = (&'a str, [usize; 3])>,
+    max: usize,
+) -> BTreeMap<&'a str, [usize; 3]> {
+    let mut shown = BTreeMap::new();
+    let mut other: Option<[usize; 3]> = None;
+    for (name, counts) in by_service {
+        if name != OTHER_SERVICES && shown.len() < max {
+            shown.insert(name, counts);
+        } else {
+            let sum = other.get_or_insert([0; 3]);
+            for (s, c) in sum.iter_mut().zip(counts) {
+                *s += c;
+            }
+        }
+    }
+    if let Some(counts) = other {
+        shown.insert(OTHER_SERVICES, counts);
+    }
+    shown
+}
 
 fn duration_histogram() -> Histogram {
     // 100 µs to ~27 s.
@@ -59,7 +94,9 @@ pub struct Metrics {
     durations: Family<Labels, Histogram, fn() -> Histogram>,
     connect_errors: Family<Labels, Counter>,
     retries: Family<Labels, Counter>,
-    pub endpoints: Family<Labels, Gauge>,
+    endpoints: Family<Labels, Gauge>,
+    /// The `service` values `endpoints` holds series for now.
+    endpoint_services: Mutex<BTreeSet<String>>,
     pub active_connections: Gauge,
     pub connections: Counter,
     pub refused_at_capacity: Counter,
@@ -184,6 +221,7 @@ impl Metrics {
             connect_errors,
             retries,
             endpoints,
+            endpoint_services: Mutex::default(),
             active_connections,
             connections,
             refused_at_capacity,
@@ -249,6 +287,35 @@ impl Metrics {
         )
     }
 
+    /// Set `portico_endpoints` to these counts by service (routed services
+    /// first: they keep their own series past the cap), and remove the
+    /// series of services no longer there, so that a service that went away
+    /// does not read as still having endpoints.
+    pub fn set_endpoints<'a>(&self, by_service: impl IntoIterator<Item = (&'a str, [usize; 3])>) {
+        let shown = cap_services(by_service, MAX_SERVICE_SERIES);
+        let labels = |service: &str, state: &str| {
+            vec![("service", service.to_owned()), ("state", state.to_owned())]
+        };
+        // One scrape at a time: another's removals must not interleave.
+        let mut live = self
+            .endpoint_services
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for gone in live.iter().filter(|s| !shown.contains_key(s.as_str())) {
+            for state in ENDPOINT_STATES {
+                self.endpoints.remove(&labels(gone, state));
+            }
+        }
+        for (service, counts) in &shown {
+            for (state, n) in ENDPOINT_STATES.into_iter().zip(counts) {
+                self.endpoints
+                    .get_or_create(&labels(service, state))
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+        }
+        *live = shown.keys().map(|s| (*s).to_owned()).collect();
+    }
+
     /// For answers given before a route was found (404, 400...).
     pub fn unrouted(&self) -> &Arc<RouteStats> {
         &self.unrouted
@@ -259,5 +326,40 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_past_the_cap_are_summed_under_other() {
+        let by_service = [
+            ("routed", [1, 0, 0]),
+            ("a", [2, 1, 0]),
+            ("b", [3, 0, 1]),
+            ("_other", [1, 0, 0]),
+        ];
+        let shown = cap_services(by_service, 2);
+        assert_eq!(shown.len(), 3);
+        assert_eq!(shown["routed"], [1, 0, 0]);
+        assert_eq!(shown["a"], [2, 1, 0]);
+        assert_eq!(shown[OTHER_SERVICES], [4, 0, 1]);
+        assert!(!cap_services(by_service[..2].to_vec(), 2).contains_key(OTHER_SERVICES));
+    }
+
+    #[test]
+    fn series_of_services_gone_are_removed() {
+        let m = Metrics::new();
+        m.set_endpoints([("a", [1, 0, 0]), ("b", [0, 1, 0])]);
+        assert!(m.render().contains(r#"service="b""#));
+        m.set_endpoints([("a", [1, 0, 0])]);
+        let text = m.render();
+        assert!(
+            text.contains(r#"portico_endpoints{service="a",state="healthy"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"service="b""#), "{text}");
     }
 }

@@ -4,43 +4,38 @@
 
 pub mod metrics;
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api_server::ServerLimits;
 use crate::ingress::handler::Proxy;
 
 const STATUS_PAGE: &str = include_str!("status.html");
 
-/// Serve the admin endpoints until shutdown.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| answer(proxy.clone(), req));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 46\r\nconnection: close\r\n\r\nAt capacity: too many admin connections open.\n";
+
+/// Serve the admin endpoints until shutdown, under fixed limits
+/// (`ServerLimits::ADMIN`). Every endpoint is a read without side effects
+/// (GET and HEAD only), so a web page can change nothing here.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: watch::Receiver<bool>) {
+    let handler = move |_peer, req| answer(proxy.clone(), req);
+    crate::api_server::serve(
+        listener,
+        "admin",
+        ServerLimits::ADMIN,
+        AT_CAPACITY,
+        handler,
+        shutdown,
+    )
+    .await;
 }
 
 fn respond(
@@ -135,17 +130,22 @@ async fn services(proxy: &Proxy) -> BTreeMap<String, Vec<EndpointDoc>> {
 
 async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointDoc>>, ready: bool) {
     let m = &proxy.metrics;
-    for (name, endpoints) in services {
-        for state in ["healthy", "set_aside", "failing_checks"] {
-            let n = endpoints.iter().filter(|e| e.state == state).count();
-            m.endpoints
-                .get_or_create(&vec![
-                    ("service", name.clone()),
-                    ("state", state.to_owned()),
-                ])
-                .set(n as i64);
-        }
-    }
+    let live = proxy.routes.load();
+    let routed: BTreeSet<&str> = live
+        .table
+        .routes()
+        .iter()
+        .map(|r| r.service.as_str())
+        .collect();
+    let counts = |endpoints: &[EndpointDoc]| {
+        metrics::ENDPOINT_STATES.map(|state| endpoints.iter().filter(|e| e.state == state).count())
+    };
+    // Routed services first: they keep their own series past the cap.
+    let (first, rest): (Vec<_>, Vec<_>) = services
+        .iter()
+        .map(|(name, endpoints)| (name.as_str(), counts(endpoints)))
+        .partition(|(name, _)| routed.contains(name));
+    m.set_endpoints(first.into_iter().chain(rest));
     m.discovery_synced.set(i64::from(ready));
     m.upstream_idle_connections
         .set(i64::try_from(proxy.pool.idle_count()).unwrap_or(i64::MAX));
@@ -158,18 +158,11 @@ async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointD
         .set(proxy.discovery.last_update_age().unwrap_or(0.0));
 }
 
-async fn answer(
-    proxy: Arc<Proxy>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n",
-        ));
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
-    let resp = match req.uri().path() {
+    match req.uri().path() {
         "/" | "/status" => respond(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
@@ -211,6 +204,13 @@ async fn answer(
             "text/plain",
             "not found; try /, /metrics, /healthz, /readyz, /routes, /endpoints\n",
         ),
-    };
-    Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_refusal_past_the_cap_is_framed() {
+        assert!(crate::api_server::is_framed(super::AT_CAPACITY));
+    }
 }

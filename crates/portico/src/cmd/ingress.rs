@@ -26,6 +26,7 @@ pub async fn run(
     let config = ProxyConfig::from_args(&args.proxy, explicit)?;
     if args.discovery == DiscoveryMode::Etcd {
         let (client, layout) = etcd_settings(&args.etcd, "--discovery")?;
+        client.check(layout.services_prefix()).await?;
         tracing::info!(
             etcd = %client.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             prefix = %String::from_utf8_lossy(layout.services_prefix()),
@@ -136,6 +137,7 @@ pub async fn serve(
         tunnel_idle: config.serve.timeouts.idle,
         max_body_bytes: config.max_body_bytes,
         max_requests_per_connection: config.max_requests_per_connection,
+        path_escapes: config.path_escapes,
     });
     for check in config.health_checks {
         tracing::info!(service = %check.service, path = %check.path, interval = ?check.interval, "active health check");

@@ -18,8 +18,10 @@ struct Row {
 pub async fn run(a: ServicesArgs) -> Result<(), StartupError> {
     let tower = resolve_tower(&a.tower)?;
     let client = TowerClient::new(tower, std::time::Duration::from_secs(1), 3);
-    let entries = match client.call(&Request::List).await? {
-        Reply::List(entries) => entries,
+    let (entries, total) = match client.call(&Request::List).await? {
+        Reply::List(entries) => (entries, None),
+        // The Tower's UDP replies stay small; the rest is on its HTTP API.
+        Reply::ListPart { entries, total } => (entries, Some(total)),
         Reply::Error(e) => return Err(StartupError::TowerRefused(e)),
         other => {
             return Err(StartupError::TowerRefused(portico_wire::ErrorReply::Other(
@@ -43,6 +45,9 @@ pub async fn run(a: ServicesArgs) -> Result<(), StartupError> {
             .collect();
         let text = serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into());
         println!("{text}");
+        if let Some(total) = total {
+            eprintln!("{}", cut_note(total, &tower));
+        }
         return Ok(());
     }
     let width = entries
@@ -60,8 +65,19 @@ pub async fn run(a: ServicesArgs) -> Result<(), StartupError> {
             e.ttl_left_secs
         );
     }
-    if entries.is_empty() {
+    if entries.is_empty() && total.is_none() {
         println!("(no live registrations)");
     }
+    if let Some(total) = total {
+        eprintln!("{}", cut_note(total, &tower));
+    }
     Ok(())
+}
+
+/// What to say when the Tower's LIST did not fit one datagram.
+fn cut_note(total: usize, tower: &std::net::SocketAddr) -> String {
+    format!(
+        "(the first entries of {total}: the Tower cuts LIST to one datagram; \
+         the whole list is at http://{tower}/v1/services)"
+    )
 }

@@ -7,9 +7,14 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
 use crate::cli::{RegistryArgs, StoreKind, TowerArgs};
-use crate::config::{etcd_settings, parse_listen, registry_limits, StartupError};
+use crate::config::{
+    etcd_settings, parse_listen, registry_limits, reply_limit, tower_http_settings, StartupError,
+};
 use crate::etcd::EtcdClient;
+use crate::registry::admit::Admission;
 use crate::registry::auth::Key;
+use crate::registry::http::HttpSettings;
+use crate::registry::ratelimit::ReplyLimit;
 use crate::registry::{http, udp, Registry};
 
 pub async fn run(args: TowerArgs, shutdown: watch::Receiver<bool>) -> Result<(), StartupError> {
@@ -22,13 +27,16 @@ pub async fn run(args: TowerArgs, shutdown: watch::Receiver<bool>) -> Result<(),
 /// The sockets of one Tower.
 pub struct Bound {
     udp: UdpSocket,
-    http: Option<TcpListener>,
+    http: Option<(TcpListener, HttpSettings)>,
     etcd: Option<EtcdClient>,
+    reply_limit: ReplyLimit,
 }
 
 /// Validate the registry flags, bind, and make the registry.
 pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Bound), StartupError> {
     let limits = registry_limits(a)?;
+    let limit = reply_limit(a)?;
+    let http_settings = tower_http_settings(a)?;
     let key = a.key_file.as_deref().map(Key::load).transpose()?;
     if key.is_some() {
         tracing::info!("tower: REGISTER and DEREGISTER must be signed");
@@ -40,11 +48,20 @@ pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Boun
     };
     let store = match a.store {
         StoreKind::Memory => None,
-        StoreKind::Etcd => Some(etcd_settings(&a.etcd, "--store")?),
+        StoreKind::Etcd => {
+            let (client, layout) = etcd_settings(&a.etcd, "--store")?;
+            client.check(layout.services_prefix()).await?;
+            Some((client, layout))
+        }
     };
-    let mut bound = bind(addr, http).await?;
+    if !a.allow_register.is_empty() {
+        let nets: Vec<String> = a.allow_register.iter().map(ToString::to_string).collect();
+        tracing::info!(networks = %nets.join(","), "tower: REGISTER accepted only for endpoints in these networks");
+    }
+    let admission = Admission::new(a.allow_register.clone());
+    let mut bound = bind(addr, http, http_settings, limit).await?;
     let registry = match store {
-        None => Registry::new(limits, key),
+        None => Registry::new(limits, key, admission),
         Some((client, layout)) => {
             tracing::info!(
                 etcd = %client.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
@@ -52,7 +69,7 @@ pub async fn build(addr: SocketAddr, a: &RegistryArgs) -> Result<(Registry, Boun
                 "tower: registrations live in etcd"
             );
             bound.etcd = Some(client);
-            Registry::with_etcd(limits, key, layout)
+            Registry::with_etcd(limits, key, admission, layout)
         }
     };
     Ok((registry, bound))
@@ -64,7 +81,12 @@ enum HttpAt {
     At(SocketAddr),
 }
 
-async fn bind(addr: SocketAddr, http: HttpAt) -> Result<Bound, StartupError> {
+async fn bind(
+    addr: SocketAddr,
+    http: HttpAt,
+    settings: HttpSettings,
+    reply_limit: ReplyLimit,
+) -> Result<Bound, StartupError> {
     let bind_err = |what, addr, source| StartupError::Bind { what, addr, source };
     // With port 0 the UDP port is chosen first; the TCP port of the same
     // number may be taken by someone else, so try a few.
@@ -87,6 +109,7 @@ async fn bind(addr: SocketAddr, http: HttpAt) -> Result<Bound, StartupError> {
                 udp,
                 http: None,
                 etcd: None,
+                reply_limit,
             });
         };
         match TcpListener::bind(tcp_at).await {
@@ -96,8 +119,9 @@ async fn bind(addr: SocketAddr, http: HttpAt) -> Result<Bound, StartupError> {
                 tracing::info!("tower http api on http://{tcp_local}");
                 return Ok(Bound {
                     udp,
-                    http: Some(tcp),
+                    http: Some((tcp, settings)),
                     etcd: None,
+                    reply_limit,
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries > 1 => last = Some((tcp_at, e)),
@@ -133,12 +157,17 @@ pub async fn serve(bound: Bound, registry: Registry, shutdown: watch::Receiver<b
         }
     }
     let api = async {
-        if let Some(listener) = bound.http {
-            http::serve(listener, registry.clone(), shutdown.clone()).await;
+        if let Some((listener, settings)) = bound.http {
+            http::serve(listener, registry.clone(), settings, shutdown.clone()).await;
         }
     };
     tokio::join!(
-        udp::serve(bound.udp, registry.clone(), shutdown.clone()),
+        udp::serve(
+            bound.udp,
+            registry.clone(),
+            bound.reply_limit,
+            shutdown.clone()
+        ),
         udp::reap(registry.clone(), period, shutdown.clone()),
         api,
     );

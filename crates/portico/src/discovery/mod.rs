@@ -5,6 +5,7 @@
 //! table directly (`Local`). Passive health sits on top of all three.
 
 pub mod active;
+pub mod confirm;
 pub mod etcd;
 pub mod health;
 pub mod snapshot;
@@ -53,6 +54,8 @@ pub struct TowerSource {
     pub http_addr: SocketAddr,
     mode: AtomicU8,
     watched: Watched,
+    /// LOOKUPs for services the snapshot lacks (read your writes).
+    confirmations: confirm::Confirmations,
 }
 
 /// A snapshot kept current by a watch (of a Tower or of etcd), read by
@@ -78,6 +81,7 @@ impl TowerSource {
             http_addr,
             mode: AtomicU8::new(Mode::Probing as u8),
             watched: Watched::default(),
+            confirmations: confirm::Confirmations::default(),
         })
     }
 
@@ -95,6 +99,24 @@ impl TowerSource {
 
     fn set_mode(&self, mode: Mode) {
         self.mode.store(mode as u8, Ordering::Relaxed);
+    }
+
+    /// One LOOKUP of a service the snapshot lacks, under one
+    /// `--tower-timeout`. A Tower that fails to answer leaves the table's
+    /// word standing.
+    async fn lookup_once(&self, service: &ServiceName) -> confirm::Answer {
+        match self.udp.call_once(&Request::Lookup(service.clone())).await {
+            Ok(Reply::Lookup(r)) => confirm::Answer::Found(r.addr),
+            Ok(Reply::Error(ErrorReply::NotFound(_))) => confirm::Answer::Absent,
+            Ok(other) => {
+                tracing::debug!(%service, reply = ?other, "discovery: unexpected answer to a LOOKUP");
+                confirm::Answer::Absent
+            }
+            Err(e) => {
+                tracing::debug!(%service, error = %crate::ingress::error::chain(&e), "discovery: no answer to a LOOKUP");
+                confirm::Answer::Absent
+            }
+        }
     }
 }
 
@@ -224,8 +246,9 @@ impl Discovery {
                 out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
                 out
             }
-            Source::Tower(t) => match t.udp.call(&Request::List).await {
-                Ok(Reply::List(entries)) => entries
+            // A Tower's UDP LIST may be cut to one datagram: its first entries.
+            Source::Tower(t) => match t.udp.call(&Request::List).await.map(Reply::list_entries) {
+                Ok(Some(entries)) => entries
                     .into_iter()
                     .map(|e| (e.name, e.addr, None))
                     .collect(),
@@ -324,8 +347,8 @@ impl Discovery {
                 .service(service)
                 .map(|set| set.endpoints().iter().map(|e| e.addr).collect())
                 .unwrap_or_default(),
-            Source::Tower(t) => match t.udp.call(&Request::List).await {
-                Ok(Reply::List(entries)) => {
+            Source::Tower(t) => match t.udp.call(&Request::List).await.map(Reply::list_entries) {
+                Ok(Some(entries)) => {
                     from_list(entries.into_iter().map(|e| (e.name, e.addr)).collect())
                 }
                 _ => Vec::new(),
@@ -369,7 +392,13 @@ impl Discovery {
         tried: &[SocketAddr],
     ) -> Result<Picked, DiscoveryError> {
         if let Some(w) = self.watched() {
-            return self.pick_from_snapshot(w, service, tried);
+            return match self.pick_from_snapshot(w, service, tried) {
+                // Boxed, as below: most requests never get here.
+                Err(DiscoveryError::NotFound(_)) => {
+                    Box::pin(self.pick_unlisted(service, tried)).await
+                }
+                picked => picked,
+            };
         }
         // Until a Tower's watch has answered once there is no table to
         // trust; asking the Tower per request bridges that moment. etcd has
@@ -400,6 +429,33 @@ impl Discovery {
             addr: endpoint.addr,
             load: Some(endpoint.begin()),
         })
+    }
+
+    /// Read your writes: the snapshot lacks `service`, but the Tower may
+    /// have answered its REGISTER a moment ago, before the watch told us.
+    /// Ask the Tower (coalesced and remembered, see `confirm`). etcd has no
+    /// one to ask: a write reaches it after its Tower answered, and its
+    /// watch is the only news.
+    async fn pick_unlisted(
+        &self,
+        service: &ServiceName,
+        tried: &[SocketAddr],
+    ) -> Result<Picked, DiscoveryError> {
+        let Source::Tower(t) = &self.source else {
+            return Err(DiscoveryError::NotFound(service.clone()));
+        };
+        let generation = self.generation();
+        let answer = t
+            .confirmations
+            .confirm(service, generation, || t.lookup_once(service))
+            .await;
+        match answer {
+            confirm::Answer::Found(addr) if !tried.contains(&addr) => {
+                Ok(Picked { addr, load: None })
+            }
+            confirm::Answer::Found(_) => Err(DiscoveryError::Exhausted(service.clone())),
+            confirm::Answer::Absent => Err(DiscoveryError::NotFound(service.clone())),
+        }
     }
 
     /// LOOKUP-style sources hand out one replica per ask, in the Tower's

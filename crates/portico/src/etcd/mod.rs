@@ -4,10 +4,23 @@
 //!
 //! - `keys`: the key layout and the pure cache a list-then-watch keeps.
 //! - `watch`: the list-then-watch loop, shared by the Tower and the ingress.
+//! - `connect`: TCP or TLS (rustls) to a member.
+//! - `auth`: the user, its password and the token etcd gives for them.
+//! - `json`: the gateway's JSON types.
 //! - this file: the client, which tries the configured members in turn.
 
+pub mod auth;
+pub mod connect;
+mod json;
 pub mod keys;
 pub mod watch;
+
+use json::{
+    AuthenticateResponse, DeleteRequest, GatewayError, HeaderOnly, KeepAliveResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseId, PutRequest, RangeRequest, WatchAnswer,
+    WatchCreate, WatchRequest,
+};
+pub use json::{Event, Header, KeyValue, LeaseCheck, RangeResponse, WatchResult};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,10 +32,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::Serialize;
+
+use auth::{Auth, Credentials};
+use connect::Connector;
 
 /// Time allowed for one unary call to one member. A member cut off from its
 /// quorum holds a linearizable request until etcd's own timeout (seconds);
@@ -33,12 +49,31 @@ const MAX_BODY: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("no etcd endpoint given; pass --etcd http://HOST:PORT[,http://HOST:PORT...]")]
+    #[error("no etcd endpoint given; pass --etcd http://HOST:PORT[,https://HOST:PORT...]")]
     NoEndpoints,
-    #[error("bad etcd endpoint '{0}': expected http://HOST:PORT (TLS to etcd is not supported)")]
+    #[error("bad etcd endpoint '{0}': expected http://HOST:PORT or https://HOST:PORT")]
     BadEndpoint(String),
     #[error("cannot reach etcd at {0}")]
     Connect(String, #[source] hyper_util::client::legacy::Error),
+    #[error("TLS with etcd at {at} failed ({advice})")]
+    Tls {
+        at: String,
+        advice: &'static str,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("etcd at {at} refused the user '{user}': wrong user or password; check --etcd-user and the password in --etcd-password-file or {}", auth::PASSWORD_ENV)]
+    AuthFailed { at: String, user: String },
+    #[error("etcd at {0} requires authentication; pass --etcd-user, with the password in --etcd-password-file or {env}", env = auth::PASSWORD_ENV)]
+    AuthRequired(String),
+    #[error("etcd at {at} denied the user '{user}' access: {message}; grant its role readwrite on the key prefix (etcdctl role grant-permission ROLE readwrite --prefix=true PREFIX)")]
+    Denied {
+        at: String,
+        user: String,
+        message: String,
+    },
+    #[error("etcd at {0} gave no token for the user and password")]
+    NoToken(String),
     #[error("etcd at {0} did not answer within {1:?}")]
     Timeout(String, Duration),
     #[error("etcd at {at} refused the call: {message} (gRPC code {code})")]
@@ -47,8 +82,8 @@ pub enum EtcdError {
         code: i32,
         message: String,
     },
-    #[error("etcd at {0} answered HTTP {1}")]
-    Status(String, StatusCode),
+    #[error("etcd at {0} answered HTTP {1}: {2}")]
+    Status(String, StatusCode, String),
     #[error("etcd's answer from {0} broke off")]
     Body(
         String,
@@ -66,23 +101,77 @@ impl EtcdError {
         match self {
             // 14: Unavailable ("no leader", "request timed out"), 4: deadline.
             EtcdError::Server { code, .. } => matches!(code, 4 | 14),
-            EtcdError::Status(_, s) => s.is_server_error(),
-            EtcdError::NoEndpoints | EtcdError::BadEndpoint(_) => false,
+            EtcdError::Status(_, s, _) => s.is_server_error(),
+            EtcdError::NoEndpoints
+            | EtcdError::BadEndpoint(_)
+            | EtcdError::AuthFailed { .. }
+            | EtcdError::AuthRequired(_)
+            | EtcdError::Denied { .. } => false,
             _ => true,
+        }
+    }
+
+    /// Whether this says the flags are wrong (TLS files, user, password,
+    /// permissions) rather than that etcd is away: worth stopping a start.
+    pub fn is_misconfiguration(&self) -> bool {
+        match self {
+            EtcdError::Tls { .. }
+            | EtcdError::AuthFailed { .. }
+            | EtcdError::AuthRequired(_)
+            | EtcdError::Denied { .. }
+            | EtcdError::NoToken(_) => true,
+            EtcdError::Status(_, s, _) => s.is_client_error(),
+            _ => false,
+        }
+    }
+
+    /// Whether the token sent is no longer good and a new one may do.
+    fn token_refused(&self) -> bool {
+        matches!(self, EtcdError::Server { code, message, .. } if auth::token_refused(*code, message))
+    }
+
+    /// etcd's own error, worded for the operator where it is about access.
+    fn from_gateway(at: String, e: GatewayError, creds: Option<&Credentials>) -> Self {
+        let message = e.message.or(e.error).unwrap_or_default();
+        if message.contains("authentication failed") {
+            let user = creds.map(|c| c.user.clone()).unwrap_or_default();
+            return EtcdError::AuthFailed { at, user };
+        }
+        // With auth on, etcd refuses a call without a token as from no
+        // user, or as denied to no one in particular.
+        let denied = e.code == 7;
+        match creds {
+            None if denied || message.contains("user name is empty") => {
+                return EtcdError::AuthRequired(at)
+            }
+            Some(c) if denied => {
+                return EtcdError::Denied {
+                    at,
+                    user: c.user.clone(),
+                    message,
+                }
+            }
+            _ => {}
+        }
+        EtcdError::Server {
+            at,
+            code: e.code,
+            message,
         }
     }
 }
 
-/// Parse `--etcd`: comma-separated `http://HOST:PORT` URLs.
+/// Parse `--etcd`: comma-separated `http://HOST:PORT` or `https://HOST:PORT`
+/// URLs.
 pub fn parse_endpoints(list: &str) -> Result<Vec<Uri>, EtcdError> {
     let mut out = Vec::new();
     for part in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let uri: Uri = part
             .parse()
             .map_err(|_| EtcdError::BadEndpoint(part.to_owned()))?;
-        let plain = uri.scheme_str() == Some("http") && uri.authority().is_some();
+        let scheme = matches!(uri.scheme_str(), Some("http" | "https"));
         let no_path = matches!(uri.path(), "" | "/") && uri.query().is_none();
-        if !plain || !no_path {
+        if !scheme || uri.authority().is_none() || !no_path {
             return Err(EtcdError::BadEndpoint(part.to_owned()));
         }
         out.push(uri);
@@ -104,14 +193,21 @@ pub struct EtcdClient {
 struct ClientInner {
     endpoints: Vec<Uri>,
     current: AtomicUsize,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<Connector, Full<Bytes>>,
+    auth: Option<Auth>,
+}
+
+/// How to reach etcd beyond its addresses: TLS for `https://` members, a
+/// user to authenticate as.
+#[derive(Debug, Default)]
+pub struct Access {
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub creds: Option<Credentials>,
 }
 
 impl EtcdClient {
-    pub fn new(endpoints: Vec<Uri>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        connector.set_nodelay(true);
+    pub fn new(endpoints: Vec<Uri>, access: Access) -> Self {
+        let connector = Connector::new(access.tls, Duration::from_secs(1));
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
@@ -120,7 +216,20 @@ impl EtcdClient {
                 endpoints,
                 current: AtomicUsize::new(0),
                 http,
+                auth: access.creds.map(Auth::new),
             }),
+        }
+    }
+
+    /// One call at start, so that wrong TLS files, a wrong password or
+    /// missing permissions stop the start with their reason. An etcd that
+    /// is away is not an error here: the loops wait for it, and say so.
+    pub async fn check(&self, prefix: &[u8]) -> Result<(), EtcdError> {
+        let req = RangeRequest::prefix(prefix, true);
+        let check = self.call::<_, RangeResponse>("/v3/kv/range", &req);
+        match tokio::time::timeout(CALL_TIMEOUT * 2, check).await {
+            Ok(Err(e)) if e.is_misconfiguration() => Err(e),
+            _ => Ok(()),
         }
     }
 
@@ -147,38 +256,109 @@ impl EtcdClient {
         self.inner.endpoints[i].to_string()
     }
 
+    /// POST to member `i`, with the token when etcd wants one: a token
+    /// etcd no longer takes (expired, or lost in a restart) is replaced and
+    /// the call made once more.
     async fn post(&self, i: usize, path: &str, body: Vec<u8>) -> Result<Incoming, EtcdError> {
+        let body = Bytes::from(body);
+        let Some(auth) = &self.inner.auth else {
+            return self.send(i, path, body, None).await;
+        };
+        let token = match auth.token() {
+            Some(t) => t,
+            None => self.authenticate(i, None).await?,
+        };
+        match self.send(i, path, body.clone(), Some(&token)).await {
+            Err(e) if e.token_refused() => {
+                let fresh = self.authenticate(i, Some(&token)).await?;
+                self.send(i, path, body, Some(&fresh)).await
+            }
+            other => other,
+        }
+    }
+
+    /// A token for the credentials, from member `i`. `stale` is the token
+    /// the caller found refused: when another call has already replaced
+    /// it, that replacement is used.
+    async fn authenticate(
+        &self,
+        i: usize,
+        stale: Option<&Arc<http::HeaderValue>>,
+    ) -> Result<Arc<http::HeaderValue>, EtcdError> {
+        let at = self.label(i);
+        let Some(auth) = &self.inner.auth else {
+            return Err(EtcdError::AuthRequired(at));
+        };
+        let _renewing = auth.renewing.lock().await;
+        if let Some(current) = auth.token() {
+            if stale.is_none_or(|s| !Arc::ptr_eq(s, &current)) {
+                return Ok(current);
+            }
+        }
+        let incoming = self
+            .send(
+                i,
+                "/v3/auth/authenticate",
+                Bytes::from(auth.creds.request_body()),
+                None,
+            )
+            .await?;
+        let bytes = read_body(&at, incoming).await?;
+        let answer: AuthenticateResponse =
+            serde_json::from_slice(&bytes).map_err(|e| EtcdError::Json(at.clone(), e))?;
+        let token = auth
+            .store(&answer.token)
+            .ok_or_else(|| EtcdError::NoToken(at.clone()))?;
+        tracing::debug!(member = %at, user = %auth.creds.user, renewed = stale.is_some(), "etcd: authenticated");
+        Ok(token)
+    }
+
+    /// One POST to member `i`, as it is.
+    async fn send(
+        &self,
+        i: usize,
+        path: &str,
+        body: Bytes,
+        token: Option<&http::HeaderValue>,
+    ) -> Result<Incoming, EtcdError> {
         let at = self.label(i);
         let base = &self.inner.endpoints[i];
         let uri = format!(
-            "http://{}{}",
+            "{}://{}{}",
+            base.scheme_str().unwrap_or("http"),
             base.authority().map(|a| a.as_str()).unwrap_or_default(),
             path
         );
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::POST)
             .uri(uri)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = token {
+            // etcd's gateway passes Authorization on as the token.
+            req = req.header(http::header::AUTHORIZATION, token.clone());
+        }
+        let req = req
+            .body(Full::new(body))
             .map_err(|_| EtcdError::BadEndpoint(at.clone()))?;
         let resp = match tokio::time::timeout(CALL_TIMEOUT, self.inner.http.request(req)).await {
             Err(_) => return Err(EtcdError::Timeout(at, CALL_TIMEOUT)),
-            Ok(Err(e)) => return Err(EtcdError::Connect(at, e)),
+            Ok(Err(e)) => return Err(connect_error(at, e)),
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
         if status == StatusCode::OK {
             return Ok(resp.into_body());
         }
-        // The gateway maps gRPC errors to HTTP statuses with a JSON body.
+        // The gateway maps gRPC errors to HTTP statuses with a JSON body;
+        // etcd's own HTTP layer answers some refusals in plain text.
         let body = read_body(&at, resp.into_body()).await?;
         match serde_json::from_slice::<GatewayError>(&body) {
-            Ok(e) => Err(EtcdError::Server {
+            Ok(e) => Err(EtcdError::from_gateway(
                 at,
-                code: e.code,
-                message: e.message.or(e.error).unwrap_or_default(),
-            }),
-            Err(_) => Err(EtcdError::Status(at, status)),
+                e,
+                self.inner.auth.as_ref().map(|a| &a.creds),
+            )),
+            Err(_) => Err(EtcdError::Status(at, status, plain_text(&body))),
         }
     }
 
@@ -319,13 +499,60 @@ impl EtcdClient {
         };
         let at = self.label(i);
         let body = serde_json::to_vec(&req).map_err(|e| EtcdError::Json(at.clone(), e))?;
+        let stream = self.open_watch(i, body.clone()).await?;
+        let Some(auth) = &self.inner.auth else {
+            return Ok(stream);
+        };
+        // A stale token does not fail the call: etcd opens the stream and
+        // cancels the watch in its first answer. Look at it, and retry
+        // once with a new token when that is why.
+        let mut stream = stream;
+        let first = match tokio::time::timeout(CALL_TIMEOUT, stream.next()).await {
+            Err(_) => return Err(EtcdError::Timeout(at, CALL_TIMEOUT)),
+            Ok(None) => return Ok(stream),
+            Ok(Some(first)) => first?,
+        };
+        let refused = first.canceled
+            && first
+                .cancel_reason
+                .as_deref()
+                .is_some_and(|r| auth::token_refused(0, r));
+        if !refused {
+            stream.first = Some(first);
+            return Ok(stream);
+        }
+        let stale = auth.token();
+        self.authenticate(i, stale.as_ref()).await?;
+        self.open_watch(i, body).await
+    }
+
+    async fn open_watch(&self, i: usize, body: Vec<u8>) -> Result<WatchStream, EtcdError> {
         let incoming = self.post(i, "/v3/watch", body).await?;
         Ok(WatchStream {
-            at,
+            at: self.label(i),
             body: incoming,
             buf: BytesMut::new(),
+            first: None,
         })
     }
+}
+
+/// A failed request, with what to check when TLS is why.
+fn connect_error(at: String, e: hyper_util::client::legacy::Error) -> EtcdError {
+    match connect::tls_advice(&e) {
+        Some(advice) => EtcdError::Tls {
+            at,
+            advice,
+            source: e,
+        },
+        None => EtcdError::Connect(at, e),
+    }
+}
+
+/// The start of a plain-text answer, on one line, for an error message.
+fn plain_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 async fn read_body(at: &str, body: Incoming) -> Result<Bytes, EtcdError> {
@@ -355,11 +582,16 @@ pub struct WatchStream {
     at: String,
     body: Incoming,
     buf: BytesMut,
+    /// The first answer, when the client already read it.
+    first: Option<WatchResult>,
 }
 
 impl WatchStream {
     /// The next answer; `None` when etcd closed the stream.
     pub async fn next(&mut self) -> Option<Result<WatchResult, EtcdError>> {
+        if let Some(first) = self.first.take() {
+            return Some(Ok(first));
+        }
         loop {
             if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
                 let line = self.buf.split_to(nl + 1);
@@ -412,195 +644,6 @@ impl WatchStream {
     }
 }
 
-// The gateway's JSON: int64 as strings, bytes as base64, zero values left out.
-
-fn i64_str<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum N {
-        S(String),
-        I(i64),
-    }
-    match N::deserialize(d)? {
-        N::S(s) => s.parse().map_err(serde::de::Error::custom),
-        N::I(i) => Ok(i),
-    }
-}
-
-fn ser_i64_str<S: serde::Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&v.to_string())
-}
-
-fn b64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-    let s = String::deserialize(d)?;
-    B64.decode(s).map_err(serde::de::Error::custom)
-}
-
-#[derive(Debug, Deserialize)]
-struct GatewayError {
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-    #[serde(default)]
-    code: i32,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct Header {
-    #[serde(default, deserialize_with = "i64_str")]
-    pub revision: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct HeaderOnly {
-    #[serde(default)]
-    header: Header,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct KeyValue {
-    #[serde(deserialize_with = "b64")]
-    pub key: Vec<u8>,
-    #[serde(default, deserialize_with = "b64")]
-    pub value: Vec<u8>,
-    #[serde(default, deserialize_with = "i64_str")]
-    pub mod_revision: i64,
-    #[serde(default, deserialize_with = "i64_str")]
-    pub lease: i64,
-}
-
-#[derive(Debug, Serialize)]
-struct RangeRequest {
-    key: String,
-    range_end: String,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    count_only: bool,
-}
-
-impl RangeRequest {
-    fn prefix(prefix: &[u8], count_only: bool) -> Self {
-        Self {
-            key: B64.encode(prefix),
-            range_end: B64.encode(prefix_end(prefix)),
-            count_only,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-pub struct RangeResponse {
-    #[serde(default)]
-    pub header: Header,
-    #[serde(default)]
-    pub kvs: Vec<KeyValue>,
-}
-
-#[derive(Debug, Serialize)]
-struct PutRequest {
-    key: String,
-    value: String,
-    #[serde(serialize_with = "ser_i64_str")]
-    lease: i64,
-}
-
-#[derive(Debug, Serialize)]
-struct DeleteRequest {
-    key: String,
-}
-
-#[derive(Debug, Serialize)]
-struct LeaseGrantRequest {
-    #[serde(rename = "TTL", serialize_with = "ser_i64_str")]
-    ttl: i64,
-    #[serde(rename = "ID", serialize_with = "ser_i64_str")]
-    id: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct LeaseGrantResponse {
-    #[serde(rename = "ID", deserialize_with = "i64_str")]
-    id: i64,
-}
-
-#[derive(Debug, Serialize)]
-struct LeaseId {
-    #[serde(rename = "ID", serialize_with = "ser_i64_str")]
-    id: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct KeepAliveResponse {
-    #[serde(default)]
-    result: Option<KeepAliveResult>,
-}
-
-#[derive(Debug, Deserialize)]
-struct KeepAliveResult {
-    #[serde(default)]
-    header: Header,
-    #[serde(rename = "TTL", default, deserialize_with = "i64_str")]
-    ttl: i64,
-}
-
-/// What a lease renewal found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseCheck {
-    pub alive: bool,
-    /// etcd's revision when it answered (0 if it did not say): a lease
-    /// found dead had its keys deleted at or before it.
-    pub revision: i64,
-}
-
-#[derive(Debug, Serialize)]
-struct WatchRequest {
-    create_request: WatchCreate,
-}
-
-#[derive(Debug, Serialize)]
-struct WatchCreate {
-    key: String,
-    range_end: String,
-    #[serde(serialize_with = "ser_i64_str")]
-    start_revision: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct WatchAnswer {
-    #[serde(default)]
-    result: Option<WatchResult>,
-    #[serde(default)]
-    error: Option<GatewayError>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct WatchResult {
-    #[serde(default)]
-    pub header: Header,
-    #[serde(default)]
-    pub canceled: bool,
-    #[serde(default, deserialize_with = "i64_str")]
-    pub compact_revision: i64,
-    #[serde(default)]
-    pub cancel_reason: Option<String>,
-    #[serde(default)]
-    pub events: Vec<Event>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Event {
-    /// "DELETE", or left out for a put.
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    pub kv: KeyValue,
-}
-
-impl Event {
-    pub fn is_delete(&self) -> bool {
-        self.kind.as_deref() == Some("DELETE")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -614,37 +657,18 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_must_be_plain_http_urls() {
-        let eps = parse_endpoints("http://127.0.0.1:2379, http://10.0.0.2:2379").unwrap();
+    fn endpoints_must_be_http_or_https_urls() {
+        let eps = parse_endpoints("http://127.0.0.1:2379, https://10.0.0.2:2379").unwrap();
         assert_eq!(eps.len(), 2);
+        assert_eq!(eps[1].scheme_str(), Some("https"));
         for bad in [
             "",
             "127.0.0.1:2379",
-            "https://x:2379",
+            "https://x:2379/v3",
             "http://x:2379/v3",
             "ftp://x",
         ] {
             assert!(parse_endpoints(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn gateway_json_decodes() {
-        let line = br#"{"result":{"header":{"revision":"3"},"events":[{"kv":{"key":"YQ==","create_revision":"2","mod_revision":"2","version":"1","value":"e30=","lease":"7"}},{"type":"DELETE","kv":{"key":"YQ==","mod_revision":"3"}}]}}"#;
-        let a: WatchAnswer = serde_json::from_slice(line).unwrap();
-        let r = a.result.unwrap();
-        assert_eq!(r.header.revision, 3);
-        assert_eq!(r.events.len(), 2);
-        assert!(!r.events[0].is_delete());
-        assert_eq!(r.events[0].kv.lease, 7);
-        assert_eq!(r.events[0].kv.key, b"a");
-        assert!(r.events[1].is_delete());
-        let c: WatchAnswer = serde_json::from_slice(
-            br#"{"result":{"header":{"raft_term":"2"},"canceled":true,"compact_revision":"4"}}"#,
-        )
-        .unwrap();
-        let c = c.result.unwrap();
-        assert!(c.canceled);
-        assert_eq!(c.compact_revision, 4);
     }
 }

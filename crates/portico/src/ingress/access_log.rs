@@ -122,7 +122,8 @@ impl Record {
                 self.client.ip(),
                 clf_time_cached(self.time),
                 self.method,
-                self.uri,
+                // A path may hold `"` (hyper and `http` accept it).
+                escape(&self.uri.to_string()),
                 self.version,
                 status,
                 bytes,
@@ -132,6 +133,8 @@ impl Record {
                 self.service.as_deref().unwrap_or("-"),
                 self.endpoint.map_or("-".to_owned(), |e| e.to_string()),
                 self.attempts,
+                // Unquoted: only a valid id is kept from the client
+                // (`headers::is_valid_request_id`), never one with a space.
                 text(&self.request_id),
                 took.as_secs_f64() * 1000.0,
             ),
@@ -163,13 +166,22 @@ impl Record {
     }
 }
 
-/// A header value inside the combined format's quotes.
+/// A client's text inside the combined format's quotes: `"` and `\` are
+/// escaped with a backslash, as nginx does, so that a value can neither end
+/// its quotes early nor turn our escape of its quote into a literal
+/// backslash (`x\" a=b` would otherwise close them and add a field).
 fn escape(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.contains('"') {
-        std::borrow::Cow::Owned(s.replace('"', "\\\""))
-    } else {
-        std::borrow::Cow::Borrowed(s)
+    if !s.contains(['"', '\\']) {
+        return std::borrow::Cow::Borrowed(s);
     }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 thread_local! {
@@ -221,6 +233,16 @@ fn clf_time(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_values_cannot_end_their_quotes() {
+        assert_eq!(escape("curl/8"), "curl/8");
+        assert_eq!(escape(r#"a"b"#), r#"a\"b"#);
+        // The backslash is escaped too, or `\"` would read as an escaped
+        // backslash followed by the closing quote.
+        assert_eq!(escape(r#"x\" a=b"#), r#"x\\\" a=b"#);
+        assert_eq!(escape(r"\"), r"\\");
+    }
 
     #[test]
     fn clf_time_is_utc_calendar_time() {

@@ -23,6 +23,8 @@ use tokio_rustls::server::TlsStream;
 
 use prometheus_client::metrics::gauge::Gauge;
 
+use super::request_line::LineGuard;
+
 /// Timeouts a client connection lives under.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnTimeouts {
@@ -129,16 +131,24 @@ impl ConnState {
         coarse_ms().saturating_sub(self.base)
     }
 
-    fn touch(&self, read: bool) {
+    /// Note bytes moved; true when those read begin a request head.
+    fn touch(&self, read: bool) -> bool {
         let now = self.now_ms();
         self.last_io.store(now, Ordering::Relaxed);
-        if read
+        let head_starts = read
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == 0
-            && !self.multiplexed.load(Ordering::Relaxed)
-        {
+            && !self.multiplexed.load(Ordering::Relaxed);
+        if head_starts {
             self.head_started.store(now + 1, Ordering::Relaxed);
         }
+        head_starts
+    }
+
+    /// The connection was upgraded (a 101): from now on its bytes are the
+    /// tunnel's, never a request head, as between HTTP/2 streams.
+    pub fn upgraded(&self) {
+        self.multiplexed.store(true, Ordering::Relaxed);
     }
 
     /// Mark a request as begun; the guard ends it when dropped (with the
@@ -377,6 +387,11 @@ pin_project_lite::pin_project! {
         // Bytes read before the protocol was chosen, served before the
         // socket's.
         first: Bytes,
+        // HTTP/1.1: each request target checked against its limit as it
+        // is read (`request_line`), and the 414 left to write once one is
+        // over it; after that, the end of input.
+        line: LineGuard,
+        refusal: Option<&'static [u8]>,
     }
 }
 
@@ -387,17 +402,47 @@ impl<T> Tracked<T> {
             inner,
             state,
             first,
+            line: LineGuard::off(),
+            refusal: None,
         }
+    }
+
+    /// HTTP/1.1: a request target over `max` bytes is answered 414 while
+    /// it is read, before hyper's buffer for the head fills and it answers
+    /// 431 instead.
+    pub fn limit_targets(mut self, max: usize) -> Self {
+        self.line = LineGuard::new(max);
+        self
     }
 }
 
-impl<T: AsyncRead> AsyncRead for Tracked<T> {
+/// Write what is left of `answer`, then report the end of input: hyper
+/// then drops the partial head and closes the connection.
+fn poll_refuse<T: AsyncWrite>(
+    mut inner: Pin<&mut T>,
+    answer: &mut &'static [u8],
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while !answer.is_empty() {
+        match std::task::ready!(inner.as_mut().poll_write(cx, answer))? {
+            0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            n => *answer = &answer[n..],
+        }
+    }
+    inner.poll_flush(cx)
+}
+
+impl<T: AsyncRead + AsyncWrite> AsyncRead for Tracked<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
+        if let Some(answer) = this.refusal {
+            return poll_refuse(this.inner, answer, cx);
+        }
+        let before = buf.filled().len();
         if !this.first.is_empty() && buf.remaining() > 0 {
             let n = this.first.len().min(buf.remaining());
             buf.put_slice(&this.first[..n]);
@@ -407,21 +452,32 @@ impl<T: AsyncRead> AsyncRead for Tracked<T> {
                 // may live for hours.
                 *this.first = Bytes::new();
             }
+            // The connection's first bytes: the guard is armed already.
             this.state.touch(true);
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let polled = this.inner.poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) {
-            if buf.filled().len() > before {
-                this.state.touch(true);
-            } else if buf.remaining() > 0 && this.state.hold_eof() {
-                // The end of input, held (no waker is needed: `supervise`
-                // polls again when the response is done).
-                return Poll::Pending;
+        } else {
+            let polled = this.inner.as_mut().poll_read(cx, buf);
+            if !matches!(polled, Poll::Ready(Ok(()))) {
+                return polled;
+            }
+            if buf.filled().len() == before {
+                if buf.remaining() > 0 && this.state.hold_eof() {
+                    // The end of input, held (no waker is needed:
+                    // `supervise` polls again when the response is done).
+                    return Poll::Pending;
+                }
+                return polled;
+            }
+            if this.state.touch(true) {
+                this.line.arm();
             }
         }
-        polled
+        if this.line.over_limit(&buf.filled()[before..]) {
+            // hyper never sees this read: the head it holds stays partial.
+            buf.set_filled(before);
+            let answer = this.refusal.insert(super::request_line::URI_TOO_LONG);
+            return poll_refuse(this.inner, answer, cx);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

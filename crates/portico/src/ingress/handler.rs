@@ -73,6 +73,8 @@ pub struct Proxy {
     /// `--max-requests-per-connection`: after this many, HTTP/1.1
     /// connections are closed after their response.
     pub max_requests_per_connection: Option<u32>,
+    /// `--path-escapes`: which ambiguous paths get 400.
+    pub path_escapes: route::PathEscapes,
 }
 
 /// What the request path knows of the client connection.
@@ -262,6 +264,9 @@ fn proxy_request<'a>(
         // from an absolute-form target or :authority, not forwarded.
         let target_host = parts.uri.authority().map(host_field).transpose()?;
         let raw_path = parts.uri.path();
+        if let Some(why) = route::ambiguous_path(raw_path, proxy.path_escapes) {
+            return Err(ProxyError::BadRequest(why.message()));
+        }
         let path: Cow<'_, str> = if route::is_normal(raw_path) {
             Cow::Borrowed(raw_path)
         } else {
@@ -322,9 +327,14 @@ fn proxy_request<'a>(
             .is_some()
             .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
+        // TE is hop-by-hop: the client's goes, and the backend hears ours.
+        let te_trailers = headers::wants_trailers(&parts.headers);
         headers::remove_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
+        }
+        if te_trailers && route.options.upstream == UpstreamProtocol::Http1 {
+            headers::accept_trailers(&mut parts.headers);
         }
         let host_value = match target_host {
             Some(h) => {
@@ -334,6 +344,14 @@ fn proxy_request<'a>(
             // Already the request's one Host field.
             None => host_header,
         };
+        if host_value.is_none() {
+            // HTTP/1.0 may name no host, but the backend's request is
+            // HTTP/1.1 and must (RFC 9112 section 3.2): the service's name,
+            // as nginx sends its upstream's name ($proxy_host).
+            if let Ok(name) = HeaderValue::from_str(service.as_str()) {
+                parts.headers.insert(header::HOST, name);
+            }
+        }
         let forwarding = headers::Forwarding::new(
             &parts.headers,
             &client.ip,
@@ -342,10 +360,16 @@ fn proxy_request<'a>(
         )
         .with_request_id(&parts.headers);
         if proxy.access_log.is_some() {
-            exchange.request_id = forwarding
-                .request_id()
-                .or_else(|| parts.headers.get(&headers::X_REQUEST_ID))
-                .cloned();
+            exchange.request_id = forwarding.request_id().cloned();
+        }
+        let (mut body, fault) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
+        if client_version < Version::HTTP_2
+            && !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+        {
+            // Chunked: framing that is already in hand and broken is
+            // refused before anything is forwarded.
+            body.read_ahead().await?;
         }
         // Our own client writes them after the request's fields; hyper's
         // clients take them in the map.
@@ -358,9 +382,11 @@ fn proxy_request<'a>(
         };
 
         if route.options.upstream == UpstreamProtocol::H2c {
-            // HTTP/2 names the host in :authority, taken from the target.
-            let authority = host_value
-                .as_ref()
+            // HTTP/2 names the host in :authority, taken from the Host
+            // the request would carry over HTTP/1.1.
+            let authority = parts
+                .headers
+                .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("backend");
             let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -368,21 +394,25 @@ fn proxy_request<'a>(
                 .map_err(|_| ProxyError::BadRequest("Bad request: malformed Host header.\n"))?;
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
+            if te_trailers {
+                // The one TE HTTP/2 allows (RFC 9113 section 8.2.2).
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
         }
 
-        // A bodiless idempotent request may be sent again after bytes went
-        // out. hyper's clients take the request, so they need a copy; our
-        // own HTTP/1.1 client keeps it.
-        let replay =
-            (!own_client && is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
-                let mut r = Request::new(());
-                *r.method_mut() = parts.method.clone();
-                *r.uri_mut() = parts.uri.clone();
-                *r.version_mut() = parts.version;
-                *r.headers_mut() = parts.headers.clone();
-                r
-            });
-        let (body, too_large) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
+        // A bodiless request may be sent again after bytes went out, if
+        // `UpstreamError::may_resend` says so. hyper's clients take the
+        // request, so they need a copy; our own HTTP/1.1 client keeps it.
+        let replay = (!own_client && body.is_end_stream()).then(|| {
+            let mut r = Request::new(());
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = parts.uri.clone();
+            *r.version_mut() = parts.version;
+            *r.headers_mut() = parts.headers.clone();
+            r
+        });
         let request = Request::from_parts(parts, Either::Left(body));
         let backend_timeout = route
             .options
@@ -400,8 +430,9 @@ fn proxy_request<'a>(
             exchange,
         )
         .await;
-        if too_large.is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed)) {
-            return Err(ProxyError::BodyTooLarge);
+        // However the send failed, a body that failed is the client's doing.
+        if let Some(fault) = fault.and_then(|f| f.get()) {
+            return Err(fault.into());
         }
         let mut response = sent?;
         // Our framing towards the client is ours, whatever the backend spoke.
@@ -409,9 +440,10 @@ fn proxy_request<'a>(
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let backend_upgrade = response.extensions_mut().remove::<OnUpgrade>();
             match (client_upgrade, backend_upgrade) {
-                (Some(upgraded), Some(backend)) => {
+                (Some(upgrade), Some(backend)) => {
+                    client.state.upgraded();
                     tokio::spawn(tunnel::run(
-                        upgraded,
+                        upgrade,
                         backend,
                         proxy.tunnel_idle,
                         client.state.clone(),
@@ -445,6 +477,7 @@ fn send_with_failover<'a>(
     upstream: UpstreamProtocol,
     exchange: &'a mut Exchange,
 ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + 'a {
+    let method = request.method().clone();
     let mut request = Some(request);
     async move {
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(proxy.attempts as usize);
@@ -490,7 +523,7 @@ fn send_with_failover<'a>(
                 // just now; when that is all that failed, a fresh connection
                 // to the same replica is tried before counting it as failed.
                 let mut pooled = proxy.pool.checkout_own(addr);
-                let (error, sent) = loop {
+                let error = loop {
                     let reused = pooled.is_some();
                     let mut conn = match pooled.take() {
                         Some(c) => c,
@@ -499,7 +532,7 @@ fn send_with_failover<'a>(
                             Err(e) => {
                                 connect_failed(proxy, exchange, addr);
                                 tracing::debug!(backend = %addr, %service, error = %e, "connect failed; trying another replica");
-                                break (e, false);
+                                break e;
                             }
                         },
                     };
@@ -524,14 +557,16 @@ fn send_with_failover<'a>(
                             }
                             return Ok(response);
                         }
-                        Ok(Err(own::ExchangeError::ClosedBeforeResponse(e))) if reused => {
-                            tracing::debug!(backend = %addr, %service, error = ?e, "pooled connection closed by the backend; retrying on a new one");
+                        Ok(Err(e)) => {
+                            let e = UpstreamError::Exchange(e);
+                            if !(reused && stale(&e) && e.may_resend(&parts.method, true)) {
+                                break e;
+                            }
+                            tracing::debug!(backend = %addr, %service, error = %super::error::chain(&e), "pooled connection closed by the backend; retrying on a new one");
                         }
-                        Ok(Err(e)) => break (UpstreamError::Exchange(e), true),
                     }
                 };
-                // Sent and failed: only a replayable request moves on.
-                if sent && !is_idempotent(&parts.method) {
+                if !error.may_resend(&parts.method, true) {
                     return Err(ProxyError::Backend {
                         service: service.clone(),
                         addr,
@@ -557,6 +592,7 @@ fn send_with_failover<'a>(
             let attempt = Attempt {
                 proxy,
                 service,
+                method: &method,
                 addr,
                 load,
                 request: &mut request,
@@ -586,6 +622,7 @@ fn send_with_failover<'a>(
 struct Attempt<'a> {
     proxy: &'a Proxy,
     service: &'a portico_wire::ServiceName,
+    method: &'a Method,
     addr: SocketAddr,
     load: Option<Load>,
     request: &'a mut Option<Request<UpstreamRequestBody>>,
@@ -618,7 +655,7 @@ async fn send_h2c(a: Attempt<'_>) -> Result<Option<Response<ResponseBody>>, Prox
             })))
         }
         Ok(Err(e)) => {
-            let (again, error) = resend_or_fail(e, a.replay, a.service, a.addr)?;
+            let (again, error) = resend_or_fail(e, &a)?;
             *a.request = Some(again);
             *a.last = Some((a.addr, error));
             Ok(None)
@@ -686,7 +723,7 @@ async fn send_hyper(a: Attempt<'_>) -> Result<Option<Response<ResponseBody>>, Pr
                 })));
             }
             Ok(Err(e)) => {
-                let (again, error) = resend_or_fail(e, a.replay, a.service, a.addr)?;
+                let (again, error) = resend_or_fail(e, &a)?;
                 *a.request = Some(again);
                 tracing::debug!(backend = %a.addr, service = %a.service, reused, error = %super::error::chain(&error), "request failed before an answer; retrying");
                 *a.last = Some((a.addr, error));
@@ -736,24 +773,36 @@ fn connect_failed(proxy: &Proxy, exchange: &Exchange, addr: SocketAddr) {
     }
 }
 
-/// After a failed send: the request to try again, if hyper never sent it or
-/// it may be replayed (idempotent, no body); otherwise the final error.
+/// After a failed send through hyper's clients: the request to try again,
+/// as `UpstreamError::may_resend` allows (hyper's own if it never sent it,
+/// else a copy of a bodiless one); otherwise the final error.
 fn resend_or_fail(
     mut e: SendError,
-    replay: Option<&Request<()>>,
-    service: &portico_wire::ServiceName,
-    addr: SocketAddr,
+    a: &Attempt<'_>,
 ) -> Result<(Request<UpstreamRequestBody>, UpstreamError), ProxyError> {
     let unsent = e.take_message();
-    let error = UpstreamError::Request(e.into_error());
-    match unsent.or_else(|| replay.map(rebuild)) {
+    let error = UpstreamError::Request {
+        source: e.into_error(),
+        unsent: unsent.is_some(),
+    };
+    let again = match error.may_resend(a.method, a.replay.is_some()) {
+        true => unsent.or_else(|| a.replay.map(rebuild)),
+        false => None,
+    };
+    match again {
         Some(request) => Ok((request, error)),
         None => Err(ProxyError::Backend {
-            service: service.clone(),
-            addr,
+            service: a.service.clone(),
+            addr: a.addr,
             source: error,
         }),
     }
+}
+
+/// A pooled connection the backend closed meanwhile fails this way; a new
+/// connection to the same replica may then take the request.
+fn stale(e: &UpstreamError) -> bool {
+    matches!(e, UpstreamError::Exchange(e) if e.before_response())
 }
 
 fn rebuild(template: &Request<()>) -> Request<UpstreamRequestBody> {
@@ -778,13 +827,6 @@ fn uses_own_client(
         && !headers.contains_key(header::UPGRADE)
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// The authority the client addressed: an absolute-form target or
 /// :authority if present, else the Host header. An absolute-form target
 /// whose host differs from the Host header is refused (RFC 9112 section
@@ -794,6 +836,13 @@ fn request_authority(
     uri: &Uri,
     host_header: Option<&HeaderValue>,
 ) -> Result<Option<Authority>, ProxyError> {
+    if host_header.is_some_and(|v| v.as_bytes().contains(&b'@')) {
+        // RFC 9110 section 7.2: Host carries no userinfo; a backend might
+        // take the part before `@` for the host.
+        return Err(ProxyError::BadRequest(
+            "Bad request: userinfo in the Host header.\n",
+        ));
+    }
     let from_header = match host_header {
         Some(v) => Some(
             v.to_str()

@@ -6,25 +6,37 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
-const HOP_BY_HOP_COUNT: usize = 5;
+const HOP_BY_HOP_COUNT: usize = 6;
 
-/// Headers that describe one hop and never travel further. TE is handled
-/// apart (`TE: trailers` is kept: gRPC requires it end to end). `Trailer`
-/// is end to end (RFC 9110 section 6.6.2), and hyper only sends the
-/// trailer fields it declares.
+/// Headers that describe one hop and never travel further, TE among them
+/// (RFC 9110 section 7.6.1): a backend hears our own `TE: trailers`
+/// instead (`wants_trailers`). `Trailer` is end to end (RFC 9110 section
+/// 6.6.2), and hyper only sends the trailer fields it declares.
 const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    header::TE,
 ];
+
+/// The longest X-Request-Id kept from a client; a longer one is replaced.
+const MAX_REQUEST_ID: usize = 128;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Whether a client's X-Request-Id is kept: 1 to 128 visible ASCII
+/// characters, no space. The id is written unquoted into the access log and
+/// passed to the backend: anything else could forge a log field.
+pub fn is_valid_request_id(id: &HeaderValue) -> bool {
+    let id = id.as_bytes();
+    !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.iter().all(|b| b.is_ascii_graphic())
+}
 
 /// 32 random hex digits.
 fn new_request_id() -> HeaderValue {
@@ -82,26 +94,48 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
-/// One of the fields that always describe one hop (TE and the fields
-/// Connection names are apart: see `remove_hop_by_hop`).
+/// One of the fields that always describe one hop (the fields Connection
+/// names are apart: see `remove_hop_by_hop`).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.iter().any(|h| h == name)
+}
+
+/// Whether a request's TE field accepts trailers. We pass a backend's
+/// trailers on to such a client, so the backend is told that its next hop
+/// (us) takes them: our own `TE: trailers`, as Go's ReverseProxy and Envoy
+/// send. gRPC requires it; hyper's server sends no trailers without it. The
+/// client's other codings (`gzip`, ...) are its hop's only.
+pub fn wants_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Our `TE: trailers` to an HTTP/1.1 backend, with the `TE` connection
+/// option an HTTP/1.1 sender of TE must add (RFC 9110 section 10.1.4).
+/// Call after `remove_hop_by_hop` (and `set_upgrade`): the option is added
+/// to whatever Connection says already.
+pub fn accept_trailers(headers: &mut HeaderMap) {
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    headers.append(header::CONNECTION, HeaderValue::from_static("te"));
 }
 
 /// Remove hop-by-hop headers, including every header the Connection header
 /// names (a client must not be able to smuggle e.g. `Connection: x-real-ip`
 /// past us either: that only removes its own copy, ours is added after).
+/// Host is never hop-by-hop: `Connection: host` leaves it in place, since an
+/// HTTP/1.1 request must carry one (RFC 9112 section 3.2).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names present finds what to remove: a removal per
     // listed name hashes and probes for each, and this runs twice per
     // request. Most messages carry none, or only `Connection: keep-alive`.
     let mut present = [false; HOP_BY_HOP_COUNT];
-    let mut te = false;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present[i] = true;
-        } else if name == header::TE {
-            te = true;
         }
     }
     // HOP_BY_HOP[0] is Connection.
@@ -116,22 +150,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             let named: Vec<HeaderName> = named
                 .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
                 .collect();
-            for name in named {
+            for name in named.into_iter().filter(|n| *n != header::HOST) {
                 headers.remove(name);
             }
         }
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
-    }
-    if te {
-        let only_trailers = headers.get_all(header::TE).iter().all(|v| {
-            v.to_str()
-                .is_ok_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-        if !only_trailers {
-            headers.remove(header::TE);
-        }
     }
 }
 
@@ -180,7 +205,8 @@ pub struct Forwarding {
     proto: HeaderValue,
     /// `None`: the client's X-Forwarded-Host is dropped, none is added.
     host: Option<HeaderValue>,
-    /// A new X-Request-Id, when the client sent none (`with_request_id`).
+    /// The X-Request-Id passed on (`with_request_id`): the client's if
+    /// valid, else a new one. `None`: the client's is dropped, none added.
     request_id: Option<HeaderValue>,
 }
 
@@ -205,15 +231,20 @@ impl Forwarding {
         }
     }
 
-    /// A new X-Request-Id too, unless the client sent one (which is kept).
+    /// An X-Request-Id too: the client's first if it is valid
+    /// (`is_valid_request_id`), else a new one in its place.
     pub fn with_request_id(mut self, headers: &HeaderMap) -> Self {
-        if !headers.contains_key(&X_REQUEST_ID) {
-            self.request_id = Some(new_request_id());
-        }
+        self.request_id = Some(
+            headers
+                .get(&X_REQUEST_ID)
+                .filter(|id| is_valid_request_id(id))
+                .cloned()
+                .unwrap_or_else(new_request_id),
+        );
         self
     }
 
-    /// The X-Request-Id this adds, if any.
+    /// The X-Request-Id this passes on, if any.
     pub fn request_id(&self) -> Option<&HeaderValue> {
         self.request_id.as_ref()
     }
@@ -227,9 +258,10 @@ impl Forwarding {
             Some(h) => headers.insert(&X_FORWARDED_HOST, h),
             None => headers.remove(&X_FORWARDED_HOST),
         };
-        if let Some(id) = self.request_id {
-            headers.insert(&X_REQUEST_ID, id);
-        }
+        match self.request_id {
+            Some(id) => headers.insert(&X_REQUEST_ID, id),
+            None => headers.remove(&X_REQUEST_ID),
+        };
     }
 
     /// Whether a client's field of this name is replaced by `write`.
@@ -239,6 +271,7 @@ impl Forwarding {
             || name == X_REAL_IP
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
+            || name == X_REQUEST_ID
     }
 
     /// As field lines of an HTTP/1.1 head (`name: value\r\n`).
@@ -348,10 +381,37 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["host", "trailer", "x-keep"]);
-        // TE: trailers alone travels on (gRPC needs it end to end).
+        // TE is hop-by-hop, `trailers` too (RFC 9110 section 7.6.1); the
+        // backend gets our own from `wants_trailers`.
         let mut h = map(&[("te", "trailers")]);
+        assert!(wants_trailers(&h));
         remove_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+        assert!(wants_trailers(&map(&[("te", "gzip, Trailers")])));
+        assert!(!wants_trailers(&map(&[("te", "gzip")])));
+        assert!(!wants_trailers(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn our_te_names_itself_in_connection() {
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        accept_trailers(&mut h);
         assert_eq!(h["te"], "trailers");
+        let options: Vec<_> = h.get_all("connection").iter().collect();
+        assert_eq!(options, ["upgrade", "te"]);
+    }
+
+    /// Host is never hop-by-hop: a Connection option naming it is ignored.
+    #[test]
+    fn connection_cannot_remove_host() {
+        let mut h = map(&[
+            ("connection", "host, x-secret"),
+            ("host", "example.com"),
+            ("x-secret", "1"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["host"]);
     }
 
     #[test]
@@ -393,6 +453,26 @@ mod tests {
             h[&X_REQUEST_ID].to_str().unwrap().to_owned()
         };
         assert_eq!(id_of(&map(&[("x-request-id", "abc")])), "abc");
+        let longest = "~".repeat(MAX_REQUEST_ID);
+        assert_eq!(id_of(&map(&[("x-request-id", &longest)])), longest);
+        // Ids that could forge an access-log field, or are too long, are
+        // replaced by a new one.
+        for bad in [
+            "1 route=/admin",
+            "",
+            "a\tb",
+            &"x".repeat(MAX_REQUEST_ID + 1),
+        ] {
+            let id = id_of(&map(&[("x-request-id", bad)]));
+            assert_eq!(id.len(), 32, "{bad:?} -> {id:?}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{bad:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
+        assert_eq!(id_of(&h).len(), 32, "non-ASCII is replaced");
         let id = id_of(&HeaderMap::new());
         assert_eq!(id.len(), 32);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));

@@ -8,6 +8,8 @@ pub mod error;
 pub mod h1;
 pub mod handler;
 pub mod headers;
+mod quickack;
+pub mod request_line;
 pub mod route;
 pub mod tls;
 pub mod tunnel;
@@ -355,9 +357,14 @@ async fn serve_connection<IO>(
     // The request's future is boxed: hyper keeps a slot for it for the
     // connection's whole life, and an idle keep-alive connection should not
     // hold kilobytes for a request it is not serving.
+    let max_target = proxy.max_uri_bytes;
     let service =
         service_fn(move |req| Box::pin(handler::handle(proxy.clone(), client.clone(), req)));
-    let io = TokioIo::new(Tracked::new(stream, state.clone(), first));
+    let mut io = Tracked::new(stream, state.clone(), first);
+    if !h2 {
+        io = io.limit_targets(max_target);
+    }
+    let io = TokioIo::new(io);
     if h2 {
         let conn = protocols.h2.serve_connection(io, service);
         conn::supervise(

@@ -212,6 +212,76 @@ pub fn normalise_path(path: &str) -> Option<String> {
     Some(out)
 }
 
+/// What to do with a path that common backends resolve otherwise than we
+/// route it (`--path-escapes`), as Envoy's `path_with_escaped_slashes_action`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PathEscapes {
+    /// Forward every path byte for byte (the behaviour before issue 18).
+    Keep,
+    /// Refuse dot segments with parameters (`/..;/`: Tomcat drops the
+    /// parameters and climbs) and backslashes (WHATWG URL parsers read `\`
+    /// as `/`); keep `%2F` and `%5C`, which real APIs use.
+    #[default]
+    KeepEncoded,
+    /// As `keep-encoded`, and refuse `%2F` and `%5C` too (backends that
+    /// decode them before resolving dot segments).
+    Reject,
+}
+
+/// Why a path is refused under `PathEscapes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmbiguousPath {
+    Backslash,
+    DotSegmentWithParameters,
+    EncodedSeparator,
+}
+
+impl AmbiguousPath {
+    /// The client's answer (400).
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Backslash => "Bad request: a backslash in the path.\n",
+            Self::DotSegmentWithParameters => {
+                "Bad request: a dot segment with parameters (..;) in the path.\n"
+            }
+            Self::EncodedSeparator => "Bad request: an encoded slash (%2F or %5C) in the path.\n",
+        }
+    }
+}
+
+/// Whether `mode` refuses `path` (a raw origin-form path, before
+/// normalisation), and why. Such a path is routed on one prefix and resolved
+/// by the backend under another: `/public/..;/admin` matches the route
+/// `/public`, and Tomcat serves `/admin`. One pass over the bytes; most
+/// paths hold none of `\`, `;` and `%`.
+pub fn ambiguous_path(path: &str, mode: PathEscapes) -> Option<AmbiguousPath> {
+    if mode == PathEscapes::Keep {
+        return None;
+    }
+    let bytes = path.as_bytes();
+    let mut parameters = false;
+    for (i, b) in bytes.iter().enumerate() {
+        match b {
+            b'\\' => return Some(AmbiguousPath::Backslash),
+            b';' => parameters = true,
+            b'%' if mode == PathEscapes::Reject => {
+                let escape = bytes.get(i + 1..i + 3).map(|e| e.to_ascii_uppercase());
+                if matches!(escape.as_deref(), Some(b"2F" | b"5C")) {
+                    return Some(AmbiguousPath::EncodedSeparator);
+                }
+            }
+            _ => {}
+        }
+    }
+    let dot_with_parameters = |segment: &str| {
+        segment
+            .split_once(';')
+            .is_some_and(|(name, _)| matches!(&*decode_unreserved(name), "." | ".."))
+    };
+    (parameters && path.split('/').any(dot_with_parameters))
+        .then_some(AmbiguousPath::DotSegmentWithParameters)
+}
+
 /// Whether `path` is already in normal form: the common case, checked
 /// without allocating.
 pub fn is_normal(path: &str) -> bool {
@@ -324,6 +394,76 @@ mod tests {
         // An encoded slash is not a separator.
         assert_eq!(svc(&t, None, "/public%2F..%2Fadmin"), None);
         assert_eq!(svc(&t, None, "/publi%63/x").as_deref(), Some("pub"));
+    }
+
+    /// Paths we route on one prefix and common backends resolve under
+    /// another (issue 18): refused unless `keep`.
+    #[test]
+    fn ambiguous_paths_by_mode() {
+        use AmbiguousPath::*;
+        use PathEscapes::*;
+        let cases: &[(&str, [Option<AmbiguousPath>; 3])] = &[
+            ("/public/x", [None, None, None]),
+            (
+                "/public/..;/admin",
+                [
+                    None,
+                    Some(DotSegmentWithParameters),
+                    Some(DotSegmentWithParameters),
+                ],
+            ),
+            (
+                "/public/..;x=1/admin",
+                [
+                    None,
+                    Some(DotSegmentWithParameters),
+                    Some(DotSegmentWithParameters),
+                ],
+            ),
+            (
+                "/public/.;/admin",
+                [
+                    None,
+                    Some(DotSegmentWithParameters),
+                    Some(DotSegmentWithParameters),
+                ],
+            ),
+            (
+                "/public/%2e%2E;/admin",
+                [
+                    None,
+                    Some(DotSegmentWithParameters),
+                    Some(DotSegmentWithParameters),
+                ],
+            ),
+            (
+                "/public/..;",
+                [
+                    None,
+                    Some(DotSegmentWithParameters),
+                    Some(DotSegmentWithParameters),
+                ],
+            ),
+            (
+                "/public\\..\\admin",
+                [None, Some(Backslash), Some(Backslash)],
+            ),
+            ("/public/..%2fadmin", [None, None, Some(EncodedSeparator)]),
+            ("/public/..%5Cadmin", [None, None, Some(EncodedSeparator)]),
+            ("/files/a%2Fb", [None, None, Some(EncodedSeparator)]),
+            // Parameters on an ordinary segment, and escapes that are no
+            // separator, are fine.
+            ("/a;jsessionid=1/b", [None, None, None]),
+            ("/a/...;/b", [None, None, None]),
+            ("/a%20b/%25", [None, None, None]),
+            ("/a%2", [None, None, None]),
+        ];
+        for (path, want) in cases {
+            for (mode, want) in [Keep, KeepEncoded, Reject].into_iter().zip(want) {
+                assert_eq!(ambiguous_path(path, mode), *want, "{path} {mode:?}");
+            }
+        }
+        assert_eq!(PathEscapes::default(), KeepEncoded);
     }
 
     #[test]

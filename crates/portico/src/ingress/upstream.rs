@@ -13,7 +13,7 @@ use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,8 +26,9 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
 use super::conn::coarse_ms;
-use super::error::UpstreamError;
+use super::error::{ClientBodyFault, UpstreamError};
 use super::h1::client::{self as own, Release};
+use super::quickack::QuickAck;
 use crate::discovery::snapshot::Load;
 
 /// A response body's error: hyper's, or our HTTP/1.1 client's.
@@ -40,65 +41,141 @@ pub type UpstreamRequestBody = Either<Capped, Empty<Bytes>>;
 /// A failed send; holds the request when hyper never started sending it.
 pub type SendError = hyper::client::conn::TrySendError<Request<UpstreamRequestBody>>;
 
-/// A client's request body with a byte limit (`--max-body-bytes`). Past it
-/// the body fails, which aborts the upstream request, and `exceeded` says
-/// why, so the client gets 413 rather than 502.
-pub struct Capped {
-    inner: Incoming,
-    left: u64,
-    /// `None` for a body that had ended before it was read, which cannot
-    /// go over: most requests, spared an allocation.
-    exceeded: Option<Arc<std::sync::atomic::AtomicBool>>,
+/// What read ahead of a request body holds at most before a backend is
+/// chosen: the rest streams as it comes.
+const READ_AHEAD_BYTES: usize = 64 * 1024;
+
+/// Where the body notes its fault for the handler: the send that failed
+/// through it reports hyper's error, which tells nothing of who failed.
+#[derive(Debug, Default)]
+pub struct FaultNote(std::sync::atomic::AtomicU8);
+
+impl FaultNote {
+    fn set(&self, fault: ClientBodyFault) {
+        let code = match fault {
+            ClientBodyFault::TooLarge => 1,
+            ClientBodyFault::Malformed => 2,
+        };
+        self.0.store(code, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<ClientBodyFault> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Some(ClientBodyFault::TooLarge),
+            2 => Some(ClientBodyFault::Malformed),
+            _ => None,
+        }
+    }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("request body over the --max-body-bytes limit")]
-pub struct BodyTooLarge;
+/// A client's request body with a byte limit (`--max-body-bytes`), whose
+/// errors are the client's. Past the limit, or on bad framing, the body
+/// fails, which aborts the upstream request and discards its connection,
+/// and the note says why, so the client gets 413 or 400 rather than 502.
+pub struct Capped {
+    inner: Incoming,
+    /// Frames `read_ahead` took before a backend was chosen; sent first.
+    ahead: std::collections::VecDeque<Frame<Bytes>>,
+    /// `inner` ended during `read_ahead`.
+    ended: bool,
+    left: u64,
+    /// `None` for a body that had ended before it was read, which cannot
+    /// fail: most requests, spared an allocation.
+    fault: Option<Arc<FaultNote>>,
+}
 
 impl Capped {
-    pub fn new(inner: Incoming, limit: u64) -> (Self, Option<Arc<std::sync::atomic::AtomicBool>>) {
-        let exceeded =
-            (!inner.is_end_stream()).then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    pub fn new(inner: Incoming, limit: u64) -> (Self, Option<Arc<FaultNote>>) {
+        let fault = (!inner.is_end_stream()).then(|| Arc::new(FaultNote::default()));
         let capped = Self {
             inner,
+            ahead: Default::default(),
+            ended: false,
             left: limit,
-            exceeded: exceeded.clone(),
+            fault: fault.clone(),
         };
-        (capped, exceeded)
+        (capped, fault)
+    }
+
+    fn fail(&self, fault: ClientBodyFault) -> ClientBodyFault {
+        if let Some(note) = &self.fault {
+            note.set(fault);
+        }
+        fault
+    }
+
+    /// Take what of the body has already come, before any backend is
+    /// contacted, so that bad framing already in hand is refused with
+    /// nothing forwarded. hyper hands a body over one frame at a time,
+    /// decoded by the connection as the frame is asked for: each frame in
+    /// hand costs a yield to it, and the first that is not costs one more.
+    /// For chunked HTTP/1.1 bodies only: a Content-Length body has no
+    /// framing to get wrong.
+    pub async fn read_ahead(&mut self) -> Result<(), ClientBodyFault> {
+        let mut held = 0u64;
+        let mut yielded = false;
+        while held < READ_AHEAD_BYTES as u64 && !self.ended {
+            let polled = poll_fn(|cx| Poll::Ready(Pin::new(&mut self.inner).poll_frame(cx))).await;
+            match polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    held += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if held > self.left {
+                        return Err(self.fail(ClientBodyFault::TooLarge));
+                    }
+                    self.ahead.push_back(frame);
+                    yielded = false;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "request body failed before a backend was chosen");
+                    return Err(self.fail(ClientBodyFault::Malformed));
+                }
+                Poll::Ready(None) => self.ended = true,
+                Poll::Pending if yielded => break,
+                Poll::Pending => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 impl Body for Capped {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = ClientBodyFault;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
-                if len > self.left {
-                    if let Some(exceeded) = &self.exceeded {
-                        exceeded.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyFault>>> {
+        let frame = match self.ahead.pop_front() {
+            Some(frame) => frame,
+            None if self.ended => return Poll::Ready(None),
+            None => match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "request body failed while streaming");
+                    return Poll::Ready(Some(Err(self.fail(ClientBodyFault::Malformed))));
                 }
-                self.left -= len;
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+                None => return Poll::Ready(None),
+            },
+        };
+        let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+        if len > self.left {
+            return Poll::Ready(Some(Err(self.fail(ClientBodyFault::TooLarge))));
         }
+        self.left -= len;
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ahead.is_empty() && (self.ended || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
+        // Read ahead of a chunked body only, which stays chunked: the
+        // inner hint (unknown) is still the right one.
         self.inner.size_hint()
     }
 }
@@ -325,7 +402,7 @@ impl Pool {
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(20))
-                .handshake(TokioIo::new(stream))
+                .handshake(TokioIo::new(QuickAck::new(stream)))
                 .await
                 .map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
@@ -344,7 +421,7 @@ impl Pool {
     pub async fn connect(&self, addr: SocketAddr) -> Result<Conn, UpstreamError> {
         let stream = self.tcp(addr).await?;
         let (sender, driver) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(QuickAck::new(stream)))
             .await
             .map_err(UpstreamError::Handshake)?;
         Ok(Conn {

@@ -11,26 +11,31 @@
 //! - `GET /healthz`: the process answers.
 //! - `GET /readyz`: 200 while registrations are current (always in memory;
 //!   over etcd, while the watch is in sync), 503 otherwise.
+//!
+//! Writes need `Content-Type: application/json` (415 otherwise), and a
+//! request with an `Origin` header, from a web page, is refused (403)
+//! unless `--http-allow-origin` lists it. Connections are capped and timed
+//! by `api_server`; blocking queries are capped by `--http-max-watches`.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use portico_wire::{
     signing_prefix, Envelope, ErrorReply, Registration, Reply, Request as WireRequest, ServiceName,
     Signature,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use super::{unix_ms, Registry, View};
+use crate::api_server::ServerLimits;
 
 /// Longest a blocking query may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -90,38 +95,65 @@ struct ErrorDoc<'a> {
     error: &'a str,
 }
 
-/// Serve the API until shutdown. Connections are spawned; a slow client
-/// holds only its own task.
-pub async fn serve(listener: TcpListener, registry: Registry, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let (stream, _) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "tower http: accept failed");
-                // Out of descriptors: give connections a moment to close.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let registry = registry.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                answer(registry.clone(), shutdown.clone(), req)
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "tower http connection ended with an error");
-            }
-        });
+/// How the API is served: how long and how many connections a client may
+/// hold, blocking queries at most, and the web origins whose pages may call it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    pub limits: ServerLimits,
+    pub max_watches: usize,
+    /// As browsers send them: `https://ops.example.com`, `http://localhost:3000`.
+    pub allow_origins: Vec<String>,
+}
+
+/// What each request needs; cloned per request (all handles).
+#[derive(Clone)]
+struct Api {
+    registry: Registry,
+    shutdown: watch::Receiver<bool>,
+    watches: Arc<Semaphore>,
+    max_watches: usize,
+    allow_origins: Arc<[String]>,
+    /// A write's body must arrive within the header timeout too.
+    body_timeout: Duration,
+}
+
+impl Api {
+    fn origin_allowed(&self, origin: &HeaderValue) -> bool {
+        let origin = origin.to_str().unwrap_or("");
+        self.allow_origins
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(origin))
     }
+}
+
+const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 75\r\nconnection: close\r\n\r\n{\"error\":\"at capacity: too many open connections (--http-max-connections)\"}";
+
+/// Serve the API until shutdown. Connections are spawned; a slow client
+/// holds only its own task, up to the timeouts.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    settings: HttpSettings,
+    shutdown: watch::Receiver<bool>,
+) {
+    let api = Api {
+        registry,
+        shutdown: shutdown.clone(),
+        watches: Arc::new(Semaphore::new(settings.max_watches)),
+        max_watches: settings.max_watches,
+        allow_origins: settings.allow_origins.into(),
+        body_timeout: settings.limits.header_timeout,
+    };
+    let handler = move |peer, req| answer(api.clone(), peer, req);
+    crate::api_server::serve(
+        listener,
+        "tower http",
+        settings.limits,
+        AT_CAPACITY,
+        handler,
+        shutdown,
+    )
+    .await;
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
@@ -147,15 +179,58 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-async fn answer(
-    registry: Registry,
-    shutdown: watch::Receiver<bool>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+/// A request carrying an `Origin` comes from a web page (browsers add it to
+/// every cross-origin request and to every POST): refused unless listed,
+/// so that no page a person happens to open can rewrite the registry.
+async fn answer(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let Some(origin) = origin else {
+        return route(api, peer, req).await;
+    };
+    if !api.origin_allowed(&origin) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "requests from web pages are refused unless their origin is listed with --http-allow-origin",
+        );
+    }
+    let mut resp = if req.method() == Method::OPTIONS {
+        preflight()
+    } else {
+        route(api, peer, req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::VARY, HeaderValue::from_static("origin"));
+    resp
+}
+
+/// The answer to a listed origin's CORS preflight: its page may read, and
+/// write with a JSON body.
+fn preflight() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    r
+}
+
+async fn route(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let registry = &api.registry;
     let path = req.uri().path().to_owned();
-    let resp = match (req.method(), path.as_str()) {
+    match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/metrics") => metrics(&registry),
+        (&Method::GET, "/metrics") => metrics(&api),
         (&Method::GET, "/readyz") => {
             let store = if registry.is_stored() {
                 "etcd"
@@ -176,7 +251,8 @@ async fn answer(
             }
         }
         (&Method::GET, "/v1/services") => {
-            services(&registry, shutdown, req.uri().query().unwrap_or("")).await
+            let query = req.uri().query().unwrap_or("").to_owned();
+            services(&api, &query).await
         }
         (&Method::GET, p) if p.starts_with("/v1/services/") => {
             let name = &p["/v1/services/".len()..];
@@ -186,23 +262,19 @@ async fn answer(
                 None => error(StatusCode::NOT_FOUND, "no live endpoint under that name"),
             }
         }
-        (&Method::POST, "/v1/register") => write(&registry, req, WireRequest::Register).await,
-        (&Method::POST, "/v1/deregister") => write(&registry, req, WireRequest::Deregister).await,
+        (&Method::POST, "/v1/register") => write(&api, peer, req, WireRequest::Register).await,
+        (&Method::POST, "/v1/deregister") => write(&api, peer, req, WireRequest::Deregister).await,
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/v1/services" | "/v1/register"
             | "/v1/deregister",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/services"),
-    };
-    Ok(resp)
+    }
 }
 
-async fn services(
-    registry: &Registry,
-    mut shutdown: watch::Receiver<bool>,
-    query: &str,
-) -> Response<Full<Bytes>> {
+async fn services(api: &Api, query: &str) -> Response<Full<Bytes>> {
+    let registry = &api.registry;
     let index = query_param(query, "index").and_then(|v| v.parse::<u64>().ok());
     let epoch = query_param(query, "epoch").and_then(|v| v.parse::<u64>().ok());
     let wait = match query_param(query, "wait") {
@@ -215,7 +287,16 @@ async fn services(
     if let Some(index) = index {
         let same_run = epoch.is_none_or(|e| e == registry.view(Instant::now()).epoch);
         if same_run {
+            // Each waiting query holds a connection and a task for minutes:
+            // past the cap, the client is told at once rather than queued.
+            let Ok(_slot) = api.watches.clone().try_acquire_owned() else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many blocking queries open (--http-max-watches); retry later",
+                );
+            };
             let mut rx = registry.subscribe();
+            let mut shutdown = api.shutdown.clone();
             // Answers on a change, at the deadline, or when the Tower stops.
             tokio::select! {
                 _ = tokio::time::timeout(wait, rx.wait_for(|r| *r != index)) => {}
@@ -230,17 +311,43 @@ async fn services(
     resp
 }
 
+/// `Content-Type: application/json`, parameters aside. A browser sends a
+/// form or text/plain to another origin without asking first (no CORS
+/// preflight); JSON it must ask for, and the Tower does not say yes.
+fn is_json(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
 async fn write(
-    registry: &Registry,
+    api: &Api,
+    peer: IpAddr,
     req: Request<Incoming>,
     make: fn(Registration) -> WireRequest,
 ) -> Response<Full<Bytes>> {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let registry = &api.registry;
+    if !is_json(&req) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "writes need Content-Type: application/json",
+        );
+    }
+    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(api.body_timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body over 4 KiB, or unreadable",
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body not received within the header timeout",
             )
         }
     };
@@ -285,7 +392,7 @@ async fn write(
         signature,
         signed_len: signed.len(),
     };
-    match registry.handle(envelope, &signed, Instant::now(), unix_ms()) {
+    match registry.handle(envelope, &signed, peer, Instant::now(), unix_ms()) {
         Reply::Registered(n) => json(
             StatusCode::OK,
             &serde_json::json!({"registered": n.as_str()}),
@@ -323,8 +430,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
 }
 
 /// The Tower's Prometheus metrics, in the text format.
-fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
+fn metrics(api: &Api) -> Response<Full<Bytes>> {
     use std::sync::atomic::Ordering::Relaxed;
+    let registry = &api.registry;
     let c = registry.counters();
     let mut out = String::new();
     family(
@@ -367,6 +475,16 @@ fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
         "Registrations that expired without a heartbeat.",
         &[("", c.expiries.load(Relaxed))],
     );
+    family(
+        &mut out,
+        "portico_tower_watches",
+        "gauge",
+        "Blocking queries waiting now (at most --http-max-watches).",
+        &[(
+            "",
+            (api.max_watches - api.watches.available_permits()) as u64,
+        )],
+    );
     if let Some((owned, backlog)) = registry.store_backlog() {
         family(
             &mut out,
@@ -396,4 +514,12 @@ fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_refusal_past_the_cap_is_framed() {
+        assert!(crate::api_server::is_framed(super::AT_CAPACITY));
+    }
 }

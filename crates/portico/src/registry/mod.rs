@@ -1,23 +1,30 @@
 //! The Tower: the registry table, its UDP and HTTP servers, signed writes,
-//! and a client.
+//! which endpoints may register, and a client.
 
+pub mod admit;
 pub mod auth;
 pub mod client;
 pub mod etcd;
 pub mod http;
+pub mod ratelimit;
 pub mod store;
 pub mod table;
 pub mod udp;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use portico_wire::{Envelope, ErrorReply, Registration, Reply, Request, ServiceName};
+use bytes::Bytes;
+use portico_wire::{
+    encode_list, Envelope, ErrorReply, ListEntry, Registration, Reply, Request, ServiceName,
+    MAX_UDP_REPLY_LEN,
+};
 use tokio::sync::{watch, Notify};
 
 use crate::etcd::keys::{EndpointKey, Layout};
+use admit::Admission;
 use auth::{Key, Verifier};
 use store::{Job, Outcome, StoreState};
 pub use table::{Limits, Table};
@@ -44,6 +51,25 @@ struct Inner {
     /// Set when the registrations live in etcd; the table is then the
     /// local cache of what this Tower serves.
     store: Option<Store>,
+    /// Which endpoints a REGISTER may name.
+    admission: Admission,
+    /// The last LIST datagram, reused while the table's revision stays and
+    /// for at most `LIST_REUSE`. Its own lock, never held with the table's.
+    list_cache: Mutex<Option<ListCache>>,
+}
+
+/// How long one encoded LIST is reused while nothing changes. Its
+/// `ttl_left` fields (whole seconds, rounded down) are then at most this
+/// much too high; a refresh or an expiry between two encodings shows at
+/// the next one. A flood of LIST costs one encoding per change or per
+/// second, and a copy of an `Arc` per datagram.
+const LIST_REUSE: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct ListCache {
+    revision: u64,
+    built: Instant,
+    datagram: Bytes,
 }
 
 #[derive(Debug)]
@@ -91,16 +117,22 @@ pub struct View {
 }
 
 impl Registry {
-    pub fn new(limits: Limits, key: Option<Key>) -> Self {
-        Self::build(limits, key, None)
+    pub fn new(limits: Limits, key: Option<Key>, admission: Admission) -> Self {
+        Self::build(limits, key, admission, None)
     }
 
     /// A registry whose registrations live in etcd under `layout`.
-    pub fn with_etcd(limits: Limits, key: Option<Key>, layout: Layout) -> Self {
+    pub fn with_etcd(
+        limits: Limits,
+        key: Option<Key>,
+        admission: Admission,
+        layout: Layout,
+    ) -> Self {
         let state = StoreState::new(layout, limits.ttl);
         Self::build(
             limits,
             key,
+            admission,
             Some(Store {
                 state: Mutex::new(state),
                 wake: Notify::new(),
@@ -108,7 +140,7 @@ impl Registry {
         )
     }
 
-    fn build(limits: Limits, key: Option<Key>, store: Option<Store>) -> Self {
+    fn build(limits: Limits, key: Option<Key>, admission: Admission, store: Option<Store>) -> Self {
         let (revision, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
@@ -120,6 +152,8 @@ impl Registry {
                 warm_announced: AtomicBool::new(false),
                 counters: Counters::default(),
                 store,
+                admission,
+                list_cache: Mutex::new(None),
             }),
         }
     }
@@ -129,8 +163,16 @@ impl Registry {
     }
 
     /// Answer one request from any transport. `signed` is the span of the
-    /// original bytes that a signature covers.
-    pub fn handle(&self, envelope: Envelope, signed: &[u8], now: Instant, now_ms: u64) -> Reply {
+    /// original bytes that a signature covers; `from` is the sender's
+    /// address (a loopback endpoint is accepted only from this host).
+    pub fn handle(
+        &self,
+        envelope: Envelope,
+        signed: &[u8],
+        from: IpAddr,
+        now: Instant,
+        now_ms: u64,
+    ) -> Reply {
         let c = &self.inner.counters;
         let (command, write) = match envelope.request {
             Request::Register(_) => (0, true),
@@ -145,6 +187,11 @@ impl Registry {
             if let Err(e) = checked {
                 c.unauthorized.fetch_add(1, Ordering::Relaxed);
                 return Reply::Error(ErrorReply::Unauthorized(e.to_string()));
+            }
+        }
+        if let Request::Register(r) = &envelope.request {
+            if let Err(why) = self.inner.admission.check(r.addr.ip(), from) {
+                return Reply::Error(ErrorReply::RegisterRefused(why.to_string()));
             }
         }
         if let Some(store) = &self.inner.store {
@@ -169,12 +216,50 @@ impl Registry {
         // The store's lock is taken before the table's, never inside it.
         let warm = self.is_warm(now, self.limits().ttl);
         let table = lock(&self.inner.table);
+        let index = table.revision();
+        let mut endpoints = table.endpoints_unsorted(now);
+        drop(table);
+        table::sort_endpoints(&mut endpoints);
         View {
-            index: table.revision(),
+            index,
             epoch: self.inner.epoch,
             warm,
-            endpoints: table.endpoints(now),
+            endpoints,
         }
+    }
+
+    /// The LIST reply datagram for UDP: at most `MAX_UDP_REPLY_LEN` bytes
+    /// (cut with a marker past that), encoded once per change of the table
+    /// or per `LIST_REUSE`, with the sort and the encoding off the table's
+    /// lock: a LIST flood must not starve heartbeats.
+    pub fn list_datagram(&self, now: Instant) -> Bytes {
+        self.inner.counters.requests[3].fetch_add(1, Ordering::Relaxed);
+        let revision = lock(&self.inner.table).revision();
+        if let Some(c) = lock(&self.inner.list_cache).as_ref() {
+            if c.revision == revision && now.saturating_duration_since(c.built) < LIST_REUSE {
+                return c.datagram.clone();
+            }
+        }
+        let table = lock(&self.inner.table);
+        let revision = table.revision();
+        let mut endpoints = table.endpoints_unsorted(now);
+        drop(table);
+        table::sort_endpoints(&mut endpoints);
+        let entries: Vec<ListEntry> = endpoints
+            .into_iter()
+            .map(|(name, addr, left)| ListEntry {
+                name,
+                addr,
+                ttl_left_secs: left.as_secs(),
+            })
+            .collect();
+        let datagram = Bytes::from(encode_list(&entries, MAX_UDP_REPLY_LEN));
+        *lock(&self.inner.list_cache) = Some(ListCache {
+            revision,
+            built: now,
+            datagram: datagram.clone(),
+        });
+        datagram
     }
 
     fn is_warm(&self, now: Instant, ttl: Duration) -> bool {
@@ -431,5 +516,78 @@ impl crate::etcd::watch::Sink for Registry {
         if returned {
             store.wake.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use portico_wire::decode_envelope;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn send(r: &Registry, datagram: &str, from: IpAddr, now: Instant) -> Reply {
+        let e = decode_envelope(datagram.as_bytes()).unwrap();
+        let signed = datagram.as_bytes()[..e.signed_len].to_vec();
+        r.handle(e, &signed, from, now, 0)
+    }
+
+    fn text(b: Bytes) -> String {
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn list_is_reused_within_a_revision_and_a_second_only() {
+        let r = Registry::new(Limits::default(), None, Admission::default());
+        let t0 = Instant::now();
+        send(&r, "REGISTER|a|10.0.0.1|80", LOCAL, t0);
+        assert_eq!(text(r.list_datagram(t0)), "OK|LIST|1|a:10.0.0.1:80:30");
+        // Same revision, within the second: the same bytes, ttl_left as built.
+        let soon = t0 + Duration::from_millis(900);
+        assert_eq!(text(r.list_datagram(soon)), "OK|LIST|1|a:10.0.0.1:80:30");
+        // A change shows at once.
+        send(&r, "REGISTER|b|10.0.0.2|80", LOCAL, soon);
+        assert_eq!(
+            text(r.list_datagram(soon)),
+            "OK|LIST|2|a:10.0.0.1:80:29,b:10.0.0.2:80:30"
+        );
+        // A second on, ttl_left is counted again (a refresh is no change
+        // of revision, so this is how it shows).
+        send(&r, "REGISTER|a|10.0.0.1|80", LOCAL, soon);
+        let later = soon + Duration::from_secs(1);
+        assert_eq!(
+            text(r.list_datagram(later)),
+            "OK|LIST|2|a:10.0.0.1:80:29,b:10.0.0.2:80:29"
+        );
+    }
+
+    #[test]
+    fn register_checks_the_endpoint_against_the_sender() {
+        let allow = vec!["10.0.0.0/8".parse().unwrap()];
+        let r = Registry::new(Limits::default(), None, Admission::new(allow));
+        let now = Instant::now();
+        let remote: IpAddr = "10.9.9.9".parse().unwrap();
+        assert!(matches!(
+            send(&r, "REGISTER|a|10.0.0.1|80", remote, now),
+            Reply::Registered(_)
+        ));
+        for (datagram, from) in [
+            ("REGISTER|a|127.0.0.1|80", remote),
+            ("REGISTER|a|192.168.0.1|80", LOCAL),
+            ("REGISTER|a|169.254.169.254|80", LOCAL),
+        ] {
+            let reply = send(&r, datagram, from, now);
+            assert!(
+                matches!(reply, Reply::Error(ErrorReply::RegisterRefused(_))),
+                "{datagram}: {reply:?}"
+            );
+        }
+        // DEREGISTER is not checked: it can only remove what was admitted.
+        assert!(matches!(
+            send(&r, "DEREGISTER|a|10.0.0.1|80", remote, now),
+            Reply::Deregistered(_)
+        ));
+        assert_eq!(r.len(), 0);
     }
 }

@@ -51,6 +51,11 @@ impl Entry {
     }
 }
 
+/// The order of LIST and of the HTTP API: by name, then address.
+pub fn sort_endpoints(endpoints: &mut [(ServiceName, SocketAddr, Duration)]) {
+    endpoints.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+}
+
 /// Every live registration, by service name.
 #[derive(Debug)]
 pub struct Table {
@@ -174,9 +179,16 @@ impl Table {
 
     /// Every live replica, sorted by name then address, with the time left.
     pub fn endpoints(&self, now: Instant) -> Vec<(ServiceName, SocketAddr, Duration)> {
+        let mut out = self.endpoints_unsorted(now);
+        sort_endpoints(&mut out);
+        out
+    }
+
+    /// Every live replica in no order: the copy a caller takes under the
+    /// lock, to sort after letting go of it.
+    pub fn endpoints_unsorted(&self, now: Instant) -> Vec<(ServiceName, SocketAddr, Duration)> {
         let ttl = self.limits.ttl;
-        let mut out: Vec<_> = self
-            .services
+        self.services
             .iter()
             .flat_map(|(name, entries)| {
                 entries
@@ -184,9 +196,7 @@ impl Table {
                     .filter(move |e| e.live(now))
                     .map(move |e| (name.clone(), e.addr, e.left(now, ttl)))
             })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-        out
+            .collect()
     }
 
     /// Every live replica for LIST, with whole seconds left.

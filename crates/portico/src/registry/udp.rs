@@ -1,22 +1,35 @@
-//! The Tower's UDP server: socket -> `wire::decode_envelope` ->
-//! `Registry::handle(.., now)` -> `wire::encode_reply` -> socket. The clock
-//! is read here, at the edge, and nowhere in the table.
+//! The Tower's UDP server: socket -> per-source rate limit ->
+//! `wire::decode_envelope` -> `Registry::handle(.., now)` ->
+//! `wire::encode_reply` -> socket. The clock is read here, at the edge, and
+//! nowhere in the table. No reply is larger than `MAX_UDP_REPLY_LEN`
+//! (LIST is cut with a marker), and garbage gets no more bytes back than
+//! it sent, so the Tower is no amplifier for forged datagrams.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use portico_wire::{decode_envelope, encode_reply, Reply};
+use bytes::Bytes;
+use portico_wire::{decode_envelope, encode_refusal, encode_reply, Request};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
+use super::ratelimit::{ReplyLimit, ReplyLimiter};
 use super::{unix_ms, Registry};
 
 /// Serve the UDP protocol until `shutdown` flips to true.
-pub async fn serve(socket: UdpSocket, registry: Registry, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    socket: UdpSocket,
+    registry: Registry,
+    limit: ReplyLimit,
+    mut shutdown: watch::Receiver<bool>,
+) {
     // Large enough for any datagram, so that an oversized one is seen whole
     // and refused by its length instead of being parsed truncated.
     let mut buf = vec![0u8; 65_536];
+    let mut limiter = ReplyLimiter::new(limit);
     let mut last_error_log: Option<Instant> = None;
+    let mut last_limit_log: Option<Instant> = None;
     loop {
         let received = tokio::select! {
             r = socket.recv_from(&mut buf) => r,
@@ -27,31 +40,52 @@ pub async fn serve(socket: UdpSocket, registry: Registry, mut shutdown: watch::R
             Err(e) => {
                 // ICMP port-unreachable from an earlier reply surfaces here as
                 // ECONNREFUSED on Linux; it says nothing about this socket.
-                if e.kind() != io::ErrorKind::ConnectionRefused
-                    && last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
-                {
+                if e.kind() != io::ErrorKind::ConnectionRefused && due(&mut last_error_log) {
                     tracing::warn!(error = %e, "tower: receive failed; continuing");
-                    last_error_log = Some(Instant::now());
                 }
                 continue;
             }
         };
-        let datagram = &buf[..len];
-        let reply = match decode_envelope(datagram) {
-            Ok(envelope) => {
-                tracing::debug!(%from, request = ?envelope.request, "tower request");
-                let signed = &datagram[..envelope.signed_len];
-                registry.handle(envelope, signed, Instant::now(), unix_ms())
+        let now = Instant::now();
+        if !limiter.allow(from.ip(), now) {
+            if due(&mut last_limit_log) {
+                tracing::warn!(%from, "tower: datagrams over --udp-reply-rate dropped unanswered");
             }
-            Err(e) => {
-                tracing::debug!(%from, error = %e, "tower: malformed datagram");
-                registry.count_malformed();
-                Reply::Error(e.reply())
-            }
+            continue;
+        }
+        let Some(bytes) = answer(&registry, &buf[..len], from, now) else {
+            continue;
         };
-        let bytes = encode_reply(&reply);
         if let Err(e) = socket.send_to(&bytes, from).await {
             tracing::debug!(%from, error = %e, "tower: reply not sent");
+        }
+    }
+}
+
+/// True at most once every 10 s: a flood must not flood the log too.
+fn due(last: &mut Option<Instant>) -> bool {
+    if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+        return false;
+    }
+    *last = Some(Instant::now());
+    true
+}
+
+/// The reply to one datagram, if it gets one.
+fn answer(registry: &Registry, datagram: &[u8], from: SocketAddr, now: Instant) -> Option<Bytes> {
+    match decode_envelope(datagram) {
+        // Encoded once per change, shared by every LIST until the next.
+        Ok(envelope) if envelope.request == Request::List => Some(registry.list_datagram(now)),
+        Ok(envelope) => {
+            tracing::debug!(%from, request = ?envelope.request, "tower request");
+            let signed = &datagram[..envelope.signed_len];
+            let reply = registry.handle(envelope, signed, from.ip(), now, unix_ms());
+            Some(Bytes::from(encode_reply(&reply)))
+        }
+        Err(e) => {
+            tracing::debug!(%from, error = %e, "tower: malformed datagram");
+            registry.count_malformed();
+            encode_refusal(&e, datagram.len()).map(Bytes::from)
         }
     }
 }

@@ -1,10 +1,12 @@
 //! A real etcd (Debian's etcd-server) on loopback for tests: one member or a
 //! cluster, on free ports below the ephemeral range (a restarted member
-//! must get its ports back), with a temporary data directory.
+//! must get its ports back), with a temporary data directory. Optionally
+//! secured as in production: TLS with client certificates (made here with
+//! openssl) and users with passwords.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,99 @@ pub struct Etcd {
     dir: PathBuf,
     cluster: String,
     token: String,
+    secure: Option<Secure>,
+}
+
+/// How a test etcd is secured.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Give JWT tokens that expire this long (e.g. "2s") after they were
+    /// issued. etcd's default, simple tokens, last while they are used (each
+    /// use restarts --auth-token-ttl), so a client that keeps calling never
+    /// sees one expire; they are lost when etcd restarts.
+    pub jwt_ttl: Option<&'static str>,
+}
+
+/// The files and users of a secured etcd.
+pub struct Secure {
+    pub ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    /// Portico's client certificate and key. No CommonName: etcd's gateway
+    /// refuses a client certificate with one once auth is on.
+    pub client: (PathBuf, PathBuf),
+    /// The password of the user `portico`, and a file holding it.
+    pub password: String,
+    pub password_file: PathBuf,
+    root_password: String,
+    auth_token: Option<String>,
+    auth_on: bool,
+}
+
+pub const USER: &str = "portico";
+
+/// Run openssl with `args` (split at spaces: test paths have none); panics
+/// with its complaint when it fails.
+pub fn openssl(args: &str) {
+    let out = Command::new("openssl")
+        .args(args.split_whitespace())
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A CA (P-256) in `dir`: its certificate and key.
+pub fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    openssl(&format!(
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+         -keyout {} -out {} -subj /CN={name} -addext basicConstraints=critical,CA:TRUE \
+         -addext keyUsage=critical,keyCertSign,cRLSign",
+        p(&key),
+        p(&crt)
+    ));
+    (crt, key)
+}
+
+/// A certificate for 127.0.0.1 signed by `ca`, good for both ends of TLS
+/// (etcd's gateway presents its server certificate to etcd itself).
+pub fn make_leaf(
+    dir: &Path,
+    name: &str,
+    subject: &str,
+    ca: &(PathBuf, PathBuf),
+) -> (PathBuf, PathBuf) {
+    let file = |ext: &str| dir.join(format!("{name}.{ext}"));
+    let (crt, key, csr, ext) = (file("crt"), file("key"), file("csr"), file("ext"));
+    openssl(&format!(
+        "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {} -out {} -subj {subject}",
+        p(&key),
+        p(&csr)
+    ));
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    openssl(&format!(
+        "x509 -req -in {} -CA {} -CAkey {} -CAcreateserial -days 2 -out {} -extfile {}",
+        p(&csr),
+        p(&ca.0),
+        p(&ca.1),
+        p(&crt),
+        p(&ext)
+    ));
+    (crt, key)
 }
 
 /// A free TCP port in 30000-32700, below Linux's ephemeral range.
@@ -65,6 +160,17 @@ impl Etcd {
     /// Start `n` members and wait until the cluster answers linearizable
     /// reads.
     pub fn start(n: usize) -> Etcd {
+        Self::start_with(n, None)
+    }
+
+    /// One member with TLS (client certificates required) and auth on:
+    /// users `root` and `portico`, the latter allowed readwrite on
+    /// /portico/v1/ only.
+    pub fn start_secure(security: Security) -> Etcd {
+        Self::start_with(1, Some(security))
+    }
+
+    fn start_with(n: usize, security: Option<Security>) -> Etcd {
         assert!(
             Command::new("etcd").arg("--version").output().is_ok(),
             "these tests need etcd: apt-get install etcd-server (.ci/run does)"
@@ -75,6 +181,7 @@ impl Etcd {
             fastrand::u64(..)
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let secure = security.map(|s| Secure::make(&dir, s));
         let mut taken = Vec::new();
         let mut members = Vec::new();
         for i in 0..n {
@@ -99,24 +206,176 @@ impl Etcd {
             dir,
             cluster,
             token: format!("portico-test-{}", fastrand::u64(..)),
+            secure,
         };
         for i in 0..n {
             etcd.spawn(i);
         }
         etcd.wait_ready();
+        if etcd.secure.is_some() {
+            etcd.enable_auth();
+        }
         etcd
+    }
+
+    pub fn secure(&self) -> &Secure {
+        self.secure.as_ref().expect("a secured etcd")
+    }
+
+    /// The client URL scheme.
+    fn scheme(&self) -> &'static str {
+        if self.secure.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Portico's flags for this etcd: members, TLS files, user, password.
+    pub fn flags(&self) -> Vec<String> {
+        let mut out = vec!["--etcd".to_owned(), self.endpoints()];
+        if let Some(s) = &self.secure {
+            for (flag, path) in [
+                ("--etcd-ca-cert", &s.ca),
+                ("--etcd-cert", &s.client.0),
+                ("--etcd-key", &s.client.1),
+                ("--etcd-password-file", &s.password_file),
+            ] {
+                out.push(flag.to_owned());
+                out.push(p(path).to_owned());
+            }
+            out.push("--etcd-user".to_owned());
+            out.push(USER.to_owned());
+        }
+        out
+    }
+
+    /// Users, roles and auth on, as an operator would with etcdctl.
+    fn enable_auth(&mut self) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let s = self.secure();
+        let (root_pw, pw) = (s.root_password.clone(), s.password.clone());
+        let calls = [
+            ("/v3/auth/role/add", r#"{"name":"root"}"#.to_owned()),
+            (
+                "/v3/auth/user/add",
+                format!(r#"{{"name":"root","password":"{root_pw}"}}"#),
+            ),
+            (
+                "/v3/auth/user/grant",
+                r#"{"user":"root","role":"root"}"#.to_owned(),
+            ),
+            ("/v3/auth/role/add", format!(r#"{{"name":"{USER}"}}"#)),
+            (
+                "/v3/auth/role/grant",
+                format!(
+                    r#"{{"name":"{USER}","perm":{{"permType":"READWRITE","key":"{}","range_end":"{}"}}}}"#,
+                    b64.encode("/portico/v1/"),
+                    b64.encode("/portico/v10")
+                ),
+            ),
+            (
+                "/v3/auth/user/add",
+                format!(r#"{{"name":"{USER}","password":"{pw}"}}"#),
+            ),
+            (
+                "/v3/auth/user/grant",
+                format!(r#"{{"user":"{USER}","role":"{USER}"}}"#),
+            ),
+            ("/v3/auth/enable", "{}".to_owned()),
+        ];
+        let member = self.members[0].client;
+        for (path, body) in calls {
+            let got = self.request(member, path, &body);
+            assert!(matches!(got, Some((200, _))), "{path}: {got:?}");
+        }
+        self.secure.as_mut().unwrap().auth_on = true;
+    }
+
+    /// A token for `user`, or None when etcd refuses.
+    pub fn authenticate(&self, user: &str, password: &str) -> Option<String> {
+        let body = format!(r#"{{"name":"{user}","password":"{password}"}}"#);
+        let (status, out) =
+            self.curl(self.members[0].client, "/v3/auth/authenticate", &body, None)?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (status == 200).then(|| v["token"].as_str().map(str::to_owned))?
+    }
+
+    /// One POST over TLS with curl, the status and body.
+    pub fn curl(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        body: &str,
+        token: Option<&str>,
+    ) -> Option<(u16, String)> {
+        let s = self.secure();
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "3", "-X", "POST"])
+            .args([
+                "--cacert",
+                p(&s.ca),
+                "--cert",
+                p(&s.client.0),
+                "--key",
+                p(&s.client.1),
+            ])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+            ])
+            .args(["-w", "\n%{http_code}"]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: {t}")]);
+        }
+        let out = cmd.arg(format!("https://{addr}{path}")).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n')?;
+        Some((status.trim().parse().ok()?, body.to_owned()))
+    }
+
+    /// A POST to member `addr` as the harness: plain, or over TLS as root.
+    fn request(&self, addr: SocketAddr, path: &str, body: &str) -> Option<(u16, String)> {
+        let Some(s) = &self.secure else {
+            return post(addr, path, body);
+        };
+        // JWT tokens may expire between calls: a new one for each.
+        let token = if s.auth_on {
+            Some(self.authenticate("root", &s.root_password)?)
+        } else {
+            None
+        };
+        self.curl(addr, path, body, token.as_deref())
     }
 
     fn spawn(&mut self, i: usize) {
         let m = &self.members[i];
         let data = self.dir.join(&m.name);
         let log = std::fs::File::create(self.dir.join(format!("{}.log", m.name))).unwrap();
-        let child = Command::new("etcd")
+        let scheme = self.scheme();
+        let mut cmd = Command::new("etcd");
+        if let Some(s) = &self.secure {
+            cmd.args(["--cert-file", p(&s.server.0), "--key-file", p(&s.server.1)])
+                .args(["--trusted-ca-file", p(&s.ca), "--client-cert-auth"]);
+            if let Some(t) = &s.auth_token {
+                cmd.args(["--auth-token", t]);
+            }
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
-            .args(["--listen-client-urls", &format!("http://{}", m.client)])
-            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-client-urls", &format!("{scheme}://{}", m.client)])
+            .args([
+                "--advertise-client-urls",
+                &format!("{scheme}://{}", m.client),
+            ])
             .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
             .args([
                 "--initial-advertise-peer-urls",
@@ -139,7 +398,7 @@ impl Etcd {
     pub fn endpoints(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("http://{}", m.client))
+            .map(|m| format!("{}://{}", self.scheme(), m.client))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -149,7 +408,8 @@ impl Etcd {
         let deadline = Instant::now() + DEADLINE;
         loop {
             for m in self.members.iter().filter(|m| m.child.is_some()) {
-                if let Some((200, _)) = post(m.client, "/v3/kv/range", r#"{"key":"AA=="}"#) {
+                if let Some((200, _)) = self.request(m.client, "/v3/kv/range", r#"{"key":"AA=="}"#)
+                {
                     return;
                 }
             }
@@ -185,7 +445,8 @@ impl Etcd {
                 if m.child.is_none() {
                     continue;
                 }
-                let Some((200, body)) = post(m.client, "/v3/maintenance/status", "{}") else {
+                let Some((200, body)) = self.request(m.client, "/v3/maintenance/status", "{}")
+                else {
                     continue;
                 };
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -221,7 +482,7 @@ impl Etcd {
         let deadline = Instant::now() + DEADLINE;
         loop {
             for m in self.members.iter().filter(|m| m.child.is_some()) {
-                if let Some((200, out)) = post(m.client, "/v3/kv/range", &body) {
+                if let Some((200, out)) = self.request(m.client, "/v3/kv/range", &body) {
                     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
                     return v["kvs"]
                         .as_array()
@@ -249,4 +510,47 @@ impl Drop for Etcd {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+impl Secure {
+    fn make(dir: &Path, security: Security) -> Secure {
+        let ca = make_ca(dir, "etcd-ca");
+        let server = make_leaf(dir, "etcd-server", "/CN=etcd-server", &ca);
+        let client = make_leaf(dir, "portico-client", "/O=portico", &ca);
+        let password = format!("pw-{}", fastrand::u64(..));
+        let password_file = dir.join("portico.password");
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        Secure {
+            ca: ca.0,
+            server,
+            client,
+            password,
+            password_file,
+            root_password: format!("root-{}", fastrand::u64(..)),
+            auth_token: security.jwt_ttl.map(|ttl| jwt_flag(dir, ttl)),
+            auth_on: false,
+        }
+    }
+
+    /// A file in the etcd's directory, for a test's own files.
+    pub fn dir(&self) -> &Path {
+        self.ca.parent().unwrap()
+    }
+}
+
+/// etcd's --auth-token for RS256 JWT tokens lasting `ttl`, with a key pair
+/// made in `dir`.
+fn jwt_flag(dir: &Path, ttl: &str) -> String {
+    let (private, public) = (dir.join("jwt.key"), dir.join("jwt.pub"));
+    openssl(&format!("genrsa -out {} 2048", p(&private)));
+    openssl(&format!(
+        "rsa -in {} -pubout -out {}",
+        p(&private),
+        p(&public)
+    ));
+    format!(
+        "jwt,pub-key={},priv-key={},sign-method=RS256,ttl={ttl}",
+        p(&public),
+        p(&private)
+    )
 }

@@ -77,6 +77,14 @@ impl Decoder {
                         Ok(httparse::Status::Complete((used, _))) if used > MAX_SIZE_LINE => {
                             return Err(ChunkError::SizeLineTooLong)
                         }
+                        // httparse lets an extension hold any byte, a bare
+                        // LF too; a reader that ends the line there takes
+                        // what follows for chunk data ("funky chunks").
+                        Ok(httparse::Status::Complete((used, _)))
+                            if has_bare_lf(&buf[..used - 2]) =>
+                        {
+                            return Err(ChunkError::BadSize)
+                        }
                         Ok(httparse::Status::Complete((used, size))) => {
                             buf.advance(used);
                             self.state = if size == 0 {
@@ -87,6 +95,10 @@ impl Decoder {
                         }
                         Ok(httparse::Status::Partial) if buf.len() > MAX_SIZE_LINE => {
                             return Err(ChunkError::SizeLineTooLong)
+                        }
+                        // Refused as soon as seen, as when the line is whole.
+                        Ok(httparse::Status::Partial) if has_bare_lf(buf) => {
+                            return Err(ChunkError::BadSize)
                         }
                         Ok(httparse::Status::Partial) => return Ok(None),
                         Err(_) => return Err(ChunkError::BadSize),
@@ -174,6 +186,11 @@ impl Decoder {
             Err(_) => Err(ChunkError::BadTrailers),
         }
     }
+}
+
+/// A LF in a chunk-size line before its CRLF (the line's only LF).
+fn has_bare_lf(line: &[u8]) -> bool {
+    line.contains(&b'\n')
 }
 
 fn is_token(b: u8) -> bool {
@@ -308,6 +325,16 @@ mod tests {
             "over 64 bits"
         );
         assert_eq!(err(b"5\nhello\r\n"), Ok(ChunkError::BadSize), "a bare LF");
+        assert_eq!(
+            err(b"5;x\nfoo\r\nhello\r\n0\r\n\r\n"),
+            Ok(ChunkError::BadSize),
+            "a bare LF in an extension"
+        );
+        assert_eq!(
+            err(b"5;x\nfo"),
+            Ok(ChunkError::BadSize),
+            "a bare LF in an unfinished extension"
+        );
         assert_eq!(err(b"5\r\nhelloX\r\n"), Ok(ChunkError::BadChunkEnd));
         assert_eq!(err(b"5\r\nhello\rX"), Ok(ChunkError::BadChunkEnd));
         assert_eq!(err(b"5\r\nhello\n"), Ok(ChunkError::BadChunkEnd));

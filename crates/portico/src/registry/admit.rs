@@ -1,0 +1,265 @@
+//! Which endpoints a REGISTER may name. Some addresses are never a backend
+//! (unspecified, broadcast, multicast, link-local, where the cloud metadata
+//! service lives): an ingress sent there would reach something that is not
+//! a replica. A loopback address means "this host" only to a sender on this
+//! host. `--allow-register CIDR` narrows further: the registered endpoint
+//! must lie in one of the networks (the endpoint, not the sender, since the
+//! endpoint is what the ingress will connect to). Pure.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::str::FromStr;
+
+/// A network: an address and a prefix length (`10.0.0.0/8`, `fd00::/8`, or
+/// a bare address for one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{0:?} is not an address or ADDR/PREFIX (e.g. 10.0.0.0/8, fd00::/8)")]
+    Syntax(String),
+    #[error("prefix /{prefix} is longer than the address ({max} bits)")]
+    Prefix { prefix: u8, max: u8 },
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || CidrError::Syntax(s.to_owned());
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = ip.parse().map_err(|_| syntax())?;
+        let net = net.to_canonical();
+        let max = bits(net);
+        let prefix = match prefix {
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+                p.parse().map_err(|_| syntax())?
+            }
+            Some(_) => return Err(syntax()),
+            None => max,
+        };
+        if prefix > max {
+            return Err(CidrError::Prefix { prefix, max });
+        }
+        Ok(Self { net, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
+fn bits(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// The address as a 128-bit number with its width, IPv4-mapped IPv6 taken
+/// as the IPv4 address it carries.
+fn as_bits(ip: IpAddr) -> (u128, u8) {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+        IpAddr::V6(v6) => (u128::from(v6), 128),
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (net, width) = as_bits(self.net);
+        let (ip, ip_width) = as_bits(ip);
+        if width != ip_width {
+            return false;
+        }
+        let host_bits = u32::from(width - self.prefix);
+        let mask = u128::MAX.checked_shl(host_bits).unwrap_or(0);
+        net & mask == ip & mask
+    }
+}
+
+/// Why a REGISTER was refused; shown after `ERR|REGISTER refused: `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0} is an unspecified address, never a backend")]
+    Unspecified(IpAddr),
+    #[error("{0} is a broadcast address, never a backend")]
+    Broadcast(IpAddr),
+    #[error("{0} is a multicast address, never a backend")]
+    Multicast(IpAddr),
+    #[error("{0} is link-local (cloud metadata lives there), never a backend")]
+    LinkLocal(IpAddr),
+    #[error("{0} is loopback; only a sender on the Tower's own host may register it")]
+    RemoteLoopback(IpAddr),
+    #[error("{0} is outside the networks this Tower accepts (--allow-register)")]
+    NotAllowed(IpAddr),
+}
+
+/// The Tower's rules for registered endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    /// Empty: any address that can be a backend.
+    allow: Vec<Cidr>,
+}
+
+impl Admission {
+    pub fn new(allow: Vec<Cidr>) -> Self {
+        Self { allow }
+    }
+
+    /// Whether `endpoint` may be registered by a datagram or request from
+    /// `sender`.
+    pub fn check(&self, endpoint: IpAddr, sender: IpAddr) -> Result<(), Refusal> {
+        never_a_backend(endpoint)?;
+        let ip = endpoint.to_canonical();
+        if ip.is_loopback() && !sender.to_canonical().is_loopback() {
+            return Err(Refusal::RemoteLoopback(ip));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(ip)) {
+            return Err(Refusal::NotAllowed(ip));
+        }
+        Ok(())
+    }
+}
+
+/// Addresses no replica can listen on, IPv4-mapped IPv6 included.
+fn never_a_backend(endpoint: IpAddr) -> Result<(), Refusal> {
+    match endpoint.to_canonical() {
+        IpAddr::V4(v4) => {
+            let ip = IpAddr::V4(v4);
+            // 0.0.0.0/8 is "this network": a source, never a destination.
+            if v4.octets()[0] == 0 {
+                Err(Refusal::Unspecified(ip))
+            } else if v4.is_broadcast() {
+                Err(Refusal::Broadcast(ip))
+            } else if v4.is_multicast() {
+                Err(Refusal::Multicast(ip))
+            } else if v4.is_link_local() {
+                Err(Refusal::LinkLocal(ip))
+            } else {
+                Ok(())
+            }
+        }
+        IpAddr::V6(v6) => {
+            let ip = IpAddr::V6(v6);
+            if v6.is_unspecified() {
+                Err(Refusal::Unspecified(ip))
+            } else if v6.is_multicast() {
+                Err(Refusal::Multicast(ip))
+            } else if is_link_local_v6(v6) {
+                Err(Refusal::LinkLocal(ip))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// fe80::/10 (`Ipv6Addr::is_unicast_link_local` is not stable on our MSRV).
+fn is_link_local_v6(ip: Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    const LOCAL: &str = "127.0.0.1";
+    const REMOTE: &str = "10.1.2.3";
+
+    #[test]
+    fn never_backend_addresses_are_refused_from_anyone() {
+        let open = Admission::default();
+        for bad in [
+            "169.254.169.254",
+            "0.0.0.0",
+            "0.1.2.3",
+            "::",
+            "255.255.255.255",
+            "224.0.0.1",
+            "239.1.1.1",
+            "ff02::1",
+            "fe80::1",
+            "febf::1",
+            "::ffff:169.254.169.254",
+            "::ffff:0.0.0.0",
+            "::ffff:224.0.0.1",
+            "::ffff:255.255.255.255",
+        ] {
+            for sender in [LOCAL, REMOTE] {
+                assert!(open.check(ip(bad), ip(sender)).is_err(), "{bad}");
+            }
+        }
+        for good in [
+            "10.0.0.1",
+            "192.168.1.9",
+            "8.8.8.8",
+            "fd00::1",
+            "2001:db8::1",
+        ] {
+            assert_eq!(open.check(ip(good), ip(REMOTE)), Ok(()), "{good}");
+        }
+    }
+
+    #[test]
+    fn loopback_only_from_a_loopback_sender() {
+        let open = Admission::default();
+        for lo in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(open.check(ip(lo), ip(LOCAL)), Ok(()), "{lo}");
+            assert_eq!(open.check(ip(lo), ip("::1")), Ok(()), "{lo}");
+            assert_eq!(open.check(ip(lo), ip("::ffff:127.0.0.1")), Ok(()), "{lo}");
+            assert!(matches!(
+                open.check(ip(lo), ip(REMOTE)),
+                Err(Refusal::RemoteLoopback(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn allow_register_narrows_to_the_endpoint_networks() {
+        let a = Admission::new(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "fd00::/8".parse().unwrap(),
+        ]);
+        assert_eq!(a.check(ip("10.200.0.1"), ip("192.168.0.1")), Ok(()));
+        assert_eq!(a.check(ip("::ffff:10.0.0.1"), ip(REMOTE)), Ok(()));
+        assert_eq!(a.check(ip("fd12::1"), ip(REMOTE)), Ok(()));
+        assert_eq!(
+            a.check(ip("192.168.0.1"), ip("10.0.0.1")),
+            Err(Refusal::NotAllowed(ip("192.168.0.1")))
+        );
+        // The never-backend rules come first, inside the networks too.
+        let all: Admission = Admission::new(vec!["0.0.0.0/0".parse().unwrap()]);
+        assert!(matches!(
+            all.check(ip("169.254.169.254"), ip(REMOTE)),
+            Err(Refusal::LinkLocal(_))
+        ));
+    }
+
+    #[test]
+    fn cidr_forms() {
+        let c: Cidr = "10.1.2.3".parse().unwrap();
+        assert_eq!(c.to_string(), "10.1.2.3/32");
+        assert!(c.contains(ip("10.1.2.3")) && !c.contains(ip("10.1.2.4")));
+        let all6: Cidr = "::/0".parse().unwrap();
+        assert!(all6.contains(ip("2001:db8::1")) && !all6.contains(ip("10.0.0.1")));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("10.0.0.0/".parse::<Cidr>().is_err());
+        assert!("10.0.0.0/+8".parse::<Cidr>().is_err());
+        assert!("ten/8".parse::<Cidr>().is_err());
+    }
+}
