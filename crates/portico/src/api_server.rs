@@ -7,10 +7,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,9 +17,11 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+
+use crate::netio::{answer_and_close, Tap, Tapped};
 
 /// How long a client may hold one connection, and how many it may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +115,7 @@ async fn connection<H, F>(
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked {
         io: stream,
-        activity: activity.clone(),
+        tap: activity.clone(),
     });
     let marks = activity.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -224,89 +225,29 @@ impl Drop for InFlight {
 }
 
 /// The socket, noting each byte moved for the watchdog.
-struct Tracked {
-    io: TcpStream,
-    activity: Arc<Activity>,
-}
+type Tracked = Tapped<Arc<Activity>>;
 
-impl AsyncRead for Tracked {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.activity.moved(true);
+impl Tap for Arc<Activity> {
+    fn read(&mut self, _io: &TcpStream, _polled: &Poll<io::Result<()>>, grew: bool) {
+        if grew {
+            self.moved(true);
         }
-        polled
     }
-}
 
-impl AsyncWrite for Tracked {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.moved(false);
+    fn wrote(&mut self, polled: &Poll<io::Result<usize>>) {
+        if matches!(polled, Poll::Ready(Ok(n)) if *n > 0) {
+            self.moved(false);
         }
-        polled
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.moved(false);
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
 /// Tell a client past the cap why, then close. The answer waits a moment
 /// for the request, so that a client sees it as the response to what it
-/// sent rather than an unsolicited one; the rest is read and dropped for a
-/// moment so that the close does not become a reset that destroys the
-/// answer before the client reads it.
+/// sent rather than an unsolicited one.
 async fn refuse(mut stream: TcpStream, refusal: &'static [u8]) {
     let mut sink = [0u8; 4096];
     let _ = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut sink)).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        if stream.write_all(refusal).await.is_err() {
-            return;
-        }
-        let _ = stream.shutdown().await;
-        let mut total = 0usize;
-        while let Ok(n) = stream.read(&mut sink).await {
-            total += n;
-            if n == 0 || total > 64 * 1024 {
-                break;
-            }
-        }
-    })
-    .await;
+    answer_and_close(&mut stream, refusal).await;
 }
 
 /// Whether a canned refusal's content-length is its body's (for tests of

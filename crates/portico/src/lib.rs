@@ -30,4 +30,5 @@ pub mod config_file;
 pub mod discovery;
 pub mod etcd;
 pub mod ingress;
+pub mod netio;
 pub mod registry;

@@ -24,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
@@ -390,25 +390,9 @@ async fn serve_connection<IO>(
     }
 }
 
-/// Tell a client over the limit why it is refused, then close. Its request
-/// is read and dropped for a moment so that the close does not turn into a
-/// reset that would destroy the answer before the client reads it.
+/// Tell a client over the limit why it is refused, then close.
 async fn refuse_at_capacity(mut stream: TcpStream) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        if stream.write_all(AT_CAPACITY).await.is_err() {
-            return;
-        }
-        let _ = stream.shutdown().await;
-        let mut sink = [0u8; 4096];
-        let mut total = 0usize;
-        while let Ok(n) = stream.read(&mut sink).await {
-            total += n;
-            if n == 0 || total > 64 * 1024 {
-                break;
-            }
-        }
-    })
-    .await;
+    crate::netio::answer_and_close(&mut stream, AT_CAPACITY).await;
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

@@ -10,79 +10,38 @@
 //! does not keep it set, so it is asked for at each wait that follows data.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::netio::{Tap, Tapped};
 
 /// A backend TCP stream that sends the pending ACK when a read that
 /// brought data is followed by a wait.
-#[derive(Debug)]
-pub struct QuickAck {
-    stream: TcpStream,
-    unacked: bool,
-}
+pub type QuickAck = Tapped<Unacked>;
+
+/// Whether data came in since the last wait.
+#[derive(Debug, Default)]
+pub struct Unacked(bool);
 
 impl QuickAck {
     pub fn new(stream: TcpStream) -> Self {
         Self {
-            stream,
-            unacked: false,
+            io: stream,
+            tap: Unacked::default(),
         }
     }
 }
 
-impl AsyncRead for QuickAck {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Pending => {
-                if std::mem::take(&mut this.unacked) {
-                    // A failure costs at most the delay this avoids.
-                    let _ = socket2::SockRef::from(&this.stream).set_tcp_quickack(true);
-                }
-                Poll::Pending
+impl Tap for Unacked {
+    fn read(&mut self, io: &TcpStream, polled: &Poll<io::Result<()>>, grew: bool) {
+        if polled.is_pending() {
+            if std::mem::take(&mut self.0) {
+                // A failure costs at most the delay this avoids.
+                let _ = socket2::SockRef::from(io).set_tcp_quickack(true);
             }
-            Poll::Ready(r) => {
-                this.unacked |= buf.filled().len() > before;
-                Poll::Ready(r)
-            }
+        } else {
+            self.0 |= grew;
         }
-    }
-}
-
-impl AsyncWrite for QuickAck {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
