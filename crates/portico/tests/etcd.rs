@@ -13,20 +13,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn etcd_tower(etcd: &str, ttl: &str) -> Proc {
-    Proc::start(
-        &[
-            "tower",
-            "--listen",
-            "127.0.0.1:0",
-            "--ttl",
-            ttl,
-            "--store",
-            "etcd",
-            "--etcd",
-            etcd,
-        ],
-        "tower listening on udp ",
-    )
+    tower_storing_in_etcd(ttl, &["--etcd", etcd])
+}
+
+/// A Tower with `--store etcd`, `flags` saying which etcd and how.
+fn tower_storing_in_etcd(ttl: &str, flags: &[&str]) -> Proc {
+    let mut args = vec![
+        "tower",
+        "--listen",
+        "127.0.0.1:0",
+        "--ttl",
+        ttl,
+        "--store",
+        "etcd",
+    ];
+    args.extend_from_slice(flags);
+    Proc::start(&args, "tower listening on udp ")
 }
 
 /// An ingress that watches etcd directly.
@@ -92,19 +94,12 @@ async fn wait_listed_checking(
 ) {
     let mut want = want.to_vec();
     want.sort();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    let what = format!("tower {tower}'s list of {name}");
+    wait_for_value(&what, &want, Duration::from_millis(10), || {
         check();
-        let got = listed(tower, name);
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tower {tower} lists {got:?} for {name}, want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        std::future::ready(listed(tower, name))
+    })
+    .await;
 }
 
 /// Send requests until the ones answered come from exactly `ids` (20 in a
@@ -143,18 +138,8 @@ async fn readyz(addr: SocketAddr) -> u16 {
 
 /// Wait until `/readyz` at `addr` answers `want`.
 async fn wait_ready(addr: SocketAddr, want: u16) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let got = readyz(addr).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{addr}/readyz is {got}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{addr}/readyz");
+    wait_for_value(&what, &want, Duration::from_millis(20), || readyz(addr)).await;
 }
 
 #[tokio::test]
@@ -477,17 +462,8 @@ async fn register_to_routed_delay_through_etcd_and_in_memory() {
 /// A Tower storing in `etcd`, with its TLS files and user when it has them.
 fn tower_on(etcd: &Etcd, ttl: &str) -> Proc {
     let flags = etcd.flags();
-    let mut args = vec![
-        "tower",
-        "--listen",
-        "127.0.0.1:0",
-        "--ttl",
-        ttl,
-        "--store",
-        "etcd",
-    ];
-    args.extend(flags.iter().map(String::as_str));
-    Proc::start(&args, "tower listening on udp ")
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    tower_storing_in_etcd(ttl, &flags)
 }
 
 /// An ingress watching `etcd`, with its TLS files and user.
@@ -502,19 +478,12 @@ fn ingress_on(etcd: &Etcd, routes: &[&str]) -> Proc {
 async fn wait_keys(etcd: &Etcd, want: &[String]) {
     let mut want = want.to_vec();
     want.sort();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    wait_for_value("what etcd holds", &want, Duration::from_millis(20), || {
         let mut got = etcd.keys("/portico/v1/services/");
         got.sort();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "etcd holds {got:?}, want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        std::future::ready(got)
+    })
+    .await;
 }
 
 /// Run `portico ARGS` until it has said `what` (or stopped): its exit code

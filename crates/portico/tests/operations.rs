@@ -306,15 +306,8 @@ async fn access_log_lines_carry_route_endpoint_and_request_id() {
     let t = tower("30s");
     let b = Backend::start("b").await;
     register(t.addr, "svc", b.addr);
-    let dir = std::env::temp_dir().join(format!("portico-access-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("access.log");
-    let file_arg = file.to_str().unwrap().to_owned();
-    let ing = ingress(
-        t.addr,
-        &["/:svc"],
-        &["--access-log", "json", "--access-log-file", &file_arg],
-    );
+    let log = AccessLogFile::new("access");
+    let ing = log.ingress(t.addr, "json");
     let mut c = Client::connect(ing.addr).await;
     assert_eq!(
         c.send(get_req("/given", &[("x-request-id", "req-123")]))
@@ -330,12 +323,9 @@ async fn access_log_lines_carry_route_endpoint_and_request_id() {
     assert_eq!(c.get("/made").await.status, 200);
     let made = b.last_seen().header("x-request-id").unwrap().to_owned();
     assert_eq!(made.len(), 32, "generated when absent");
-    let read = || std::fs::read_to_string(&file).unwrap_or_default();
-    eventually(DEADLINE, "two access log lines", || {
-        read().lines().count() >= 2
-    })
-    .await;
-    let lines: Vec<serde_json::Value> = read()
+    let lines: Vec<serde_json::Value> = log
+        .lines(2)
+        .await
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -353,7 +343,6 @@ async fn access_log_lines_carry_route_endpoint_and_request_id() {
     );
     assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(lines[1]["request_id"], made.as_str());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn chromium() -> &'static str {

@@ -340,15 +340,8 @@ async fn access_log_fields_cannot_be_forged() {
     let t = tower("30s");
     let b = RawBackend::start().await;
     register(t.addr, "svc", b.addr);
-    let dir = std::env::temp_dir().join(format!("portico-forge-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("access.log");
-    let file_arg = file.to_str().unwrap().to_owned();
-    let ing = ingress(
-        t.addr,
-        &["/:svc"],
-        &["--access-log", "combined", "--access-log-file", &file_arg],
-    );
+    let file = AccessLogFile::new("forge");
+    let ing = file.ingress(t.addr, "combined");
     wait_synced(&ing, 1).await;
     let forged = "GET /forged HTTP/1.1\r\nHost: x\r\nUser-Agent: x\\\" a=b\r\nX-Request-Id: 1 route=/admin\r\nConnection: close\r\n\r\n";
     assert_eq!(send(&ing, forged).await, "200");
@@ -364,12 +357,7 @@ async fn access_log_fields_cannot_be_forged() {
     assert_eq!(send(&ing, kept).await, "200");
     assert_eq!(b.fields("x-request-id"), ["abc-123_x.y"]);
 
-    let read = || std::fs::read_to_string(&file).unwrap_or_default();
-    eventually(DEADLINE, "two access log lines", || {
-        read().lines().count() >= 2
-    })
-    .await;
-    let log = read();
+    let log = file.lines(2).await;
     let line = log.lines().find(|l| l.contains("/forged")).unwrap();
     // The user agent stays inside its quotes: `x\"` is escaped as `x\\\"`.
     assert!(line.contains(r#" "x\\\" a=b" "#), "{line}");
@@ -377,5 +365,4 @@ async fn access_log_fields_cannot_be_forged() {
     assert!(line.contains(&format!(" request_id={id} ")), "{line}");
     let line = log.lines().find(|l| l.contains("/kept")).unwrap();
     assert!(line.contains(" request_id=abc-123_x.y "), "{line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

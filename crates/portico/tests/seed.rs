@@ -101,18 +101,7 @@ fn the_seeds_verification_session() {
 
 #[test]
 fn portico_up_is_tower_and_ingress_in_one() {
-    let up = Proc::start(
-        &[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--tower-listen",
-            "127.0.0.1:0",
-            "--route",
-            "/:frontend",
-        ],
-        "ingress listening on ",
-    );
+    let up = up(&["--route", "/:frontend"]);
     let log = up.log_text();
     let tower_addr: std::net::SocketAddr = log
         .split("tower listening on udp ")

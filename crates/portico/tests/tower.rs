@@ -410,22 +410,14 @@ fn allow_register_admits_only_endpoints_in_its_networks() {
 
 #[test]
 fn portico_up_takes_allow_register_too() {
-    let up = Proc::start(
-        &[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--tower-listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--route",
-            "/:web",
-            "--allow-register",
-            "10.0.0.0/8",
-        ],
-        "ingress listening on ",
-    );
+    let up = up(&[
+        "--admin",
+        "127.0.0.1:0",
+        "--route",
+        "/:web",
+        "--allow-register",
+        "10.0.0.0/8",
+    ]);
     let tower = up.logged_addr("tower listening on udp ");
     assert_eq!(udp(tower, b"REGISTER|web|10.0.0.5|80"), "OK|REGISTERED|web");
     let reply = udp(tower, b"REGISTER|web|192.168.0.5|80");

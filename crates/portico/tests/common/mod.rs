@@ -585,6 +585,92 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut co
     }
 }
 
+/// Poll `get` every `pause` until it gives `want`, failing after `DEADLINE`
+/// with `what` and the last value it gave.
+pub async fn wait_for_value<T, F, Fut>(what: &str, want: &T, pause: Duration, mut get: F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let got = get().await;
+        if got == *want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} is {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// An access log file in a directory of its own, removed on drop.
+pub struct AccessLogFile {
+    dir: std::path::PathBuf,
+    path: String,
+}
+
+impl AccessLogFile {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("portico-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log").to_str().unwrap().to_owned();
+        Self { dir, path }
+    }
+
+    /// An ingress routing `/` to `svc` that logs in `format` to this file.
+    pub fn ingress(&self, tower: SocketAddr, format: &str) -> Proc {
+        ingress(
+            tower,
+            &["/:svc"],
+            &["--access-log", format, "--access-log-file", &self.path],
+        )
+    }
+
+    /// The file's text once it has at least `n` lines.
+    pub async fn lines(&self, n: usize) -> String {
+        let read = || std::fs::read_to_string(&self.path).unwrap_or_default();
+        eventually(DEADLINE, &format!("{n} access log lines"), || {
+            read().lines().count() >= n
+        })
+        .await;
+        read()
+    }
+}
+
+impl Drop for AccessLogFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `portico up` with its listeners on free ports, then `extra`.
+pub fn up(extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--tower-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, "ingress listening on ")
+}
+
+/// A Tower, backend "b" registered as `svc`, and an ingress (given
+/// `extra`) routing `/` to it that has seen the registration.
+pub async fn one_backend(extra: &[&str]) -> (Proc, Backend, Proc) {
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], extra);
+    wait_synced(&ing, 1).await;
+    (t, b, ing)
+}
+
 /// Counts from a load run.
 #[derive(Debug, Default)]
 pub struct LoadStats {
