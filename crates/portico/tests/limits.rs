@@ -10,11 +10,7 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn request_bodies_past_the_limit_get_413() {
-    let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &["--max-body-bytes", "1000"]);
-    wait_synced(&ing, 1).await;
+    let (_t, b, ing) = one_backend(&["--max-body-bytes", "1000"]).await;
     let status = |out: &str| out.get(9..12).unwrap_or("").to_owned();
     // Declared too long: refused before anything is forwarded.
     let big = format!(
@@ -289,11 +285,7 @@ async fn accept_survives_running_out_of_descriptors() {
 
 #[tokio::test]
 async fn h2_rapid_reset_flood_is_cut_off_and_others_are_served() {
-    let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, b, ing) = one_backend(&[]).await;
     // CVE-2023-44487: open a stream and reset it at once, thousands of times.
     let tcp = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
     let (client, conn): (h2::client::SendRequest<bytes::Bytes>, _) =
@@ -533,11 +525,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #[tokio::test]
 async fn h2_continuation_flood_is_cut_off_with_bounded_memory() {
     use tokio::io::AsyncWriteExt;
-    let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, _b, ing) = one_backend(&[]).await;
     let rss_before = rss_kib(ing.child.id());
     let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
     s.write_all(PREFACE).await.unwrap();
@@ -576,11 +564,7 @@ async fn h2_continuation_flood_is_cut_off_with_bounded_memory() {
 #[tokio::test]
 async fn h2_ping_flood_keeps_memory_bounded_and_others_served() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, _b, ing) = one_backend(&[]).await;
     let rss_before = rss_kib(ing.child.id());
     let s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
     let (mut r, mut w) = s.into_split();
@@ -624,11 +608,7 @@ async fn h2_ping_flood_keeps_memory_bounded_and_others_served() {
 #[tokio::test]
 async fn a_target_longer_than_the_head_buffer_gets_414() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, b, ing) = one_backend(&[]).await;
     let status = |out: &str| out.get(9..12).unwrap_or("").to_owned();
     for len in [20_000, 100 * 1024, 1024 * 1024] {
         let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(len));

@@ -265,11 +265,7 @@ async fn endpoint_series(admin: SocketAddr) -> std::collections::HashMap<String,
 
 #[tokio::test]
 async fn endpoint_series_follow_the_towers_services_and_are_capped() {
-    let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (t, _b, ing) = one_backend(&[]).await;
     let admin = ing.logged_addr("admin listening on ");
 
     // Throwaway registrations past the cap of 1,000 services: the routed

@@ -453,11 +453,7 @@ async fn an_h2c_route_fails_over_past_a_dead_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2load_100_streams_over_10_connections() {
-    let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, _b, ing) = one_backend(&[]).await;
     let out = tokio::process::Command::new("h2load")
         .args(["-n", "5000", "-c", "10", "-m", "10"])
         .arg(format!("http://{}/h2load", ing.addr))

@@ -152,11 +152,7 @@ fn status_lines(out: &str) -> usize {
 
 #[tokio::test]
 async fn malformed_and_smuggling_requests_are_refused_and_nothing_leaks() {
-    let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, b, ing) = one_backend(&[]).await;
     let mut failures = Vec::new();
     for c in cases() {
         // `raw` reads until the proxy closes the connection: a case that left
