@@ -112,11 +112,8 @@ async fn send(ing: &Proc, request: &str) -> String {
 /// `Connection: host` does not remove it; userinfo in Host is refused.
 #[tokio::test]
 async fn every_backend_request_carries_one_host() {
-    let t = tower("30s");
     let b = RawBackend::start().await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, ing) = serving(b.addr, &[]).await;
     let cases = [
         ("GET /x HTTP/1.0\r\n\r\n", "svc"),
         ("POST /x HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi", "svc"),
@@ -156,11 +153,8 @@ async fn every_backend_request_carries_one_host() {
 /// through our client (no body) and hyper's (a body).
 #[tokio::test]
 async fn te_is_hop_by_hop_and_ours_asks_for_trailers() {
-    let t = tower("30s");
     let b = RawBackend::start().await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, ing) = serving(b.addr, &[]).await;
     let ours: (Vec<&str>, Vec<&str>) = (vec!["trailers"], vec!["te"]);
     let none: (Vec<&str>, Vec<&str>) = (vec![], vec![]);
     let cases = [

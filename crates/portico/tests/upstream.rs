@@ -115,11 +115,8 @@ type BoxBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error
 /// Content-Length 0) and hyper's (a body).
 #[tokio::test]
 async fn a_request_that_went_out_is_sent_again_only_when_idempotent() {
-    let t = tower("30s");
     let (addr, record) = answers_once_per_connection().await;
-    register(t.addr, "svc", addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, ing) = serving(addr, &[]).await;
     let mut c = Client::connect(ing.addr).await;
 
     // Our own client: requests without a body.
@@ -208,11 +205,8 @@ fn status(out: &str) -> &str {
 /// and the backend connection is closed, not pooled.
 #[tokio::test]
 async fn a_malformed_chunked_body_is_the_clients_error() {
-    let t = tower("30s");
     let (addr, conns) = recording_backend().await;
-    register(t.addr, "svc", addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
-    wait_synced(&ing, 1).await;
+    let (_t, ing) = serving(addr, &[]).await;
     let head = "POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
     let bodies = [
         ("a size that is not hex", "5g\r\nhello\r\n0\r\n\r\n"),

@@ -660,14 +660,20 @@ pub fn up(extra: &[&str]) -> Proc {
     Proc::start(&args, "ingress listening on ")
 }
 
-/// A Tower, backend "b" registered as `svc`, and an ingress (given
+/// A Tower with `backend` registered as `svc`, and an ingress (given
 /// `extra`) routing `/` to it that has seen the registration.
-pub async fn one_backend(extra: &[&str]) -> (Proc, Backend, Proc) {
+pub async fn serving(backend: SocketAddr, extra: &[&str]) -> (Proc, Proc) {
     let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
+    register(t.addr, "svc", backend);
     let ing = ingress(t.addr, &["/:svc"], extra);
     wait_synced(&ing, 1).await;
+    (t, ing)
+}
+
+/// `serving` backend "b".
+pub async fn one_backend(extra: &[&str]) -> (Proc, Backend, Proc) {
+    let b = Backend::start("b").await;
+    let (t, ing) = serving(b.addr, extra).await;
     (t, b, ing)
 }
 
