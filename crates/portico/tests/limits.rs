@@ -621,16 +621,10 @@ async fn a_target_longer_than_the_head_buffer_gets_414() {
     s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    while !String::from_utf8_lossy(&got).contains("GET /first\n") {
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut s, |got| {
+        String::from_utf8_lossy(got).contains("GET /first\n")
+    })
+    .await;
     let long = format!(
         "GET /{} HTTP/1.1\r\nHost: x\r\n\r\n",
         "b".repeat(100 * 1024)
@@ -646,4 +640,81 @@ async fn a_target_longer_than_the_head_buffer_gets_414() {
         1,
         "only /first was forwarded"
     );
+}
+
+/// A backend may answer before it reads a request's body. The rest of the
+/// body, read by the proxy after the response, is body, not a new request:
+/// it must not be taken for a request target (an unsolicited 414), nor be
+/// held to the header timeout.
+#[tokio::test]
+async fn a_body_read_after_an_early_answer_is_not_a_new_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers each request as soon as its head is in, without its body.
+    let early = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let early_addr = early.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = early.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                    .await;
+                // Read (and drop) whatever else comes, until the proxy closes.
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let t = tower("30s");
+    register(t.addr, "early", early_addr);
+    let ing = ingress(t.addr, &["/:early"], &["--header-timeout", "1s"]);
+    wait_synced(&ing, 1).await;
+
+    let mut s = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 20002\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, |got| got.ends_with(b"ok\n")).await;
+    // Now the body, which looks like a request line over 16 KiB, slowly:
+    // past the header timeout in all.
+    let body = format!("x {}", "a".repeat(20_000));
+    let started = std::time::Instant::now();
+    for piece in body.as_bytes().chunks(5_000) {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    assert!(started.elapsed() > std::time::Duration::from_secs(1));
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("414"), "an answer to no request: {rest}");
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 200"),
+        "only an answer to GET /next, if any: {rest}"
+    );
+}
+
+/// Read from `s` until what came satisfies `done`, within the deadline.
+async fn read_until(s: &mut tokio::net::TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    while !done(&got) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
 }

@@ -98,6 +98,11 @@ pub struct ConnState {
     /// HTTP/1.1: the client ended its side (a FIN) while its request was in
     /// flight; kept from hyper until the response is done (`hold_eof`).
     eof_held: AtomicBool,
+    /// HTTP/1.1: the request's body is still coming. A backend may answer
+    /// before it has read the whole body, and hyper reads the rest after
+    /// the response is done: those bytes are not a new request head (no
+    /// header timeout, no request-line check on them).
+    body_open: AtomicBool,
     /// Held as long as the connection lives (`None` in unit tests).
     _slot: Option<Slot>,
 }
@@ -123,6 +128,7 @@ impl ConnState {
             served: AtomicU32::new(0),
             hold_next_write: AtomicBool::new(false),
             eof_held: AtomicBool::new(false),
+            body_open: AtomicBool::new(false),
             _slot: slot,
         })
     }
@@ -138,7 +144,8 @@ impl ConnState {
         let head_starts = read
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == 0
-            && !self.multiplexed.load(Ordering::Relaxed);
+            && !self.multiplexed.load(Ordering::Relaxed)
+            && !self.body_open.load(Ordering::Relaxed);
         if head_starts {
             self.head_started.store(now + 1, Ordering::Relaxed);
         }
@@ -152,15 +159,23 @@ impl ConnState {
     }
 
     /// Mark a request as begun; the guard ends it when dropped (with the
-    /// response body, once it has been written out).
-    pub fn begin_request(self: &Arc<Self>, version: http::Version) -> InFlight {
+    /// response body, once it has been written out). `body_open`: its body
+    /// is still to be read, until `body_ended`.
+    pub fn begin_request(self: &Arc<Self>, version: http::Version, body_open: bool) -> InFlight {
         if version == http::Version::HTTP_2 {
             self.multiplexed.store(true, Ordering::Relaxed);
         }
+        self.body_open.store(body_open, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.served.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// The request's body has been read to its end: the next bytes from the
+    /// client begin a new head.
+    pub fn body_ended(&self) {
+        self.body_open.store(false, Ordering::Relaxed);
     }
 
     /// The response about to be written is the connection's last, and all
@@ -736,7 +751,7 @@ mod tests {
         // Fresh connection: owes its head within the header timeout.
         let d = s.next_deadline(&t).unwrap_or_default();
         assert!(d <= Duration::from_secs(10) && d > Duration::from_secs(9));
-        let g = s.begin_request(http::Version::HTTP_11);
+        let g = s.begin_request(http::Version::HTTP_11, false);
         let d = s.next_deadline(&t).unwrap_or_default();
         assert!(
             d > Duration::from_secs(59),
@@ -786,7 +801,7 @@ mod tests {
     fn an_end_of_input_waits_for_the_http1_response_in_flight() {
         let s = ConnState::new();
         assert!(!s.hold_eof(), "idle: the end closes the connection");
-        let request = s.begin_request(http::Version::HTTP_11);
+        let request = s.begin_request(http::Version::HTTP_11, false);
         assert!(s.hold_eof());
         assert!(!s.release_eof(), "not while the request is in flight");
         drop(request);
@@ -794,7 +809,7 @@ mod tests {
         assert!(!s.release_eof(), "released once");
 
         let h2 = ConnState::new();
-        let stream = h2.begin_request(http::Version::HTTP_2);
+        let stream = h2.begin_request(http::Version::HTTP_2, false);
         assert!(!h2.hold_eof(), "HTTP/2 is not held");
         drop(stream);
     }
@@ -807,7 +822,7 @@ mod tests {
             backend: Duration::from_secs(60),
         };
         let s = ConnState::new();
-        drop(s.begin_request(http::Version::HTTP_2));
+        drop(s.begin_request(http::Version::HTTP_2, false));
         s.touch(true);
         let d = s.next_deadline(&t).unwrap_or_default();
         assert!(

@@ -115,7 +115,9 @@ pub fn handle(
     // In flight from the moment hyper hands the request over, before the
     // future's first poll: hyper may read on (and find the client's end of
     // input, `ConnState::hold_eof`) before it polls us.
-    let in_flight = client.state.begin_request(req.version());
+    let in_flight = client
+        .state
+        .begin_request(req.version(), !req.body().is_end_stream());
     async move {
         let closes = headers::request_closes(req.version(), req.headers());
         let started = Instant::now();
@@ -362,7 +364,8 @@ fn proxy_request<'a>(
         if proxy.access_log.is_some() {
             exchange.request_id = forwarding.request_id().cloned();
         }
-        let (mut body, fault) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
+        let (body, fault) = Capped::new(body, proxy.max_body_bytes.unwrap_or(u64::MAX));
+        let mut body = body.ending_for(&client.state);
         if client_version < Version::HTTP_2
             && !body.is_end_stream()
             && body.size_hint().exact().is_none()

@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
-use super::conn::coarse_ms;
+use super::conn::{coarse_ms, ConnState};
 use super::error::{ClientBodyFault, UpstreamError};
 use super::h1::client::{self as own, Release};
 use super::quickack::QuickAck;
@@ -82,6 +82,9 @@ pub struct Capped {
     /// `None` for a body that had ended before it was read, which cannot
     /// fail: most requests, spared an allocation.
     fault: Option<Arc<FaultNote>>,
+    /// The client connection, told when the body has been read to its end
+    /// (`ConnState::body_ended`); `None` once told, or if it had ended.
+    conn: Option<Arc<ConnState>>,
 }
 
 impl Capped {
@@ -93,8 +96,23 @@ impl Capped {
             ended: false,
             left: limit,
             fault: fault.clone(),
+            conn: None,
         };
         (capped, fault)
+    }
+
+    /// Tell `conn` when this body has been read to its end.
+    pub fn ending_for(mut self, conn: &Arc<ConnState>) -> Self {
+        if !self.is_end_stream() {
+            self.conn = Some(conn.clone());
+        }
+        self
+    }
+
+    fn note_end(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.body_ended();
+        }
     }
 
     fn fail(&self, fault: ClientBodyFault) -> ClientBodyFault {
@@ -129,7 +147,10 @@ impl Capped {
                     tracing::debug!(error = %e, "request body failed before a backend was chosen");
                     return Err(self.fail(ClientBodyFault::Malformed));
                 }
-                Poll::Ready(None) => self.ended = true,
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    self.note_end();
+                }
                 Poll::Pending if yielded => break,
                 Poll::Pending => {
                     yielded = true;
@@ -158,9 +179,15 @@ impl Body for Capped {
                     tracing::debug!(error = %e, "request body failed while streaming");
                     return Poll::Ready(Some(Err(self.fail(ClientBodyFault::Malformed))));
                 }
-                None => return Poll::Ready(None),
+                None => {
+                    self.note_end();
+                    return Poll::Ready(None);
+                }
             },
         };
+        if self.inner.is_end_stream() {
+            self.note_end();
+        }
         let len = frame.data_ref().map_or(0, |d| d.len() as u64);
         if len > self.left {
             return Poll::Ready(Some(Err(self.fail(ClientBodyFault::TooLarge))));
