@@ -65,6 +65,16 @@ fn cases() -> Vec<Case> {
             &["400", "501"],
         ),
         case(
+            "RFC 9112 6.1: a coding before chunked (gzip, chunked) would be lost when re-framed",
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            &["501"],
+        ),
+        case(
+            "RFC 9112 6.1: the same, in two fields",
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            &["400", "501"],
+        ),
+        case(
             "RFC 9112 6.3 / RFC 9110 5.1: obfuscated coding name (xchunked)",
             "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
             &["400", "501"],

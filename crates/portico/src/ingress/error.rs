@@ -22,6 +22,11 @@ pub enum ProxyError {
     /// client's error, whether found before or while it was forwarded.
     #[error("the request body is malformed")]
     MalformedBody,
+    /// A Transfer-Encoding other than `chunked` alone: the body's coding
+    /// would be dropped when it is re-framed for the backend (RFC 9112
+    /// section 6.1: 501).
+    #[error("a transfer coding other than chunked")]
+    UnsupportedTransferCoding,
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
     /// Replicas exist but none could be connected to.
@@ -149,6 +154,10 @@ impl ProxyError {
             ProxyError::MalformedBody => (
                 StatusCode::BAD_REQUEST,
                 "Bad request: malformed request body.\n",
+            ),
+            ProxyError::UnsupportedTransferCoding => (
+                StatusCode::NOT_IMPLEMENTED,
+                "Not implemented: a Transfer-Encoding other than chunked.\n",
             ),
             ProxyError::BodyTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,

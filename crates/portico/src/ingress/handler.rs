@@ -144,7 +144,9 @@ pub fn handle(
                 let mut resp = local_response(status, text);
                 if matches!(
                     status,
-                    StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE
+                    StatusCode::BAD_REQUEST
+                        | StatusCode::PAYLOAD_TOO_LARGE
+                        | StatusCode::NOT_IMPLEMENTED
                 ) && version < Version::HTTP_2
                 {
                     // After a malformed request the rest of the byte stream
@@ -244,6 +246,10 @@ fn proxy_request<'a>(
             if len > limit {
                 return Err(ProxyError::BodyTooLarge);
             }
+        }
+
+        if !headers::only_chunked(&parts.headers) {
+            return Err(ProxyError::UnsupportedTransferCoding);
         }
 
         // Route on the host the client addressed and the normalised path.

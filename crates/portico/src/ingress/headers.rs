@@ -96,6 +96,17 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 
 /// One of the fields that always describe one hop (the fields Connection
 /// names are apart: see `remove_hop_by_hop`).
+/// The request's Transfer-Encoding, if any, is `chunked` alone. hyper
+/// de-chunks a body whose last coding is chunked (`gzip, chunked`) and
+/// keeps no note of the others, so forwarding it would drop them.
+pub fn only_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .all(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.iter().any(|h| h == name)
 }
@@ -321,6 +332,23 @@ fn chain(headers: &HeaderMap, client: &HeaderValue) -> HeaderValue {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn only_chunked_is_a_coding_we_forward() {
+        let te = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            only_chunked(&h)
+        };
+        assert!(te(&[]));
+        assert!(te(&["chunked"]));
+        assert!(te(&["Chunked "]));
+        assert!(!te(&["gzip, chunked"]));
+        assert!(!te(&["gzip", "chunked"]));
+        assert!(!te(&["identity"]));
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
