@@ -344,7 +344,7 @@ pub struct RegistryArgs {
     pub allow_register: Vec<crate::registry::admit::Cidr>,
 
     /// UDP replies a second per source address (an IPv6 /64 counts as one);
-    /// datagrams past it are dropped unanswered, so that a forged source
+    /// datagrams past it are handled but not answered, so that a forged source
     /// cannot aim the Tower at a victim. 0 turns the limit off.
     #[arg(long, value_name = "N", default_value_t = 200)]
     pub udp_reply_rate: u32,

@@ -3,8 +3,9 @@
 //! limit anyone could aim the Tower's replies at a victim. Each source
 //! (an IPv4 address, or an IPv6 /64, which one host usually owns) has a
 //! token bucket of `rate` replies a second and a burst of as many; a
-//! datagram from a source with no token left is dropped unanswered (and
-//! unprocessed, so a flood costs the Tower little). Loopback senders are
+//! datagram from a source with no token left is handled but not answered:
+//! a forged flood in a workload's name must not make its heartbeats
+//! expire. Loopback senders are
 //! exempt by default: their replies cannot leave the host. Pure: the caller
 //! passes the time.
 

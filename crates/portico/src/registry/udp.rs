@@ -1,6 +1,6 @@
-//! The Tower's UDP server: socket -> per-source rate limit ->
-//! `wire::decode_envelope` -> `Registry::handle(.., now)` ->
-//! `wire::encode_reply` -> socket. The clock is read here, at the edge, and
+//! The Tower's UDP server: socket -> `wire::decode_envelope` ->
+//! `Registry::handle(.., now)` -> `wire::encode_reply` -> per-source reply
+//! rate limit -> socket. The clock is read here, at the edge, and
 //! nowhere in the table. No reply is larger than `MAX_UDP_REPLY_LEN`
 //! (LIST is cut with a marker), and garbage gets no more bytes back than
 //! it sent, so the Tower is no amplifier for forged datagrams.
@@ -47,15 +47,18 @@ pub async fn serve(
             }
         };
         let now = Instant::now();
-        if !limiter.allow(from.ip(), now) {
-            if due(&mut last_limit_log) {
-                tracing::warn!(%from, "tower: datagrams over --udp-reply-rate dropped unanswered");
-            }
-            continue;
-        }
+        // Handled whatever the limit: a forged flood in a workload's name
+        // must not keep its heartbeats from the table (and expire it); only
+        // the replies it would aim at that address are held back.
         let Some(bytes) = answer(&registry, &buf[..len], from, now) else {
             continue;
         };
+        if !limiter.allow(from.ip(), now) {
+            if due(&mut last_limit_log) {
+                tracing::warn!(%from, "tower: replies over --udp-reply-rate not sent (the requests were handled)");
+            }
+            continue;
+        }
         if let Err(e) = socket.send_to(&bytes, from).await {
             tracing::debug!(%from, error = %e, "tower: reply not sent");
         }
