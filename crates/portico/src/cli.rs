@@ -434,6 +434,12 @@ pub struct ServicesArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Sign the LIST with the key in this file: a Tower started with the
+    /// same --key-file then sends the whole list in one datagram (up to
+    /// 64 KB) rather than the first 1,232 bytes.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+
     /// Only this service (LOOKUP-free: filters the LIST).
     pub name: Option<String>,
 }
