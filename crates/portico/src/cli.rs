@@ -332,7 +332,8 @@ pub struct RegistryArgs {
     pub http_max_watches: usize,
 
     /// Require REGISTER/DEREGISTER (UDP and HTTP) to be signed with the key
-    /// in this file (HMAC-SHA256; reads stay open).
+    /// in this file (HMAC-SHA256; reads stay open). A LIST signed with it
+    /// gets the whole list in one UDP datagram, not the first 1,232 bytes.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
 
