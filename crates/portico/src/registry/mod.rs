@@ -261,22 +261,36 @@ impl Registry {
         now_ms: u64,
     ) -> Result<Bytes, ErrorReply> {
         self.inner.counters.requests[3].fetch_add(1, Ordering::Relaxed);
-        let mut verifier = lock(&self.inner.verifier);
+        // An unsigned LIST (a flood's) takes no lock but the table's.
         let size = match signature {
-            Some(sig) if verifier.requires_signatures() => {
-                if let Err(e) = verifier.check(Some(sig), signed, now_ms) {
-                    self.inner
-                        .counters
-                        .unauthorized
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Err(ErrorReply::Unauthorized(e.to_string()));
-                }
-                ListSize::Whole
-            }
-            _ => ListSize::Safe,
+            Some(sig) => self.signed_list_size(sig, signed, now_ms)?,
+            None => ListSize::Safe,
         };
-        drop(verifier);
         Ok(self.list_datagram(now, size))
+    }
+
+    /// What a signed LIST earns: the whole list when the Tower has a key
+    /// and the signature passes; the safe size when the Tower has no key.
+    fn signed_list_size(
+        &self,
+        signature: Signature,
+        signed: &[u8],
+        now_ms: u64,
+    ) -> Result<ListSize, ErrorReply> {
+        let mut verifier = lock(&self.inner.verifier);
+        if !verifier.requires_signatures() {
+            return Ok(ListSize::Safe);
+        }
+        verifier
+            .check(Some(signature), signed, now_ms)
+            .map_err(|e| {
+                self.inner
+                    .counters
+                    .unauthorized
+                    .fetch_add(1, Ordering::Relaxed);
+                ErrorReply::Unauthorized(e.to_string())
+            })?;
+        Ok(ListSize::Whole)
     }
 
     /// The LIST datagram of `size` (cut with a marker past it), encoded
