@@ -25,6 +25,11 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(env) = decode_envelope(data) {
         assert!(env.signed_len <= data.len());
+        // A signature (a write's or a LIST's) covers everything before the
+        // `|` that opens its MAC.
+        if env.signature.is_some() {
+            assert_eq!(data[env.signed_len], b'|');
+        }
     }
     if let Ok(reply) = decode_reply(data) {
         let bytes = encode_reply(&reply);

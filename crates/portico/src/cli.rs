@@ -332,7 +332,8 @@ pub struct RegistryArgs {
     pub http_max_watches: usize,
 
     /// Require REGISTER/DEREGISTER (UDP and HTTP) to be signed with the key
-    /// in this file (HMAC-SHA256; reads stay open).
+    /// in this file (HMAC-SHA256; reads stay open). A LIST signed with it
+    /// gets the whole list in one UDP datagram, not the first 1,232 bytes.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
 
@@ -433,6 +434,12 @@ pub struct ServicesArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// Sign the LIST with the key in this file: a Tower started with the
+    /// same --key-file then sends the whole list in one datagram (up to
+    /// 64 KB) rather than the first 1,232 bytes.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 
     /// Only this service (LOOKUP-free: filters the LIST).
     pub name: Option<String>,

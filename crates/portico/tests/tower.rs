@@ -431,3 +431,124 @@ fn portico_up_takes_allow_register_too() {
     let reply = udp(tower, b"REGISTER|web|192.168.0.5|80");
     assert!(reply.starts_with("ERR|REGISTER refused: "), "{reply}");
 }
+
+/// A Tower started with `--key-file`, and the key, for signing.
+fn keyed_tower(tag: &str) -> (Proc, portico::registry::auth::Key, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("portico-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tower.key");
+    std::fs::write(&path, "s3cret-key-of-enough-length\n").unwrap();
+    let t = Proc::start(
+        &[
+            "tower",
+            "--listen",
+            "127.0.0.1:0",
+            "--key-file",
+            path.to_str().unwrap(),
+        ],
+        "tower listening on udp ",
+    );
+    let key = portico::registry::auth::Key::from_bytes(b"s3cret-key-of-enough-length");
+    (t, key, path)
+}
+
+fn signed(key: &portico::registry::auth::Key, request: &[u8]) -> Vec<u8> {
+    let request = portico_wire::decode_request(request).unwrap();
+    portico::registry::auth::sign(key, &request, portico::registry::unix_ms())
+}
+
+#[test]
+fn a_signed_list_gets_the_whole_list_in_one_datagram() {
+    let (t, key, key_path) = keyed_tower("signed-list");
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 256];
+    for i in 0..300 {
+        let write = format!(
+            "REGISTER|service-{i:04}|10.0.{}.{}|8080",
+            i / 250,
+            1 + i % 250
+        );
+        s.send_to(&signed(&key, write.as_bytes()), t.addr).unwrap();
+        let (len, _) = s.recv_from(&mut buf).expect("tower reply");
+        assert!(buf[..len].starts_with(b"OK|REGISTERED|"));
+    }
+    // Unsigned: as to anyone, cut to one safe datagram.
+    let cut = udp(t.addr, b"LIST");
+    assert!(cut.len() <= 1232, "{} bytes", cut.len());
+    assert!(cut.ends_with("|TRUNCATED|300"), "{cut}");
+    // Signed with the Tower's key: every entry, in one datagram.
+    let list = signed(&key, b"LIST");
+    let whole = udp(t.addr, &list);
+    assert!(whole.len() > 1232, "{whole}");
+    match portico_wire::decode_reply(whole.as_bytes()).unwrap() {
+        portico_wire::Reply::List(entries) => {
+            assert_eq!(entries.len(), 300);
+            assert_eq!(entries[299].name.as_str(), "service-0299");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same datagram again is a replay; another key's, or an old one,
+    // is refused too, never with more bytes than it sent.
+    assert_eq!(udp(t.addr, &list), "ERR|unauthorized: replayed signature");
+    let forged = portico::registry::auth::sign(
+        &portico::registry::auth::Key::from_bytes(b"not-the-towers-key!!"),
+        &portico_wire::Request::List,
+        portico::registry::unix_ms(),
+    );
+    let refused = udp(t.addr, &forged);
+    assert!(
+        refused.starts_with("ERR|unauthorized: bad signature"),
+        "{refused}"
+    );
+    assert!(refused.len() <= forged.len());
+    let stale_ms = portico::registry::unix_ms() - 120_000;
+    let old = portico::registry::auth::sign(&key, &portico_wire::Request::List, stale_ms);
+    let refused = udp(t.addr, &old);
+    assert!(
+        refused.starts_with("ERR|unauthorized: timestamp"),
+        "{refused}"
+    );
+    assert!(refused.len() <= old.len(), "{refused}");
+    // A timestamp of one digit makes the request (71 bytes) shorter than
+    // that reply (76): a bare ERR.
+    let short = portico::registry::auth::sign(&key, &portico_wire::Request::List, 1);
+    assert_eq!(udp(t.addr, &short), "ERR");
+
+    // `portico services --key-file` signs its LIST and shows every entry.
+    let services = |extra: &[&str]| {
+        let tower = t.addr.to_string();
+        let mut args = vec!["services", "--tower", &tower];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stdout}{stderr}");
+        (stdout, stderr)
+    };
+    let (stdout, stderr) = services(&["--key-file", key_path.to_str().unwrap()]);
+    assert_eq!(stdout.matches("service-").count(), 300, "{stdout}");
+    assert!(!stderr.contains("first entries"), "{stderr}");
+    // Without it, the first entries and a note on where the rest is.
+    let (stdout, stderr) = services(&[]);
+    assert!(stdout.matches("service-").count() < 300, "{stdout}");
+    assert!(
+        stderr.contains("of 300") && stderr.contains("--key-file"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(key_path.parent().unwrap());
+}
+
+#[test]
+fn a_signed_list_to_a_tower_without_a_key_is_capped() {
+    let t = tower("30s");
+    register_many(t.addr, 300);
+    // Anyone can sign without the key: a signature earns nothing here.
+    let key = portico::registry::auth::Key::from_bytes(b"any key of enough length");
+    let reply = udp(t.addr, &signed(&key, b"LIST"));
+    assert!(reply.len() <= 1232, "{} bytes", reply.len());
+    assert!(reply.ends_with("|TRUNCATED|300"), "{reply}");
+}

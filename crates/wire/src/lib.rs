@@ -16,7 +16,9 @@
 //! entries that fit and a trailing field: `OK|LIST|n|entries|TRUNCATED|total`,
 //! where `n` counts the entries in this datagram (so a parser that checks
 //! `n` against the entries, or reads only the fourth field, still works) and
-//! `total` how many are live. The whole list is on the HTTP API.
+//! `total` how many are live. The whole list is on the HTTP API, and in one
+//! datagram of up to [`MAX_UDP_PAYLOAD`] bytes for a signed LIST
+//! (`LIST|<ts_ms>|<hmac>`, see [`Signature`]).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -38,6 +40,10 @@ pub const MAX_REPLY_LEN: usize = 65_000;
 /// UDP size (no fragmentation on any path with an MTU of 1280, IPv6's
 /// minimum), and a bound on how much a spoofed request can reflect.
 pub const MAX_UDP_REPLY_LEN: usize = 1232;
+
+/// The largest UDP payload over IPv4 (65,535 less the IP and UDP headers):
+/// the bound on a signed LIST's reply.
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
 
 /// The field that marks a LIST reply cut to fit one datagram.
 pub const TRUNCATED: &str = "TRUNCATED";
@@ -244,12 +250,23 @@ pub const BARE_ERR: &[u8] = b"ERR";
 /// `ERR|...` when that fits, else a bare `ERR`, else (shorter than `ERR`)
 /// no reply at all.
 pub fn encode_refusal(error: &DecodeError, len: usize) -> Option<Vec<u8>> {
-    let full = encode_reply(&Reply::Error(error.reply()));
     let names_a_command = matches!(
         error,
         DecodeError::Register | DecodeError::Deregister | DecodeError::Lookup
     );
-    if names_a_command || full.len() <= len {
+    if names_a_command {
+        Some(encode_reply(&Reply::Error(error.reply())))
+    } else {
+        encode_error_within(&error.reply(), len)
+    }
+}
+
+/// `ERR|<error>` when it is at most `len` bytes long, else a bare `ERR`,
+/// else (`len` under 3) nothing: for a request whose sender may be forged,
+/// so that the answer reflects no more bytes than came in.
+pub fn encode_error_within(error: &ErrorReply, len: usize) -> Option<Vec<u8>> {
+    let full = encode_reply(&Reply::Error(error.clone()));
+    if full.len() <= len {
         Some(full)
     } else if BARE_ERR.len() <= len {
         Some(BARE_ERR.to_vec())
@@ -305,10 +322,11 @@ fn parse_registration(fields: &[&str]) -> Option<Registration> {
     }
 }
 
-/// The signature a write (REGISTER, DEREGISTER) may carry:
-/// `REGISTER|name|ip|port|<ts_ms>|<hmac>`, where `hmac` is the lower-case hex
-/// HMAC-SHA256, under the Tower's key, of every byte before its own `|`,
-/// and `ts_ms` is the sender's Unix time in milliseconds.
+/// The signature a write (REGISTER, DEREGISTER) or a LIST may carry:
+/// `REGISTER|name|ip|port|<ts_ms>|<hmac>`, `LIST|<ts_ms>|<hmac>`, where
+/// `hmac` is the lower-case hex HMAC-SHA256, under the Tower's key, of
+/// every byte before its own `|`, and `ts_ms` is the sender's Unix time in
+/// milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Signature {
     pub ts_ms: u64,
@@ -343,20 +361,25 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The `<ts_ms>|<hmac>` fields that end a signed request.
+fn parse_signature(ts: &str, mac: &str) -> Option<Signature> {
+    if ts.is_empty() || !ts.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(Signature {
+        ts_ms: ts.parse().ok()?,
+        mac: parse_hex32(mac)?,
+    })
+}
+
 /// Split `name|ip|port[|ts|hmac]` into the registration and its signature.
 fn parse_write(fields: &[&str]) -> Option<(Registration, Option<Signature>)> {
     match fields {
         [_, _, _] => Some((parse_registration(fields)?, None)),
-        [name, ip, port, ts, mac] => {
-            if ts.is_empty() || !ts.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let signature = Signature {
-                ts_ms: ts.parse().ok()?,
-                mac: parse_hex32(mac)?,
-            };
-            Some((parse_registration(&[name, ip, port])?, Some(signature)))
-        }
+        [name, ip, port, ts, mac] => Some((
+            parse_registration(&[name, ip, port])?,
+            Some(parse_signature(ts, mac)?),
+        )),
         _ => None,
     }
 }
@@ -371,21 +394,31 @@ pub fn decode_envelope(datagram: &[u8]) -> Result<Envelope, DecodeError> {
     let mut fields = text.split('|');
     let command = fields.next().unwrap_or_default();
     let rest: Vec<&str> = fields.collect();
+    let signed_len = |signature: &Option<Signature>| match signature {
+        Some(_) => text.rfind('|').unwrap_or(text.len()),
+        None => text.len(),
+    };
     let write = |make: fn(Registration) -> Request, err: DecodeError| {
         let (registration, signature) = parse_write(&rest).ok_or(err)?;
-        let signed_len = match signature {
-            Some(_) => text.rfind('|').unwrap_or(text.len()),
-            None => text.len(),
-        };
         Ok(Envelope {
             request: make(registration),
+            signed_len: signed_len(&signature),
             signature,
-            signed_len,
         })
     };
-    match command {
-        "REGISTER" => write(Request::Register, DecodeError::Register),
-        "DEREGISTER" => write(Request::Deregister, DecodeError::Deregister),
+    match (command, rest.as_slice()) {
+        ("REGISTER", _) => write(Request::Register, DecodeError::Register),
+        ("DEREGISTER", _) => write(Request::Deregister, DecodeError::Deregister),
+        // A signed LIST; a malformed one is an unknown command, as any
+        // other LIST with fields was before (garbage, for its reply's size).
+        ("LIST", [ts, mac]) => {
+            let signature = Some(parse_signature(ts, mac).ok_or(DecodeError::UnknownCommand)?);
+            Ok(Envelope {
+                request: Request::List,
+                signed_len: signed_len(&signature),
+                signature,
+            })
+        }
         _ => decode_plain(command, &rest).map(|request| Envelope {
             request,
             signature: None,

@@ -288,6 +288,69 @@ fn signed_writes_keep_their_signature_and_signed_span() {
 }
 
 #[test]
+fn a_signed_list_keeps_its_signature_and_signed_span() {
+    let mac = "cd".repeat(32);
+    let dgram = format!("LIST|1700000000123|{mac}\n");
+    let e = decode_envelope(dgram.as_bytes()).unwrap();
+    assert_eq!(e.request, Request::List);
+    let sig = e.signature.unwrap();
+    assert_eq!(sig.ts_ms, 1_700_000_000_123);
+    assert_eq!(sig.mac, [0xcd; 32]);
+    assert_eq!(&dgram.as_bytes()[..e.signed_len], b"LIST|1700000000123");
+    assert_eq!(
+        signing_prefix(&Request::List, sig.ts_ms),
+        b"LIST|1700000000123"
+    );
+    // The seed's LIST is unchanged: unsigned, the whole datagram.
+    let e = decode_envelope(b"LIST").unwrap();
+    assert_eq!(
+        (e.request, e.signature, e.signed_len),
+        (Request::List, None, 4)
+    );
+    // LIST with other fields, or a malformed signature, stays an unknown
+    // command: garbage, whose reply is no longer than it.
+    for bad in [
+        "LIST|1".to_owned(),
+        format!("LIST|x1|{mac}"),
+        format!("LIST||{mac}"),
+        format!("LIST|1|{}", "cd".repeat(31)),
+        format!("LIST|1|{mac}|more"),
+    ] {
+        assert_eq!(
+            decode_envelope(bad.as_bytes()),
+            Err(DecodeError::UnknownCommand),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn an_error_within_a_length_is_cut_to_a_bare_err() {
+    let e = ErrorReply::Unauthorized("replayed signature".into());
+    let full = b"ERR|unauthorized: replayed signature";
+    assert_eq!(encode_error_within(&e, full.len()).unwrap(), full);
+    assert_eq!(encode_error_within(&e, full.len() - 1).unwrap(), BARE_ERR);
+    assert_eq!(encode_error_within(&e, 2), None);
+}
+
+#[test]
+fn a_whole_list_fits_the_largest_udp_payload() {
+    let all = entries(1200);
+    assert_eq!(
+        encode_list(&all, MAX_UDP_PAYLOAD),
+        encode_reply(&Reply::List(all.clone()))
+    );
+    // Past it, the first entries that fit, marked, as under the safe cap.
+    let many = entries(3000);
+    let bytes = encode_list(&many, MAX_UDP_PAYLOAD);
+    assert!(bytes.len() <= MAX_UDP_PAYLOAD, "{}", bytes.len());
+    assert!(matches!(
+        decode_reply(&bytes).unwrap(),
+        Reply::ListPart { total: 3000, .. }
+    ));
+}
+
+#[test]
 fn malformed_signatures_are_syntax_errors() {
     for bad in [
         "REGISTER|a|1.2.3.4|80|123".to_owned(),

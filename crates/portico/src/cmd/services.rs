@@ -5,7 +5,9 @@ use serde::Serialize;
 
 use crate::cli::ServicesArgs;
 use crate::config::{resolve_tower, StartupError};
+use crate::registry::auth::{sign, Key};
 use crate::registry::client::TowerClient;
+use crate::registry::unix_ms;
 
 #[derive(Serialize)]
 struct Row {
@@ -18,9 +20,21 @@ struct Row {
 pub async fn run(a: ServicesArgs) -> Result<(), StartupError> {
     let tower = resolve_tower(&a.tower)?;
     let client = TowerClient::new(tower, std::time::Duration::from_secs(1), 3);
-    let (entries, total) = match client.call(&Request::List).await? {
+    let key = a.key_file.as_deref().map(Key::load).transpose()?;
+    let list = Request::List;
+    let reply = match &key {
+        // Signed anew for each try, so that a retry is no replay.
+        Some(key) => {
+            client
+                .call_with(&list, || sign(key, &list, unix_ms()))
+                .await?
+        }
+        None => client.call(&list).await?,
+    };
+    let (entries, total) = match reply {
         Reply::List(entries) => (entries, None),
-        // The Tower's UDP replies stay small; the rest is on its HTTP API.
+        // The Tower's UDP replies stay small unless the LIST is signed with
+        // its key (and even then end at 64 KB); the rest is on its HTTP API.
         Reply::ListPart { entries, total } => (entries, Some(total)),
         Reply::Error(e) => return Err(StartupError::TowerRefused(e)),
         other => {
@@ -46,7 +60,7 @@ pub async fn run(a: ServicesArgs) -> Result<(), StartupError> {
         let text = serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into());
         println!("{text}");
         if let Some(total) = total {
-            eprintln!("{}", cut_note(total, &tower));
+            eprintln!("{}", cut_note(total, &tower, key.is_some()));
         }
         return Ok(());
     }
@@ -69,15 +83,20 @@ pub async fn run(a: ServicesArgs) -> Result<(), StartupError> {
         println!("(no live registrations)");
     }
     if let Some(total) = total {
-        eprintln!("{}", cut_note(total, &tower));
+        eprintln!("{}", cut_note(total, &tower, key.is_some()));
     }
     Ok(())
 }
 
 /// What to say when the Tower's LIST did not fit one datagram.
-fn cut_note(total: usize, tower: &std::net::SocketAddr) -> String {
+fn cut_note(total: usize, tower: &std::net::SocketAddr, signed: bool) -> String {
+    let why = if signed {
+        "the Tower cut even the signed LIST (it has no key, or the list is over 64 KB)"
+    } else {
+        "the Tower cuts an unsigned LIST to 1,232 bytes (--key-file signs it)"
+    };
     format!(
-        "(the first entries of {total}: the Tower cuts LIST to one datagram; \
+        "(the first entries of {total}: {why}; \
          the whole list is at http://{tower}/v1/services)"
     )
 }

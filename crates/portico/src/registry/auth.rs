@@ -2,6 +2,7 @@
 //! `|<ts_ms>|<hmac>`: HMAC-SHA256 under the shared key over everything before
 //! the MAC. A write is accepted once, within `WINDOW` of the Tower's clock;
 //! replays inside the window are refused, and older ones fail the window.
+//! A LIST may carry the same, checked the same way, for a larger reply.
 //! Pure: the caller passes the time.
 
 use std::collections::HashMap;

@@ -236,7 +236,10 @@ pub(crate) fn answers(request: &Request, reply: &Reply) -> bool {
             Reply::Error(E::RegisterSyntax | E::RegistryFull | E::RegisterRefused(_)),
         )
         | (Request::Deregister(_), Reply::Error(E::DeregisterSyntax))
-        | (Request::Register(_) | Request::Deregister(_), Reply::Error(E::Unauthorized(_)))
+        | (
+            Request::Register(_) | Request::Deregister(_) | Request::List,
+            Reply::Error(E::Unauthorized(_)),
+        )
         | (Request::List, Reply::Error(E::ReplyTooLarge { .. })) => true,
         (_, Reply::Error(E::UnknownCommand | E::RequestTooLong | E::NotText | E::Other(_))) => true,
         _ => false,
@@ -292,6 +295,12 @@ mod tests {
         assert!(!answers_text("LIST", "OK|PONG|tower"));
         assert!(answers_text("PING", "OK|PONG|tower"));
         assert!(answers_text("LIST", "OK|LIST|0|"));
+        // A signed LIST that did not verify.
+        assert!(answers_text("LIST", "ERR|unauthorized: replayed signature"));
+        assert!(!answers_text(
+            "PING",
+            "ERR|unauthorized: replayed signature"
+        ));
         // Errors that name nothing can answer any command.
         assert!(answers_text("LOOKUP|a", "ERR|unknown command"));
         assert!(answers_text("PING", "ERR|something new"));

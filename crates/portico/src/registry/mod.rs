@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use portico_wire::{
     encode_list, Envelope, ErrorReply, ListEntry, Registration, Reply, Request, ServiceName,
-    MAX_UDP_REPLY_LEN,
+    Signature, MAX_UDP_PAYLOAD, MAX_UDP_REPLY_LEN,
 };
 use tokio::sync::{watch, Notify};
 
@@ -53,9 +53,10 @@ struct Inner {
     store: Option<Store>,
     /// Which endpoints a REGISTER may name.
     admission: Admission,
-    /// The last LIST datagram, reused while the table's revision stays and
-    /// for at most `LIST_REUSE`. Its own lock, never held with the table's.
-    list_cache: Mutex<Option<ListCache>>,
+    /// The last LIST datagram of each `ListSize`, reused while the table's
+    /// revision stays and for at most `LIST_REUSE`. Its own lock, never
+    /// held with the table's.
+    list_cache: Mutex<[Option<ListCache>; 2]>,
 }
 
 /// How long one encoded LIST is reused while nothing changes. Its
@@ -64,6 +65,24 @@ struct Inner {
 /// the next one. A flood of LIST costs one encoding per change or per
 /// second, and a copy of an `Arc` per datagram.
 const LIST_REUSE: Duration = Duration::from_secs(1);
+
+/// How large a LIST reply datagram may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListSize {
+    /// `MAX_UDP_REPLY_LEN`: for any sender, who may be forged.
+    Safe = 0,
+    /// `MAX_UDP_PAYLOAD`: for a signed LIST whose signature verified.
+    Whole = 1,
+}
+
+impl ListSize {
+    fn cap(self) -> usize {
+        match self {
+            ListSize::Safe => MAX_UDP_REPLY_LEN,
+            ListSize::Whole => MAX_UDP_PAYLOAD,
+        }
+    }
+}
 
 #[derive(Debug)]
 struct ListCache {
@@ -153,7 +172,7 @@ impl Registry {
                 counters: Counters::default(),
                 store,
                 admission,
-                list_cache: Mutex::new(None),
+                list_cache: Mutex::new([None, None]),
             }),
         }
     }
@@ -228,14 +247,59 @@ impl Registry {
         }
     }
 
-    /// The LIST reply datagram for UDP: at most `MAX_UDP_REPLY_LEN` bytes
-    /// (cut with a marker past that), encoded once per change of the table
-    /// or per `LIST_REUSE`, with the sort and the encoding off the table's
-    /// lock: a LIST flood must not starve heartbeats.
-    pub fn list_datagram(&self, now: Instant) -> Bytes {
+    /// The LIST reply datagram for UDP. A signed LIST to a Tower with a key
+    /// gets the whole list, up to `MAX_UDP_PAYLOAD` bytes, once its
+    /// signature passes the same check as a write's (window, replay cache);
+    /// else the error, for the caller to cut to the request's size. Any
+    /// other LIST gets at most `MAX_UDP_REPLY_LEN` bytes. Without a key a
+    /// signature proves nothing (anyone can make one), so it earns nothing.
+    pub fn list_reply(
+        &self,
+        signature: Option<Signature>,
+        signed: &[u8],
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<Bytes, ErrorReply> {
         self.inner.counters.requests[3].fetch_add(1, Ordering::Relaxed);
+        // An unsigned LIST (a flood's) takes no lock but the table's.
+        let size = match signature {
+            Some(sig) => self.signed_list_size(sig, signed, now_ms)?,
+            None => ListSize::Safe,
+        };
+        Ok(self.list_datagram(now, size))
+    }
+
+    /// What a signed LIST earns: the whole list when the Tower has a key
+    /// and the signature passes; the safe size when the Tower has no key.
+    fn signed_list_size(
+        &self,
+        signature: Signature,
+        signed: &[u8],
+        now_ms: u64,
+    ) -> Result<ListSize, ErrorReply> {
+        let mut verifier = lock(&self.inner.verifier);
+        if !verifier.requires_signatures() {
+            return Ok(ListSize::Safe);
+        }
+        verifier
+            .check(Some(signature), signed, now_ms)
+            .map_err(|e| {
+                self.inner
+                    .counters
+                    .unauthorized
+                    .fetch_add(1, Ordering::Relaxed);
+                ErrorReply::Unauthorized(e.to_string())
+            })?;
+        Ok(ListSize::Whole)
+    }
+
+    /// The LIST datagram of `size` (cut with a marker past it), encoded
+    /// once per change of the table or per `LIST_REUSE`, with the sort and
+    /// the encoding off the table's lock: a LIST flood must not starve
+    /// heartbeats.
+    fn list_datagram(&self, now: Instant, size: ListSize) -> Bytes {
         let revision = lock(&self.inner.table).revision();
-        if let Some(c) = lock(&self.inner.list_cache).as_ref() {
+        if let Some(c) = lock(&self.inner.list_cache)[size as usize].as_ref() {
             if c.revision == revision && now.saturating_duration_since(c.built) < LIST_REUSE {
                 return c.datagram.clone();
             }
@@ -253,8 +317,8 @@ impl Registry {
                 ttl_left_secs: left.as_secs(),
             })
             .collect();
-        let datagram = Bytes::from(encode_list(&entries, MAX_UDP_REPLY_LEN));
-        *lock(&self.inner.list_cache) = Some(ListCache {
+        let datagram = Bytes::from(encode_list(&entries, size.cap()));
+        lock(&self.inner.list_cache)[size as usize] = Some(ListCache {
             revision,
             built: now,
             datagram: datagram.clone(),
@@ -542,14 +606,20 @@ mod tests {
         let r = Registry::new(Limits::default(), None, Admission::default());
         let t0 = Instant::now();
         send(&r, "REGISTER|a|10.0.0.1|80", LOCAL, t0);
-        assert_eq!(text(r.list_datagram(t0)), "OK|LIST|1|a:10.0.0.1:80:30");
+        assert_eq!(
+            text(r.list_datagram(t0, ListSize::Safe)),
+            "OK|LIST|1|a:10.0.0.1:80:30"
+        );
         // Same revision, within the second: the same bytes, ttl_left as built.
         let soon = t0 + Duration::from_millis(900);
-        assert_eq!(text(r.list_datagram(soon)), "OK|LIST|1|a:10.0.0.1:80:30");
+        assert_eq!(
+            text(r.list_datagram(soon, ListSize::Safe)),
+            "OK|LIST|1|a:10.0.0.1:80:30"
+        );
         // A change shows at once.
         send(&r, "REGISTER|b|10.0.0.2|80", LOCAL, soon);
         assert_eq!(
-            text(r.list_datagram(soon)),
+            text(r.list_datagram(soon, ListSize::Safe)),
             "OK|LIST|2|a:10.0.0.1:80:29,b:10.0.0.2:80:30"
         );
         // A second on, ttl_left is counted again (a refresh is no change
@@ -557,9 +627,78 @@ mod tests {
         send(&r, "REGISTER|a|10.0.0.1|80", LOCAL, soon);
         let later = soon + Duration::from_secs(1);
         assert_eq!(
-            text(r.list_datagram(later)),
+            text(r.list_datagram(later, ListSize::Safe)),
             "OK|LIST|2|a:10.0.0.1:80:29,b:10.0.0.2:80:29"
         );
+    }
+
+    /// `n` registrations, more than one safe datagram holds.
+    fn fill(r: &Registry, n: usize, now: Instant) {
+        for i in 0..n {
+            let d = format!(
+                "REGISTER|service-{i:04}|10.0.{}.{}|8080",
+                i / 250,
+                1 + i % 250
+            );
+            assert!(matches!(send(r, &d, LOCAL, now), Reply::Registered(_)));
+        }
+    }
+
+    fn signed_list(key: &Key, ts_ms: u64) -> (Envelope, Vec<u8>) {
+        let d = auth::sign(key, &Request::List, ts_ms);
+        let e = decode_envelope(&d).unwrap();
+        let signed = d[..e.signed_len].to_vec();
+        (e, signed)
+    }
+
+    #[test]
+    fn a_signed_list_gets_the_whole_list_once() {
+        let key = Key::from_bytes(b"0123456789abcdef0123");
+        let r = Registry::new(Limits::default(), Some(key.clone()), Admission::default());
+        let now = Instant::now();
+        let ms = 1_700_000_000_000;
+        // Writes to a keyed Tower must be signed; sign them as any client.
+        for i in 0..100 {
+            let write = format!("REGISTER|service-{i:04}|10.0.0.{}|8080", 1 + i);
+            let req = portico_wire::decode_request(write.as_bytes()).unwrap();
+            let d = auth::sign(&key, &req, ms + i as u64);
+            let e = decode_envelope(&d).unwrap();
+            let signed = d[..e.signed_len].to_vec();
+            assert!(matches!(
+                r.handle(e, &signed, LOCAL, now, ms),
+                Reply::Registered(_)
+            ));
+        }
+        let unsigned = r.list_reply(None, b"LIST", now, ms).unwrap();
+        assert!(unsigned.len() <= MAX_UDP_REPLY_LEN);
+        assert!(text(unsigned).ends_with("|TRUNCATED|100"));
+        let (e, signed) = signed_list(&key, ms);
+        let whole = text(r.list_reply(e.signature, &signed, now, ms).unwrap());
+        assert!(whole.starts_with("OK|LIST|100|service-0000:"), "{whole}");
+        assert!(!whole.contains(portico_wire::TRUNCATED));
+        // The same signature again, a stale one, another key's: refused.
+        let replayed = r.list_reply(e.signature, &signed, now, ms);
+        assert_eq!(
+            replayed,
+            Err(ErrorReply::Unauthorized("replayed signature".into()))
+        );
+        let (old, signed) = signed_list(&key, ms - 60_000);
+        assert!(r.list_reply(old.signature, &signed, now, ms).is_err());
+        let other = Key::from_bytes(b"another key of enough length");
+        let (forged, signed) = signed_list(&other, ms);
+        assert!(r.list_reply(forged.signature, &signed, now, ms).is_err());
+        assert_eq!(r.counters().unauthorized.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn without_a_key_a_signed_list_is_capped_like_any_list() {
+        let r = Registry::new(Limits::default(), None, Admission::default());
+        let now = Instant::now();
+        fill(&r, 100, now);
+        let (e, signed) = signed_list(&Key::from_bytes(b"anyone can make one"), 1);
+        let reply = r.list_reply(e.signature, &signed, now, 1).unwrap();
+        assert!(reply.len() <= MAX_UDP_REPLY_LEN);
+        assert!(text(reply).ends_with("|TRUNCATED|100"));
     }
 
     #[test]

@@ -2,15 +2,17 @@
 //! `Registry::handle(.., now)` -> `wire::encode_reply` -> per-source reply
 //! rate limit -> socket. The clock is read here, at the edge, and
 //! nowhere in the table. No reply is larger than `MAX_UDP_REPLY_LEN`
-//! (LIST is cut with a marker), and garbage gets no more bytes back than
-//! it sent, so the Tower is no amplifier for forged datagrams.
+//! (LIST is cut with a marker) unless it answers a signed LIST that
+//! verified, and garbage, or a signed LIST that did not verify, gets no
+//! more bytes back than it sent, so the Tower is no amplifier for forged
+//! datagrams.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use portico_wire::{decode_envelope, encode_refusal, encode_reply, Request};
+use portico_wire::{decode_envelope, encode_error_within, encode_refusal, encode_reply, Request};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
@@ -78,7 +80,16 @@ fn due(last: &mut Option<Instant>) -> bool {
 fn answer(registry: &Registry, datagram: &[u8], from: SocketAddr, now: Instant) -> Option<Bytes> {
     match decode_envelope(datagram) {
         // Encoded once per change, shared by every LIST until the next.
-        Ok(envelope) if envelope.request == Request::List => Some(registry.list_datagram(now)),
+        Ok(envelope) if envelope.request == Request::List => {
+            let signed = &datagram[..envelope.signed_len];
+            match registry.list_reply(envelope.signature, signed, now, unix_ms()) {
+                Ok(bytes) => Some(bytes),
+                Err(e) => {
+                    tracing::debug!(%from, error = %e, "tower: signed LIST refused");
+                    encode_error_within(&e, datagram.len()).map(Bytes::from)
+                }
+            }
+        }
         Ok(envelope) => {
             tracing::debug!(%from, request = ?envelope.request, "tower request");
             let signed = &datagram[..envelope.signed_len];
