@@ -339,8 +339,13 @@ fn register_json(ip: &str, port: u16) -> String {
     format!(r#"{{"name":"web","ip":"{ip}","port":{port}}}"#)
 }
 
-const NEVER_BACKENDS: [&str; 8] = [
+const NEVER_BACKENDS: [&str; 13] = [
     "169.254.169.254",
+    "64:ff9b::a9fe:a9fe",
+    "2002:a9fe:a9fe::1",
+    "fd00:ec2::254",
+    "100.100.100.200",
+    "240.0.0.1",
     "0.0.0.0",
     "::",
     "255.255.255.255",

@@ -7,7 +7,7 @@
 //! endpoint is what the ingress will connect to). Pure.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// A network: an address and a prefix length (`10.0.0.0/8`, `fd00::/8`, or
@@ -98,6 +98,10 @@ pub enum Refusal {
     Multicast(IpAddr),
     #[error("{0} is link-local (cloud metadata lives there), never a backend")]
     LinkLocal(IpAddr),
+    #[error("{0} is reserved (240.0.0.0/4), never a backend")]
+    Reserved(IpAddr),
+    #[error("{0} is a cloud metadata service, never a backend")]
+    Metadata(IpAddr),
     #[error("{0} is loopback; only a sender on the Tower's own host may register it")]
     RemoteLoopback(IpAddr),
     #[error("{0} is outside the networks this Tower accepts (--allow-register)")]
@@ -121,7 +125,7 @@ impl Admission {
     pub fn check(&self, endpoint: IpAddr, sender: IpAddr) -> Result<(), Refusal> {
         never_a_backend(endpoint)?;
         let ip = endpoint.to_canonical();
-        if ip.is_loopback() && !sender.to_canonical().is_loopback() {
+        if reaches(ip).is_loopback() && !sender.to_canonical().is_loopback() {
             return Err(Refusal::RemoteLoopback(ip));
         }
         if !self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(ip)) {
@@ -131,11 +135,46 @@ impl Admission {
     }
 }
 
-/// Addresses no replica can listen on, IPv4-mapped IPv6 included.
+/// Cloud metadata services outside the link-local ranges: AWS's over
+/// IPv6, Alibaba's, and Azure's wire server.
+const METADATA: [IpAddr; 3] = [
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
+];
+
+/// The address a connection to `ip` ends up at: the IPv4 address an IPv6
+/// one carries where the network unwraps it (IPv4-mapped and -translated,
+/// the deprecated IPv4-compatible form, NAT64's 64:ff9b::/96 and
+/// 64:ff9b:1::/48, 6to4's 2002::/16), else `ip` itself.
+fn reaches(ip: IpAddr) -> IpAddr {
+    let v6 = match ip.to_canonical() {
+        IpAddr::V6(v6) => v6,
+        v4 => return v4,
+    };
+    let s = v6.segments();
+    let low32 = Ipv4Addr::from(u128::from(v6) as u32);
+    let embedded = match s {
+        // ::a.b.c.d (not :: or ::1) and ::ffff:0:a.b.c.d
+        [0, 0, 0, 0, 0, 0, _, _] if u128::from(v6) > 1 => Some(low32),
+        [0, 0, 0, 0, 0xffff, 0, _, _] => Some(low32),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(low32),
+        [0x64, 0xff9b, 1, ..] => Some(low32),
+        [0x2002, hi, lo, ..] => Some(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))),
+        _ => None,
+    };
+    embedded.map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+/// Addresses no replica can listen on, IPv4 carried in IPv6 included.
 fn never_a_backend(endpoint: IpAddr) -> Result<(), Refusal> {
-    match endpoint.to_canonical() {
+    let at = reaches(endpoint);
+    if METADATA.contains(&at) || METADATA.contains(&endpoint.to_canonical()) {
+        return Err(Refusal::Metadata(endpoint));
+    }
+    match at {
         IpAddr::V4(v4) => {
-            let ip = IpAddr::V4(v4);
+            let ip = endpoint.to_canonical();
             // 0.0.0.0/8 is "this network": a source, never a destination.
             if v4.octets()[0] == 0 {
                 Err(Refusal::Unspecified(ip))
@@ -145,6 +184,8 @@ fn never_a_backend(endpoint: IpAddr) -> Result<(), Refusal> {
                 Err(Refusal::Multicast(ip))
             } else if v4.is_link_local() {
                 Err(Refusal::LinkLocal(ip))
+            } else if v4.octets()[0] >= 240 {
+                Err(Refusal::Reserved(ip))
             } else {
                 Ok(())
             }
@@ -196,6 +237,17 @@ mod tests {
             "fe80::1",
             "febf::1",
             "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "::a9fe:a9fe",
+            "::169.254.169.254",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b::e000:1",
+            "240.0.0.1",
+            "fd00:ec2::254",
+            "100.100.100.200",
+            "168.63.129.16",
             "::ffff:0.0.0.0",
             "::ffff:224.0.0.1",
             "::ffff:255.255.255.255",
@@ -218,7 +270,13 @@ mod tests {
     #[test]
     fn loopback_only_from_a_loopback_sender() {
         let open = Admission::default();
-        for lo in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
+        for lo in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::7f00:1",
+        ] {
             assert_eq!(open.check(ip(lo), ip(LOCAL)), Ok(()), "{lo}");
             assert_eq!(open.check(ip(lo), ip("::1")), Ok(()), "{lo}");
             assert_eq!(open.check(ip(lo), ip("::ffff:127.0.0.1")), Ok(()), "{lo}");
