@@ -161,7 +161,8 @@ async fn connection<H, F>(
 struct Activity {
     opened: Instant,
     last_moved: AtomicU64,
-    /// When bytes arrived with no request in flight: a head has begun.
+    /// When bytes arrived with no request in flight, or the connection
+    /// opened: a head is owed.
     head_began: AtomicU64,
     in_flight: AtomicUsize,
 }
@@ -171,7 +172,10 @@ impl Activity {
         Self {
             opened: Instant::now(),
             last_moved: AtomicU64::new(1),
-            head_began: AtomicU64::new(0),
+            // A new connection owes its first head at once: a client that
+            // connects and says nothing holds a slot for the header
+            // timeout, not the idle one.
+            head_began: AtomicU64::new(1),
             in_flight: AtomicUsize::new(0),
         }
     }

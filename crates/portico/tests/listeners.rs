@@ -147,6 +147,17 @@ async fn a_half_sent_head_and_an_idle_connection_are_closed() {
     let _ = s.write_all(b"\r\n").await;
     assert_eq!(closed_within(&mut s, DEADLINE).await.as_deref(), Some(""));
 
+    // A connection that never says anything owes its head too: closed at
+    // the header timeout, long before the idle one.
+    let quiet = tower_with(&["--http-header-timeout", "1s", "--http-idle-timeout", "60s"]);
+    let mut s = tokio::net::TcpStream::connect(quiet.addr).await.unwrap();
+    let got = closed_within(&mut s, DEADLINE).await;
+    assert_eq!(
+        got.as_deref(),
+        Some(""),
+        "a silent connection was still open"
+    );
+
     // A keep-alive connection that goes quiet after its request.
     let mut s = tokio::net::TcpStream::connect(t.addr).await.unwrap();
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: tower\r\n\r\n")
