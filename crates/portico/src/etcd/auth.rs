@@ -90,7 +90,24 @@ fn read_password(path: &Path) -> Result<String, PasswordError> {
     if password.is_empty() {
         return Err(PasswordError::Empty(name));
     }
+    warn_if_others_may_read(path);
     Ok(password.to_owned())
+}
+
+/// A password file others may read is a password others know: said at
+/// start, not refused (a container's secret mount may be shared on purpose).
+fn warn_if_others_may_read(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format_args!("{:o}", mode & 0o777),
+                "etcd: the password file is readable by group or others; chmod 600 it"
+            );
+        }
+    }
 }
 
 /// The credentials and the token etcd last gave for them.

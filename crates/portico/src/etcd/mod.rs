@@ -53,6 +53,9 @@ pub enum EtcdError {
     NoEndpoints,
     #[error("bad etcd endpoint '{0}': expected http://HOST:PORT or https://HOST:PORT")]
     BadEndpoint(String),
+    /// The endpoint itself is not repeated: it holds a password.
+    #[error("an etcd endpoint carries credentials (USER:PASSWORD@), which would show in logs and `ps`: give the user with --etcd-user and the password with --etcd-password-file or PORTICO_ETCD_PASSWORD")]
+    EndpointCredentials,
     #[error("cannot reach etcd at {0}")]
     Connect(String, #[source] hyper_util::client::legacy::Error),
     #[error("TLS with etcd at {at} failed ({advice})")]
@@ -104,6 +107,7 @@ impl EtcdError {
             EtcdError::Status(_, s, _) => s.is_server_error(),
             EtcdError::NoEndpoints
             | EtcdError::BadEndpoint(_)
+            | EtcdError::EndpointCredentials
             | EtcdError::AuthFailed { .. }
             | EtcdError::AuthRequired(_)
             | EtcdError::Denied { .. } => false,
@@ -166,6 +170,9 @@ impl EtcdError {
 pub fn parse_endpoints(list: &str) -> Result<Vec<Uri>, EtcdError> {
     let mut out = Vec::new();
     for part in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if part.contains('@') {
+            return Err(EtcdError::EndpointCredentials);
+        }
         let uri: Uri = part
             .parse()
             .map_err(|_| EtcdError::BadEndpoint(part.to_owned()))?;
@@ -670,5 +677,8 @@ mod tests {
         ] {
             assert!(parse_endpoints(bad).is_err(), "{bad}");
         }
+        let err = parse_endpoints("http://admin:s3cret@127.0.0.1:2379").unwrap_err();
+        assert!(matches!(err, EtcdError::EndpointCredentials));
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 }
