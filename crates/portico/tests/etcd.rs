@@ -734,3 +734,50 @@ async fn etcd_tokens_that_expire_are_renewed_and_registration_and_routing_go_on(
     wait_ready(admin, 200).await;
     wait_ready(a.addr, 200).await;
 }
+
+/// etcd holds what any Tower, or anyone with write access, put there: a
+/// Tower serves only what its own REGISTER rules accept, and an ingress
+/// watching etcd never routes to an endpoint that is never a backend.
+#[tokio::test]
+async fn endpoints_written_to_etcd_by_hand_obey_the_register_rules() {
+    use base64::Engine;
+    let etcd = Etcd::start(1);
+    let eps = etcd.endpoints();
+    let tower = etcd_tower(&eps, "30s");
+    let via_etcd = etcd_ingress(&eps, &["/:web"]);
+    let x = Backend::start("x").await;
+    register(tower.addr, "web", x.addr);
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for bad in ["169.254.169.254:80", "[fe80::1]:80", "224.0.0.1:80"] {
+        let put = format!(
+            r#"{{"key":"{}","value":"{}"}}"#,
+            b64(&format!("/portico/v1/services/web/{bad}")),
+            b64("{}")
+        );
+        let (code, body) = common::etcd::post(etcd.members[0].client, "/v3/kv/put", &put).unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    // A registration after them: once it is seen, so were they.
+    let y = Backend::start("y").await;
+    register(tower.addr, "web", y.addr);
+    // The Tower's table, and so its LOOKUP, LIST and watchers: x and y.
+    wait_listed(tower.addr, "web", &[x.addr, y.addr]).await;
+    // The ingress on etcd: the same two, and none of the others.
+    let admin = via_etcd.logged_addr("admin listening on ");
+    let y_port = format!("{}", y.addr.port());
+    wait_for_value(
+        "the etcd ingress's endpoints naming y",
+        &true,
+        Duration::from_millis(20),
+        || {
+            let y_port = y_port.clone();
+            async move { get(admin, "/endpoints").await.body.contains(&y_port) }
+        },
+    )
+    .await;
+    let listed = get(admin, "/endpoints").await.body;
+    for bad in ["169.254.169.254", "fe80::1", "224.0.0.1"] {
+        assert!(!listed.contains(bad), "{bad} in {listed}");
+    }
+    wait_routed(via_etcd.addr, &["x", "y"]).await;
+}

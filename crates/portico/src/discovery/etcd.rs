@@ -9,6 +9,7 @@ use super::Watched;
 use crate::etcd::keys::{Cache, Layout};
 use crate::etcd::watch::Sink;
 use crate::etcd::{Event, KeyValue};
+use crate::registry::admit::Admission;
 use crate::registry::http::ServicesDoc;
 use crate::registry::View;
 
@@ -44,8 +45,11 @@ impl EtcdSource {
             index: cache.revision().max(0) as u64,
             epoch: 0,
             warm: true,
+            // Keys anyone with write access may have put there: never a
+            // link-local (metadata), multicast or unspecified endpoint.
             endpoints: cache
                 .iter()
+                .filter(|((_, addr), _)| Admission::default().serves(addr.ip()))
                 .map(|((name, addr), _)| (name.clone(), *addr, Duration::ZERO))
                 .collect(),
         };

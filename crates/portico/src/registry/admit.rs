@@ -133,6 +133,15 @@ impl Admission {
         }
         Ok(())
     }
+
+    /// Whether an endpoint that reached this Tower another way (written to
+    /// etcd by another Tower, or by hand) may be served: the same rules, but
+    /// its sender is not known, so loopback is taken as it is.
+    pub fn serves(&self, endpoint: IpAddr) -> bool {
+        let ip = endpoint.to_canonical();
+        never_a_backend(ip).is_ok()
+            && (self.allow.is_empty() || self.allow.iter().any(|c| c.contains(ip)))
+    }
 }
 
 /// Cloud metadata services outside the link-local ranges: AWS's over

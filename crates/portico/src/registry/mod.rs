@@ -379,9 +379,12 @@ impl Registry {
         self.publish(revision);
     }
 
-    /// Make the table exactly what the store says is served.
+    /// Make the table exactly what the store says is served, less what
+    /// this Tower's rules refuse: etcd holds what other Towers (with other
+    /// rules) and anyone with write access put there.
     fn show_all(&self, state: &StoreState, now: Instant) {
-        let keys = state.visible_keys(now);
+        let mut keys = state.visible_keys(now);
+        keys.retain(|(_, addr)| self.inner.admission.serves(addr.ip()));
         let mut table = lock(&self.inner.table);
         table.set_held(&keys);
         let revision = table.revision();
