@@ -401,3 +401,41 @@ async fn an_upgrade_nobody_asked_for_is_refused() {
         (200, "backend=good GET /next\n")
     );
 }
+
+/// hyper ends a request's trailer section at its first empty line, a bare
+/// LF one too, and drops what follows up to CRLFCRLF: where a front proxy
+/// that ends lines at LF sees a second request, we see none, and the two
+/// would disagree on which response answers which request. A request whose
+/// body carried trailers is answered with the connection closed, so no
+/// later response can be taken for another's.
+#[tokio::test]
+async fn a_request_with_trailers_closes_its_connection() {
+    let (_t, b, ing) = one_backend(&[]).await;
+    let request = format!(
+        "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\n\n{SMUGGLED}"
+    );
+    let started = std::time::Instant::now();
+    let out = raw(
+        ing.addr,
+        request.as_bytes(),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "the connection stayed open: {out:?}"
+    );
+    assert_eq!(status_lines(&out), 1, "{out:?}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out:?}"
+    );
+    let paths: Vec<String> = b
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    assert!(paths.iter().all(|p| !p.contains("smuggled")), "{paths:?}");
+}

@@ -103,6 +103,12 @@ pub struct ConnState {
     /// the response is done: those bytes are not a new request head (no
     /// header timeout, no request-line check on them).
     body_open: AtomicBool,
+    /// HTTP/1.1: the request's body ended with a trailer section. hyper ends
+    /// that section at the first empty line, a bare LF one too, and drops
+    /// what follows up to CRLFCRLF, where a peer that ends lines at LF sees
+    /// another request: the connection cannot be trusted to be in step
+    /// with the client's (or a front proxy's) idea of it, so it closes.
+    trailers: AtomicBool,
     /// Held as long as the connection lives (`None` in unit tests).
     _slot: Option<Slot>,
 }
@@ -129,6 +135,7 @@ impl ConnState {
             hold_next_write: AtomicBool::new(false),
             eof_held: AtomicBool::new(false),
             body_open: AtomicBool::new(false),
+            trailers: AtomicBool::new(false),
             _slot: slot,
         })
     }
@@ -166,6 +173,7 @@ impl ConnState {
             self.multiplexed.store(true, Ordering::Relaxed);
         }
         self.body_open.store(body_open, Ordering::Relaxed);
+        self.trailers.store(false, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.served.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
@@ -176,6 +184,19 @@ impl ConnState {
     /// client begin a new head.
     pub fn body_ended(&self) {
         self.body_open.store(false, Ordering::Relaxed);
+    }
+
+    /// The request's body carried trailers (see `trailers`).
+    pub fn saw_trailers(&self) {
+        if !self.multiplexed.load(Ordering::Relaxed) {
+            self.trailers.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether this HTTP/1.1 request's body carried trailers, so that its
+    /// response must close the connection.
+    pub fn had_trailers(&self) -> bool {
+        self.trailers.load(Ordering::Relaxed)
     }
 
     /// The response about to be written is the connection's last, and all

@@ -158,6 +158,11 @@ pub fn handle(
             }
         };
         let mut response = response;
+        if client.state.had_trailers() {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(max) = proxy.max_requests_per_connection {
             if in_flight.served() >= max && version < Version::HTTP_2 {
                 response

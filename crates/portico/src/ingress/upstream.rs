@@ -109,6 +109,12 @@ impl Capped {
         self
     }
 
+    fn note_trailers(&self, frame: &Frame<Bytes>) {
+        if let (true, Some(conn)) = (frame.is_trailers(), &self.conn) {
+            conn.saw_trailers();
+        }
+    }
+
     fn note_end(&mut self) {
         if let Some(conn) = self.conn.take() {
             conn.body_ended();
@@ -136,6 +142,7 @@ impl Capped {
             let polled = poll_fn(|cx| Poll::Ready(Pin::new(&mut self.inner).poll_frame(cx))).await;
             match polled {
                 Poll::Ready(Some(Ok(frame))) => {
+                    self.note_trailers(&frame);
                     held += frame.data_ref().map_or(0, |d| d.len() as u64);
                     if held > self.left {
                         return Err(self.fail(ClientBodyFault::TooLarge));
@@ -174,7 +181,10 @@ impl Body for Capped {
             Some(frame) => frame,
             None if self.ended => return Poll::Ready(None),
             None => match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => frame,
+                Some(Ok(frame)) => {
+                    self.note_trailers(&frame);
+                    frame
+                }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "request body failed while streaming");
                     return Poll::Ready(Some(Err(self.fail(ClientBodyFault::Malformed))));
