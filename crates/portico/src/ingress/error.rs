@@ -132,9 +132,16 @@ impl UpstreamError {
     pub fn may_resend(&self, method: &Method, bodiless: bool) -> bool {
         match self.retry_type() {
             RetryType::Unsent => true,
-            RetryType::Sent => bodiless && is_idempotent(method),
+            RetryType::Sent => replayable(method, bodiless),
         }
     }
+}
+
+/// Whether a request may go again once it went out: the half of
+/// `UpstreamError::may_resend` that a caller can know before sending, to
+/// keep a copy only of a request that could use it.
+pub fn replayable(method: &Method, bodiless: bool) -> bool {
+    bodiless && is_idempotent(method)
 }
 
 fn is_idempotent(m: &Method) -> bool {

@@ -21,7 +21,7 @@ use hyper::upgrade::OnUpgrade;
 use super::access_log::{AccessLog, Record};
 use super::body::{Completion, ResponseBody};
 use super::conn::ConnState;
-use super::error::{ProxyError, UpstreamError};
+use super::error::{replayable, ProxyError, UpstreamError};
 use super::h1::client as own;
 use super::headers;
 use super::route::{self, RouteTable, UpstreamProtocol};
@@ -416,10 +416,11 @@ fn proxy_request<'a>(
             }
         }
 
-        // A bodiless request may be sent again after bytes went out, if
-        // `UpstreamError::may_resend` says so. hyper's clients take the
-        // request, so they need a copy; our own HTTP/1.1 client keeps it.
-        let replay = (!own_client && body.is_end_stream()).then(|| {
+        // A bodiless idempotent request may be sent again after bytes went
+        // out (`error::replayable`, the half of `may_resend` known now).
+        // hyper's clients take the request, so they need a copy; our own
+        // HTTP/1.1 client keeps it.
+        let replay = (!own_client && replayable(&parts.method, body.is_end_stream())).then(|| {
             let mut r = Request::new(());
             *r.method_mut() = parts.method.clone();
             *r.uri_mut() = parts.uri.clone();
