@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -77,6 +77,13 @@ impl Drop for Slot {
     }
 }
 
+/// `ConnState::body`: none coming, or read to its end.
+const BODY_DONE: u8 = 0;
+/// Coming, and forwarded by `Capped`, perhaps after the response.
+const BODY_HELD: u8 = 1;
+/// Coming, and nobody forwards it: hyper drains it once, then stops.
+const BODY_UNHELD: u8 = 2;
+
 /// Shared between the connection's IO, its requests and its watchdog.
 #[derive(Debug)]
 pub struct ConnState {
@@ -98,11 +105,13 @@ pub struct ConnState {
     /// HTTP/1.1: the client ended its side (a FIN) while its request was in
     /// flight; kept from hyper until the response is done (`hold_eof`).
     eof_held: AtomicBool,
-    /// HTTP/1.1: the request's body is still coming. A backend may answer
-    /// before it has read the whole body, and hyper reads the rest after
-    /// the response is done: those bytes are not a new request head (no
-    /// header timeout, no request-line check on them).
-    body_open: AtomicBool,
+    /// HTTP/1.1: where the request's body stands (`BODY_*`). A backend may
+    /// answer before it has read the whole body, and the rest is read after
+    /// the response is done: while a body is being forwarded (`BODY_HELD`),
+    /// or drained by hyper (`BODY_UNHELD`: it gets one try, in the poll
+    /// that ends the response, then stops reading), those bytes are not a
+    /// new request head (no header timeout, no request-line check on them).
+    body: AtomicU8,
     /// HTTP/1.1: the request's body ended with a trailer section. hyper ends
     /// that section at the first empty line, a bare LF one too, and drops
     /// what follows up to CRLFCRLF, where a peer that ends lines at LF sees
@@ -134,7 +143,7 @@ impl ConnState {
             served: AtomicU32::new(0),
             hold_next_write: AtomicBool::new(false),
             eof_held: AtomicBool::new(false),
-            body_open: AtomicBool::new(false),
+            body: AtomicU8::new(BODY_DONE),
             trailers: AtomicBool::new(false),
             _slot: slot,
         })
@@ -152,7 +161,7 @@ impl ConnState {
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == 0
             && !self.multiplexed.load(Ordering::Relaxed)
-            && !self.body_open.load(Ordering::Relaxed);
+            && self.body.load(Ordering::Relaxed) == BODY_DONE;
         if head_starts {
             self.head_started.store(now + 1, Ordering::Relaxed);
         }
@@ -167,12 +176,13 @@ impl ConnState {
 
     /// Mark a request as begun; the guard ends it when dropped (with the
     /// response body, once it has been written out). `body_open`: its body
-    /// is still to be read, until `body_ended`.
+    /// is still to be read.
     pub fn begin_request(self: &Arc<Self>, version: http::Version, body_open: bool) -> InFlight {
         if version == http::Version::HTTP_2 {
             self.multiplexed.store(true, Ordering::Relaxed);
         }
-        self.body_open.store(body_open, Ordering::Relaxed);
+        let body = if body_open { BODY_UNHELD } else { BODY_DONE };
+        self.body.store(body, Ordering::Relaxed);
         self.trailers.store(false, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.served.fetch_add(1, Ordering::Relaxed);
@@ -180,10 +190,17 @@ impl ConnState {
         InFlight(self.clone())
     }
 
-    /// The request's body has been read to its end: the next bytes from the
-    /// client begin a new head.
-    pub fn body_ended(&self) {
-        self.body_open.store(false, Ordering::Relaxed);
+    /// The request's body is being forwarded (`Capped`): it may go on after
+    /// the response.
+    pub fn body_held(&self) {
+        self.body.store(BODY_HELD, Ordering::Relaxed);
+    }
+
+    /// The request's body has been read to its end (`ended`), or let go
+    /// before it (hyper drains the rest once).
+    pub fn body_let_go(&self, ended: bool) {
+        let body = if ended { BODY_DONE } else { BODY_UNHELD };
+        self.body.store(body, Ordering::Relaxed);
     }
 
     /// The request's body carried trailers (see `trailers`).
@@ -234,9 +251,15 @@ impl ConnState {
     /// once, for the connection to be polled again, so that hyper reads
     /// the end and closes.
     fn release_eof(&self) -> bool {
-        self.eof_held.load(Ordering::Relaxed)
-            && self.in_flight.load(Ordering::Relaxed) == 0
-            && self.eof_held.swap(false, Ordering::Relaxed)
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        // hyper had its one try at a body nobody forwards (in the poll that
+        // ended the response): the next bytes begin a head, with its timeout.
+        if self.body.load(Ordering::Relaxed) == BODY_UNHELD {
+            self.body.store(BODY_DONE, Ordering::Relaxed);
+        }
+        self.eof_held.load(Ordering::Relaxed) && self.eof_held.swap(false, Ordering::Relaxed)
     }
 
     /// When the watchdog must look again, or `None` if a timeout has passed.

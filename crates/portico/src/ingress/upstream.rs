@@ -104,6 +104,7 @@ impl Capped {
     /// Tell `conn` when this body has been read to its end.
     pub fn ending_for(mut self, conn: &Arc<ConnState>) -> Self {
         if !self.is_end_stream() {
+            conn.body_held();
             self.conn = Some(conn.clone());
         }
         self
@@ -117,7 +118,7 @@ impl Capped {
 
     fn note_end(&mut self) {
         if let Some(conn) = self.conn.take() {
-            conn.body_ended();
+            conn.body_let_go(true);
         }
     }
 
@@ -166,6 +167,16 @@ impl Capped {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Capped {
+    /// Let go before its end (an early answer, a failed send): hyper drains
+    /// the rest once.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.body_let_go(false);
+        }
     }
 }
 
