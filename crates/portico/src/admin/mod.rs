@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api_server::ServerLimits;
-use crate::ingress::handler::Proxy;
+use crate::ingress::handler::Shared as Proxy;
 
 const STATUS_PAGE: &str = include_str!("status.html");
 
@@ -148,7 +148,7 @@ async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointD
     m.set_endpoints(first.into_iter().chain(rest));
     m.discovery_synced.set(i64::from(ready));
     m.upstream_idle_connections
-        .set(i64::try_from(proxy.pool.idle_count()).unwrap_or(i64::MAX));
+        .set(i64::try_from(proxy.upstream.pool.idle_count()).unwrap_or(i64::MAX));
     let queued = tokio::runtime::Handle::current()
         .metrics()
         .global_queue_depth();

@@ -13,9 +13,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::admin::metrics::Metrics;
+use crate::ingress;
 use crate::ingress::access_log::AccessLog;
-use crate::ingress::handler::{LiveRoutes, Proxy};
-use crate::ingress::{self, upstream::Pool};
+use crate::ingress::checks::Limits;
+use crate::ingress::handler::{LiveRoutes, Shared};
+use crate::ingress::upstream::{Clients, Pool};
 use crate::registry::client::TowerClient;
 
 pub async fn run(
@@ -124,18 +126,22 @@ pub async fn serve(
     for route in config.routes.routes() {
         tracing::info!("route {route}");
     }
-    let proxy = Arc::new(Proxy {
+    let proxy = Arc::new(Shared {
         routes: ArcSwap::from_pointee(LiveRoutes::new(config.routes, &metrics)),
         discovery: discovery.clone(),
-        pool: Pool::new(config.pool, metrics.upstream_connections.clone()),
+        upstream: Clients {
+            pool: Pool::new(config.pool, metrics.upstream_connections.clone()),
+        },
         attempts: config.attempts,
         backend_timeout: config.backend_timeout,
-        max_uri_bytes: config.max_uri_bytes,
-        max_header_bytes: config.serve.max_header_bytes,
+        limits: Limits {
+            max_uri_bytes: config.max_uri_bytes,
+            max_header_bytes: config.serve.max_header_bytes,
+            max_body_bytes: config.max_body_bytes,
+        },
         metrics,
         access_log,
         tunnel_idle: config.serve.timeouts.idle,
-        max_body_bytes: config.max_body_bytes,
         max_requests_per_connection: config.max_requests_per_connection,
         path_escapes: config.path_escapes,
     });
@@ -181,7 +187,7 @@ pub async fn serve(
 async fn reload(
     first: crate::config_file::Loaded,
     cli_routes: crate::config_file::CliRoutes,
-    proxy: Arc<Proxy>,
+    proxy: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};

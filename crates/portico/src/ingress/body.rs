@@ -17,7 +17,7 @@ use super::conn::InFlight;
 use super::upstream::{AnyBodyError, UpstreamBody};
 use crate::admin::metrics::RouteStats;
 
-pub struct ResponseBody {
+pub struct DownstreamBody {
     kind: Kind,
     done: Option<Completion>,
 }
@@ -33,8 +33,8 @@ pub struct Completion {
     pub stats: Arc<RouteStats>,
     pub status: u16,
     pub started: Instant,
-    /// Boxed: a record is 400 bytes, and the response carrying it is
-    /// moved some ten times on its way out, logging on or off.
+    /// Boxed: a record is large, and the response carrying it is moved
+    /// many times on its way out, logging on or off.
     pub log: Option<Box<Record>>,
     pub bytes: u64,
 }
@@ -49,7 +49,7 @@ impl Drop for Completion {
     }
 }
 
-impl ResponseBody {
+impl DownstreamBody {
     pub fn upstream(body: UpstreamBody) -> Self {
         Self {
             kind: Kind::Upstream(body),
@@ -85,7 +85,7 @@ impl ResponseBody {
     }
 }
 
-impl Body for ResponseBody {
+impl Body for DownstreamBody {
     type Data = Bytes;
     type Error = AnyBodyError;
 

@@ -3,8 +3,10 @@
 
 pub mod access_log;
 pub mod body;
+pub mod checks;
 pub mod conn;
 pub mod error;
+pub mod failover;
 pub mod h1;
 pub mod handler;
 pub mod headers;
@@ -29,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use conn::{ConnState, ConnTimeouts, Slot, StreamExec, Tracked};
-use handler::{Client, Proxy};
+use handler::{Client, Shared as Proxy};
 
 /// How client connections are served.
 #[derive(Debug, Clone)]
@@ -77,7 +79,7 @@ pub async fn serve(
     let protocols = Arc::new(Protocols::new(&settings));
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
-    let sweeper = tokio::spawn(sweep_pool(proxy.pool.clone()));
+    let sweeper = tokio::spawn(sweep_pool(proxy.upstream.pool.clone()));
     let mut accept_shutdown = shutdown.clone();
     let mut backoff = Duration::from_millis(5);
 
@@ -357,7 +359,7 @@ async fn serve_connection<IO>(
     // The request's future is boxed: hyper keeps a slot for it for the
     // connection's whole life, and an idle keep-alive connection should not
     // hold kilobytes for a request it is not serving.
-    let max_target = proxy.max_uri_bytes;
+    let max_target = proxy.limits.max_uri_bytes;
     let service =
         service_fn(move |req| Box::pin(handler::handle(proxy.clone(), client.clone(), req)));
     let mut io = Tracked::new(stream, state.clone(), first);

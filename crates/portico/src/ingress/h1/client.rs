@@ -1,7 +1,7 @@
 //! One HTTP/1.1 connection to a backend, used by one request at a time and
 //! driven by it: no task, no channel. The request's head is written from
 //! its parts, which stay the caller's (a replay needs no copy), and the
-//! response is read with `parse_head` and streamed by `ResponseBody`.
+//! response is read with `parse_head` and streamed by `BodyReader`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -265,7 +265,7 @@ impl<F: FnOnce(Connection)> Release for F {
 
 /// A response body read from its connection. When it ends as framed, the
 /// connection is handed to `release` if it may carry another request.
-pub struct ResponseBody<R: Release + Unpin> {
+pub struct BodyReader<R: Release + Unpin> {
     conn: Option<Connection>,
     state: Reading,
     /// `None` once used, or from the start if the response's head does not
@@ -280,7 +280,7 @@ enum Reading {
     Done,
 }
 
-impl<R: Release + Unpin> ResponseBody<R> {
+impl<R: Release + Unpin> BodyReader<R> {
     pub fn new(conn: Connection, head: &ResponseHead, release: R) -> Self {
         let state = match head.framing {
             Framing::Empty | Framing::Length(0) => Reading::Done,
@@ -332,7 +332,7 @@ impl<R: Release + Unpin> ResponseBody<R> {
     }
 }
 
-impl<R: Release + Unpin> Body for ResponseBody<R> {
+impl<R: Release + Unpin> Body for BodyReader<R> {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -483,7 +483,7 @@ mod tests {
     ) {
         let released = Arc::new(Mutex::new(None));
         let slot = released.clone();
-        let body = ResponseBody::new(conn, head, move |c| *slot.lock().unwrap() = Some(c));
+        let body = BodyReader::new(conn, head, move |c| *slot.lock().unwrap() = Some(c));
         let collected = body.collect().await.map(|c| {
             let trailers = c.trailers().cloned();
             (c.to_bytes().to_vec(), trailers)

@@ -1,9 +1,8 @@
 //! HTTP/1.1 towards backends, done here rather than by hyper's client: the
 //! response head, how its body is framed (RFC 9112 section 6.3), and the
-//! chunked decoder (`chunked`). hyper's client was 30% of a keep-alive
-//! request's instructions; a prototype of our own took keep-alive 50 from
-//! about 1.29x nginx's CPU per request to 1.17x (docs/benchmarks.md, fifth
-//! pass).
+//! chunked decoder (`chunked`). hyper's client builds a header map and a
+//! task-shaped connection for every exchange; most requests need neither
+//! (docs/benchmarks.md has the measurements that led here).
 //!
 //! Everything here works on a `BytesMut` the caller reads into, so it is
 //! tested and fuzzed without a socket, whatever way the bytes are split.
@@ -45,8 +44,8 @@ pub struct ResponseHead {
     /// `headers::remove_hop_by_hop` to take out. Otherwise the fixed ones
     /// (Connection, Keep-Alive...) were never put in: the usual response
     /// names no other field in Connection and has no TE, and leaving them
-    /// out costs nothing where inserting and removing them cost a tenth of
-    /// the client's instructions.
+    /// out costs nothing where inserting and removing them costs a map
+    /// insert and a removal per field.
     pub hop_by_hop: bool,
 }
 
