@@ -73,6 +73,131 @@ async fn idle_tunnels_are_closed() {
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
 
+/// An HTTP/2 connection with prior knowledge to `addr`, its SETTINGS
+/// received (one plain request answered), so that an extended CONNECT may go.
+async fn h2_client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let warm = http::Request::get(format!("http://{addr}/"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    sender.send_request(warm).await.unwrap();
+    sender
+}
+
+/// An extended CONNECT for `protocol` (RFC 8441) to `path`.
+fn extended_connect(
+    addr: SocketAddr,
+    path: &str,
+    protocol: &'static str,
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{addr}{path}"))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static(protocol));
+    req
+}
+
+#[tokio::test]
+async fn websocket_over_http2_reaches_an_http11_websocket_backend() {
+    let t = tower("30s");
+    let echo = websocket_echo().await;
+    register(t.addr, "ws", echo);
+    let web = Backend::start("web").await;
+    register(t.addr, "web", web.addr);
+    let ing = ingress(t.addr, &["/ws:ws", "/:web"], &[]);
+    wait_synced(&ing, 1).await;
+
+    let mut h2 = h2_client(ing.addr).await;
+    let resp = h2
+        .send_request(extended_connect(ing.addr, "/ws/chat", "websocket"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "the 101 became the 200 that opens the stream"
+    );
+    assert!(resp.headers().get("sec-websocket-accept").is_none());
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    ws.send(Message::text("hello over h2")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("hello over h2")
+    );
+    let blob: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(blob));
+
+    // The same connection carries ordinary streams meanwhile.
+    let plain = http::Request::get(format!("http://{}/", ing.addr))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let answer = h2.send_request(plain).await.unwrap();
+    assert_eq!(answer.headers()["x-backend"], "web");
+
+    ws.close(None).await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(msg) = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap() {
+        seen.push(format!("{msg:?}"));
+    }
+    assert!(
+        seen.iter().any(|m| m.contains("Close")),
+        "clean close: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_extended_connect_that_cannot_become_a_websocket_gets_a_clear_status() {
+    let t = tower("30s");
+    // A plain HTTP backend: it answers the upgrade with 200 and no switch.
+    let web = Backend::start("web").await;
+    register(t.addr, "web", web.addr);
+    let ing = ingress(t.addr, &["/:web"], &[]);
+    wait_synced(&ing, 1).await;
+    let mut h2 = h2_client(ing.addr).await;
+
+    let resp = h2
+        .send_request(extended_connect(ing.addr, "/chat", "websocket"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        502,
+        "a 200 that switched nothing is no tunnel"
+    );
+
+    let resp = h2
+        .send_request(extended_connect(ing.addr, "/chat", "connect-udp"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 501);
+
+    // The connection carries on.
+    let plain = http::Request::get(format!("http://{}/", ing.addr))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(h2.send_request(plain).await.unwrap().status(), 200);
+}
+
 /// A self-signed certificate for `name` (openssl, P-256), `tag` in its O=.
 fn self_signed(dir: &std::path::Path, name: &str, tag: &str) -> (String, String) {
     self_signed_with(dir, name, tag, &[])

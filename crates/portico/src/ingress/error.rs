@@ -36,6 +36,10 @@ pub enum ProxyError {
     /// section 6.1: 501).
     #[error("a transfer coding other than chunked")]
     UnsupportedTransferCoding,
+    /// An extended CONNECT (RFC 8441) for a protocol other than
+    /// `websocket`, which has no HTTP/1.1 form to give a backend.
+    #[error("extended CONNECT for a protocol other than websocket")]
+    UnsupportedProtocol,
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
     /// Replicas exist but none could be connected to.
@@ -138,6 +142,15 @@ pub enum UpstreamError {
     Exchange(#[source] super::h1::client::ExchangeError),
     #[error("no response head within {0:?}")]
     Timeout(Duration),
+    /// The backend switched to WebSocket without the accept value our key
+    /// asks for (RFC 6455 section 4.2.2): not a WebSocket server we can
+    /// vouch for.
+    #[error("the backend's Sec-WebSocket-Accept does not answer our key")]
+    WebSocketAccept,
+    /// The backend answered a WebSocket upgrade with a success that
+    /// switched nothing.
+    #[error("the backend answered the WebSocket upgrade without switching protocols")]
+    NotUpgraded,
     /// A try found no request to send: the last went out and could not be
     /// copied. The failover loop stops before this; it is a guard.
     #[error("the request was sent and cannot be sent again")]
@@ -187,6 +200,8 @@ impl UpstreamError {
             UpstreamError::UnaskedUpgrade
             | UpstreamError::AmbiguousFraming
             | UpstreamError::Timeout(_)
+            | UpstreamError::WebSocketAccept
+            | UpstreamError::NotUpgraded
             | UpstreamError::Spent => RetryType::Never,
         }
     }
@@ -274,6 +289,10 @@ impl ProxyError {
             ProxyError::UnsupportedTransferCoding => (
                 StatusCode::NOT_IMPLEMENTED,
                 "Not implemented: a Transfer-Encoding other than chunked.\n",
+            ),
+            ProxyError::UnsupportedProtocol => (
+                StatusCode::NOT_IMPLEMENTED,
+                "Not implemented: extended CONNECT for a protocol other than websocket.\n",
             ),
             ProxyError::BodyTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,

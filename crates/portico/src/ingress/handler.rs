@@ -28,6 +28,7 @@ use super::headers::{self, Forwarding};
 use super::route::{self, Route, RouteTable, UpstreamProtocol};
 use super::tunnel;
 use super::upstream::{Capped, Clients, FaultNote, Outgoing, UpstreamBody};
+use super::websocket_h2::{self, Handshake};
 use crate::admin::metrics::{Metrics, RouteStats};
 use crate::discovery::Discovery;
 
@@ -239,8 +240,11 @@ struct Pass<'a> {
 struct Rewritten {
     parts: Parts,
     forwarding: Forwarding,
-    /// The client's side of an HTTP/1.1 upgrade it asked for.
+    /// The client's side of an upgrade it asked for: HTTP/1.1's, or an
+    /// extended CONNECT's over HTTP/2.
     client_upgrade: Option<OnUpgrade>,
+    /// The WebSocket handshake made for an HTTP/2 client (RFC 8441).
+    handshake: Option<Handshake>,
     /// The client accepts trailers (`TE: trailers`).
     te_trailers: bool,
 }
@@ -269,9 +273,9 @@ impl<'a> Pass<'a> {
             };
             let target = checks::backend_target(&parts.uri, path)?;
             let client_version = parts.version;
-            let rewritten = self.rewrite(parts, target, route, addressed);
+            let rewritten = self.rewrite(parts, target, route, addressed)?;
             let (body, fault) = self.request_body(body, client_version).await?;
-            let client_upgrade = rewritten.client_upgrade;
+            let (client_upgrade, handshake) = (rewritten.client_upgrade, rewritten.handshake);
             let outgoing = Outgoing::new(
                 rewritten.parts,
                 body,
@@ -288,7 +292,8 @@ impl<'a> Pass<'a> {
             if let Some(fault) = fault.and_then(|f| f.get()) {
                 return Err(fault.into());
             }
-            self.respond(sent?, client_version, client_upgrade, &route.service)
+            let upgrade = client_upgrade.map(|u| (u, handshake));
+            self.respond(sent?, client_version, upgrade, &route.service)
         }
     }
 
@@ -321,14 +326,23 @@ impl<'a> Pass<'a> {
         target: Option<Uri>,
         route: &Route,
         addressed: Addressed,
-    ) -> Rewritten {
+    ) -> Result<Rewritten, ProxyError> {
         if let Some(target) = target {
             parts.uri = target;
         }
-        // An Upgrade (WebSocket...) over HTTP/1.1 is passed on; the tunnel
-        // is set up once the backend answers 101.
+        // An Upgrade (WebSocket...) over HTTP/1.1 is passed on, and a
+        // WebSocket over HTTP/2 becomes one; the tunnel is set up once the
+        // backend answers 101.
+        let mut handshake = None;
         let upgrade = match parts.version {
             Version::HTTP_11 => headers::requested_upgrade(&parts.headers),
+            Version::HTTP_2 if websocket_h2::is_extended_connect(&parts) => {
+                let nonce: [u8; 16] = ring::rand::generate(&ring::rand::SystemRandom::new())
+                    .map_err(|_| ProxyError::UnsupportedProtocol)?
+                    .expose();
+                handshake = Some(websocket_h2::to_upgrade(&mut parts, nonce)?);
+                headers::requested_upgrade(&parts.headers)
+            }
             _ => None,
         };
         let client_upgrade = upgrade
@@ -353,12 +367,13 @@ impl<'a> Pass<'a> {
         if self.shared.access_log.is_some() {
             self.trace.request_id = forwarding.request_id().cloned();
         }
-        Rewritten {
+        Ok(Rewritten {
             parts,
             forwarding,
             client_upgrade,
+            handshake,
             te_trailers,
-        }
+        })
     }
 
     /// The client's body, capped; a chunked one read ahead as far as it
@@ -411,29 +426,43 @@ impl<'a> Pass<'a> {
     }
 
     /// The backend's response as the client gets it: our framing, and
-    /// after a 101 the tunnel between the two upgraded connections.
+    /// after a 101 the tunnel between the two upgraded connections (for an
+    /// HTTP/2 client, the 101 becomes the 200 that opens its stream).
     fn respond(
         &self,
         response: Response<UpstreamBody>,
         client_version: Version,
-        client_upgrade: Option<OnUpgrade>,
+        client_upgrade: Option<(OnUpgrade, Option<Handshake>)>,
         service: &portico_wire::ServiceName,
     ) -> Result<Response<DownstreamBody>, ProxyError> {
-        let mut response = response.map(DownstreamBody::upstream);
-        *response.version_mut() = client_version;
-        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let handshake = client_upgrade.as_ref().and_then(|(_, h)| h.as_ref());
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS && handshake.is_none() {
+            let mut response = response.map(DownstreamBody::upstream);
+            *response.version_mut() = client_version;
             return Ok(response);
         }
-        let backend_upgrade = response.extensions_mut().remove::<OnUpgrade>();
-        let (Some(upgrade), Some(backend)) = (client_upgrade, backend_upgrade) else {
-            return Err(ProxyError::Backend {
-                service: service.clone(),
-                addr: self
-                    .trace
-                    .endpoint
-                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-                source: UpstreamError::UnaskedUpgrade,
-            });
+        let backend_failed = |source| ProxyError::Backend {
+            service: service.clone(),
+            addr: self
+                .trace
+                .endpoint
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            source,
+        };
+        let (mut head, body) = response.into_parts();
+        head.version = client_version;
+        let switched = head.status == StatusCode::SWITCHING_PROTOCOLS;
+        if let Some(handshake) = handshake {
+            websocket_h2::to_h2_response(handshake, &mut head.status, &mut head.headers)
+                .map_err(backend_failed)?;
+        }
+        let backend_upgrade = head.extensions.remove::<OnUpgrade>();
+        let response = Response::from_parts(head, DownstreamBody::upstream(body));
+        if !switched {
+            return Ok(response);
+        }
+        let (Some((upgrade, _)), Some(backend)) = (client_upgrade, backend_upgrade) else {
+            return Err(backend_failed(UpstreamError::UnaskedUpgrade));
         };
         let state = &self.client.state;
         state.upgraded();

@@ -16,6 +16,7 @@ pub mod route;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
+pub mod websocket_h2;
 
 use std::io;
 use std::net::SocketAddr;
@@ -234,7 +235,9 @@ impl Protocols {
             // before they are served; past this the connection gets GOAWAY.
             .max_pending_accept_reset_streams(20)
             // Streams we had to reset for the client's errors; past this, GOAWAY.
-            .max_local_error_reset_streams(1024);
+            .max_local_error_reset_streams(1024)
+            // WebSocket over HTTP/2 (RFC 8441): extended CONNECT.
+            .enable_connect_protocol();
         Self { h1, h2 }
     }
 }
