@@ -32,3 +32,4 @@ pub mod etcd;
 pub mod ingress;
 pub mod netio;
 pub mod registry;
+pub mod units;

@@ -278,7 +278,7 @@ async fn services(api: &Api, query: &str) -> Response<Full<Bytes>> {
     let index = query_param(query, "index").and_then(|v| v.parse::<u64>().ok());
     let epoch = query_param(query, "epoch").and_then(|v| v.parse::<u64>().ok());
     let wait = match query_param(query, "wait") {
-        Some(w) => match crate::cli::parse_duration(w) {
+        Some(w) => match crate::units::parse_duration(w) {
             Ok(d) => d.min(MAX_WAIT),
             Err(why) => return error(StatusCode::BAD_REQUEST, &format!("bad wait: {why}")),
         },
