@@ -28,6 +28,7 @@ pub mod cmd;
 pub mod config;
 pub mod config_file;
 pub mod discovery;
+pub mod error_chain;
 pub mod etcd;
 pub mod ingress;
 pub mod netio;

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     match runtime.block_on(portico::cmd::run(cli.command, explicit)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("portico: {}", portico::ingress::error::chain(&e));
+            eprintln!("portico: {}", portico::error_chain::chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -232,7 +232,7 @@ async fn reload(
                     .inc();
                 tracing::warn!(
                     "config refused, the running routes stay: {}",
-                    crate::ingress::error::chain(&e)
+                    crate::error_chain::chain(&e)
                 );
             }
         }

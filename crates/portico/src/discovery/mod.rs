@@ -113,7 +113,7 @@ impl TowerSource {
                 confirm::Answer::Absent
             }
             Err(e) => {
-                tracing::debug!(%service, error = %crate::ingress::error::chain(&e), "discovery: no answer to a LOOKUP");
+                tracing::debug!(%service, error = %crate::error_chain::chain(&e), "discovery: no answer to a LOOKUP");
                 confirm::Answer::Absent
             }
         }

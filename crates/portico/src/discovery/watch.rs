@@ -182,7 +182,7 @@ async fn watch_loop(
                 if !logged_down {
                     tracing::warn!(
                         "discovery: lost the Tower's watch ({}); serving the last known endpoints and reconnecting",
-                        crate::ingress::error::chain(&e)
+                        crate::error_chain::chain(&e)
                     );
                     logged_down = true;
                 }

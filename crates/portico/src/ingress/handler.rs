@@ -137,7 +137,7 @@ pub fn handle(
             Err(e) => {
                 let (status, text) = e.response_parts();
                 if status.is_server_error() {
-                    tracing::warn!(client = %client.addr, %method, %uri, %status, error = %super::error::chain(&e), "request failed");
+                    tracing::warn!(client = %client.addr, %method, %uri, %status, error = %crate::error_chain::chain(&e), "request failed");
                 } else {
                     tracing::debug!(client = %client.addr, %method, %uri, %status, error = %e, "request refused");
                 }
@@ -577,7 +577,7 @@ fn send_with_failover<'a>(
                             if !(reused && stale(&e) && e.may_resend(&parts.method, true)) {
                                 break e;
                             }
-                            tracing::debug!(backend = %addr, %service, error = %super::error::chain(&e), "pooled connection closed by the backend; retrying on a new one");
+                            tracing::debug!(backend = %addr, %service, error = %crate::error_chain::chain(&e), "pooled connection closed by the backend; retrying on a new one");
                         }
                     }
                 };
@@ -588,7 +588,7 @@ fn send_with_failover<'a>(
                         source: error,
                     });
                 }
-                tracing::debug!(backend = %addr, %service, error = %super::error::chain(&error), "request failed before an answer; trying another replica");
+                tracing::debug!(backend = %addr, %service, error = %crate::error_chain::chain(&error), "request failed before an answer; trying another replica");
                 last = Some((addr, error));
                 request = Some(Request::from_parts(parts, body));
                 continue;
@@ -740,7 +740,7 @@ async fn send_hyper(a: Attempt<'_>) -> Result<Option<Response<ResponseBody>>, Pr
             Ok(Err(e)) => {
                 let (again, error) = resend_or_fail(e, &a)?;
                 *a.request = Some(again);
-                tracing::debug!(backend = %a.addr, service = %a.service, reused, error = %super::error::chain(&error), "request failed before an answer; retrying");
+                tracing::debug!(backend = %a.addr, service = %a.service, reused, error = %crate::error_chain::chain(&error), "request failed before an answer; retrying");
                 *a.last = Some((a.addr, error));
                 if !reused {
                     return Ok(None);
