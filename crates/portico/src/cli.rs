@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::discovery::snapshot::Balance;
+use crate::discovery::watch::DiscoveryMode;
 use crate::units::parse_duration;
 
 #[derive(Debug, Parser)]
@@ -262,14 +264,6 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DiscoveryMode {
-    Auto,
-    Watch,
-    Lookup,
-    Etcd,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum StoreKind {
     /// In this process: lost on restart, relearned from heartbeats.
@@ -277,15 +271,6 @@ pub enum StoreKind {
     Memory,
     /// In etcd, shared by every Tower using the same etcd and prefix.
     Etcd,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Balance {
-    /// In turn, as the Tower's LOOKUP.
-    #[default]
-    RoundRobin,
-    /// Two replicas at random, the one with fewer requests in flight.
-    P2c,
 }
 
 /// Options of the registry daemon, alone or in `up`.

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::Balance;
+use crate::discovery::snapshot::Balance;
 use crate::ingress::route::{
     PathEscapes, Route, RouteError, RouteOptions, RouteTable, UpstreamProtocol,
 };

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::cli::{DiscoveryMode, IngressArgs};
+use crate::cli::IngressArgs;
 use crate::config::{etcd_settings, resolve_tower, ProxyConfig, StartupError};
 use crate::discovery::etcd::EtcdSource;
+use crate::discovery::watch::DiscoveryMode;
 use crate::discovery::{Discovery, Source, TowerSource};
 use std::time::Duration;
 

@@ -21,11 +21,10 @@ use tokio::sync::Notify;
 use arc_swap::ArcSwap;
 use portico_wire::{ErrorReply, Reply, Request, ServiceName};
 
-use crate::cli::Balance;
 use crate::registry::client::{TowerClient, TowerError};
 use crate::registry::Registry;
 use health::PassiveHealth;
-use snapshot::{Load, Snapshot};
+use snapshot::{Balance, Load, Snapshot};
 
 #[derive(Debug)]
 pub enum Source {

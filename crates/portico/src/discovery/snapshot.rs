@@ -9,8 +9,17 @@ use std::sync::Arc;
 
 use portico_wire::ServiceName;
 
-use crate::cli::Balance;
 use crate::registry::http::ServicesDoc;
+
+/// How a replica is chosen among those of a service (`--balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Balance {
+    /// In turn, as the Tower's LOOKUP.
+    #[default]
+    RoundRobin,
+    /// Two replicas at random, the one with fewer requests in flight.
+    P2c,
+}
 
 /// One replica, with the requests in flight to it (for p2c). Kept across
 /// snapshots while the replica stays registered.
