@@ -33,4 +33,5 @@ pub mod etcd;
 pub mod ingress;
 pub mod netio;
 pub mod registry;
+pub mod services_doc;
 pub mod units;

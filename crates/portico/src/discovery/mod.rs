@@ -146,7 +146,7 @@ impl Watched {
 
     /// Swap in the snapshot for a new document and wake requests waiting
     /// for a newer table.
-    pub fn install(&self, doc: &crate::registry::http::ServicesDoc) {
+    pub fn install(&self, doc: &crate::services_doc::ServicesDoc) {
         let previous = self.table.load();
         let next = Snapshot::from_doc(doc, &previous);
         tracing::debug!(

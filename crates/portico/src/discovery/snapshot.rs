@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use portico_wire::ServiceName;
 
-use crate::registry::http::ServicesDoc;
+use crate::services_doc::ServicesDoc;
 
 /// How a replica is chosen among those of a service (`--balance`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -210,7 +210,7 @@ impl Snapshot {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::registry::http::EndpointDoc;
+    use crate::services_doc::EndpointDoc;
 
     fn doc(warm: bool, entries: &[(&str, &str)]) -> ServicesDoc {
         doc_of(7, warm, entries)

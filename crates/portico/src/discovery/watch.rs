@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::backoff::Backoff;
 
 use super::{Mode, TowerSource};
-use crate::registry::http::ServicesDoc;
+use crate::services_doc::ServicesDoc;
 
 /// How the ingress learns endpoints (`--discovery`): `Auto` probes the
 /// Tower for its HTTP API and watches it, or falls back to `Lookup`.
