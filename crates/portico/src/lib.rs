@@ -31,6 +31,7 @@ pub mod discovery;
 pub mod error_chain;
 pub mod etcd;
 pub mod ingress;
+pub mod metrics;
 pub mod netio;
 pub mod registry;
 pub mod services_doc;

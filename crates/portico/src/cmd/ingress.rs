@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::admin::metrics::Metrics;
 use crate::ingress::access_log::AccessLog;
 use crate::ingress::handler::{LiveRoutes, Proxy};
 use crate::ingress::{self, upstream::Pool};
+use crate::metrics::Metrics;
 use crate::registry::client::TowerClient;
 
 pub async fn run(

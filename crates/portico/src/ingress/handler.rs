@@ -27,9 +27,9 @@ use super::headers;
 use super::route::{self, RouteTable, UpstreamProtocol};
 use super::tunnel;
 use super::upstream::{Capped, Conn, Pool, SendError, ToPool, UpstreamBody, UpstreamRequestBody};
-use crate::admin::metrics::{Metrics, RouteStats};
 use crate::discovery::snapshot::Load;
 use crate::discovery::{Discovery, DiscoveryError};
+use crate::metrics::{Metrics, RouteLabel, RouteStats};
 use arc_swap::ArcSwap;
 
 /// How long a request whose every known replica failed waits for a newer
@@ -46,7 +46,11 @@ pub struct LiveRoutes {
 
 impl LiveRoutes {
     pub fn new(table: RouteTable, metrics: &Metrics) -> Self {
-        let stats = metrics.for_routes(&table);
+        let stats = metrics.for_routes(table.routes().iter().map(|r| RouteLabel {
+            host: r.host.as_deref(),
+            prefix: &r.prefix,
+            service: r.service.as_str(),
+        }));
         Self { table, stats }
     }
 }
