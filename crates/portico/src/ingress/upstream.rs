@@ -666,3 +666,38 @@ impl Drop for UpstreamBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A connection of our client to `addr`, pooled `age_ms` ago.
+    async fn pooled(addr: SocketAddr, age_ms: u64) -> Idle<own::Connection> {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Idle {
+            conn: own::Connection::new(stream, addr),
+            since_ms: coarse_ms().saturating_sub(age_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_for_the_timeout_is_not_checked_out() {
+        // The backend's listener holds both connections open, unanswered.
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = backend.local_addr().unwrap();
+        let idle_timeout = Duration::from_secs(60);
+        let settings = PoolSettings {
+            connect_timeout: Duration::from_secs(5),
+            max_idle_per_backend: 4,
+            idle_timeout,
+        };
+        let pool = Pool::new(settings, Counter::default());
+        let stale = pooled(addr, idle_timeout.as_millis() as u64).await;
+        pool.own().entry(addr).or_default().push(stale);
+        assert!(pool.checkout_own(addr).is_none(), "idle for the timeout");
+        let fresh = pooled(addr, 0).await;
+        pool.own().entry(addr).or_default().push(fresh);
+        assert!(pool.checkout_own(addr).is_some(), "idle for less");
+    }
+}
