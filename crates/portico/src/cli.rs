@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::discovery::snapshot::Balance;
+use crate::discovery::watch::DiscoveryMode;
+use crate::units::parse_duration;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "portico",
@@ -260,14 +264,6 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DiscoveryMode {
-    Auto,
-    Watch,
-    Lookup,
-    Etcd,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum StoreKind {
     /// In this process: lost on restart, relearned from heartbeats.
@@ -275,15 +271,6 @@ pub enum StoreKind {
     Memory,
     /// In etcd, shared by every Tower using the same etcd and prefix.
     Etcd,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Balance {
-    /// In turn, as the Tower's LOOKUP.
-    #[default]
-    RoundRobin,
-    /// Two replicas at random, the one with fewer requests in flight.
-    P2c,
 }
 
 /// Options of the registry daemon, alone or in `up`.
@@ -445,14 +432,6 @@ pub struct ServicesArgs {
     pub name: Option<String>,
 }
 
-/// `30s`, `250ms`, `2m`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 30s, 250ms, 2m)"))
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -486,12 +465,5 @@ mod tests {
         };
         assert_eq!(a.proxy.routes, ["/api:api-service", "/:frontend"]);
         assert_eq!(a.proxy.max_connections, 64);
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("soon").is_err());
     }
 }

@@ -214,7 +214,7 @@ pub struct ProxyConfig {
     pub attempts: u32,
     pub backend_timeout: Duration,
     pub max_uri_bytes: usize,
-    pub balance: crate::cli::Balance,
+    pub balance: crate::discovery::snapshot::Balance,
     pub health_checks: Vec<crate::discovery::active::CheckSpec>,
     pub admin: Option<SocketAddr>,
     pub access_log: crate::ingress::access_log::Format,

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::Balance;
+use crate::discovery::snapshot::Balance;
 use crate::ingress::route::{
     PathEscapes, Route, RouteError, RouteOptions, RouteTable, UpstreamProtocol,
 };
@@ -173,7 +173,7 @@ impl Loaded {
         value
             .as_deref()
             .map(|v| {
-                crate::cli::parse_duration(v).map_err(|_| ConfigError::Duration {
+                crate::units::parse_duration(v).map_err(|_| ConfigError::Duration {
                     path: self.path.display().to_string(),
                     what: what.to_owned(),
                     value: v.to_owned(),

@@ -12,11 +12,11 @@ use portico::cli::{Cli, Command, LogFormat};
 
 // Every request allocates a few blocks over glibc's per-thread cache limit
 // (1 KiB): the read buffers (8 KiB) of both connections and the request's
-// future (3 KiB). glibc serves those from its general bins (its malloc and
-// free were 9% of the proxy's instructions); mimalloc from per-thread size
-// classes. Measured in docs/benchmarks.md. Transparent huge pages are off
-// (the `no_thp` feature): with them an idle connection cost 25 KiB instead
-// of 17.
+// future (3 KiB). glibc serves those from its general bins, a slow path
+// taken several times per request; mimalloc from per-thread size classes.
+// Transparent huge pages are off (the `no_thp` feature): with them every
+// idle connection holds more memory, and idle connections are what a
+// proxy holds most of. Figures in docs/benchmarks.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     match runtime.block_on(portico::cmd::run(cli.command, explicit)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("portico: {}", portico::ingress::error::chain(&e));
+            eprintln!("portico: {}", portico::error_chain::chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -2,8 +2,6 @@
 //! `/healthz`, `/readyz`, `/routes`, `/endpoints`, `/status.json`, and `/`,
 //! a status page for a person, served from the binary.
 
-pub mod metrics;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -138,7 +136,8 @@ async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointD
         .map(|r| r.service.as_str())
         .collect();
     let counts = |endpoints: &[EndpointDoc]| {
-        metrics::ENDPOINT_STATES.map(|state| endpoints.iter().filter(|e| e.state == state).count())
+        crate::metrics::ENDPOINT_STATES
+            .map(|state| endpoints.iter().filter(|e| e.state == state).count())
     };
     // Routed services first: they keep their own series past the cap.
     let (first, rest): (Vec<_>, Vec<_>) = services

@@ -4,20 +4,21 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::cli::{DiscoveryMode, IngressArgs};
+use crate::cli::IngressArgs;
 use crate::config::{etcd_settings, resolve_tower, ProxyConfig, StartupError};
 use crate::discovery::etcd::EtcdSource;
+use crate::discovery::watch::DiscoveryMode;
 use crate::discovery::{Discovery, Source, TowerSource};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::admin::metrics::Metrics;
 use crate::ingress;
 use crate::ingress::access_log::AccessLog;
 use crate::ingress::checks::Limits;
 use crate::ingress::handler::{LiveRoutes, Shared};
 use crate::ingress::upstream::{Clients, Pool};
+use crate::metrics::Metrics;
 use crate::registry::client::TowerClient;
 
 pub async fn run(
@@ -238,7 +239,7 @@ async fn reload(
                     .inc();
                 tracing::warn!(
                     "config refused, the running routes stay: {}",
-                    crate::ingress::error::chain(&e)
+                    crate::error_chain::chain(&e)
                 );
             }
         }

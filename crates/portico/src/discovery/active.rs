@@ -62,8 +62,8 @@ impl std::str::FromStr for CheckSpec {
                     .ok_or_else(|| format!("{spec:?}: {k} takes a whole number >= 1"))
             };
             match k {
-                "interval" => c.interval = crate::cli::parse_duration(v)?,
-                "timeout" => c.timeout = crate::cli::parse_duration(v)?,
+                "interval" => c.interval = crate::units::parse_duration(v)?,
+                "timeout" => c.timeout = crate::units::parse_duration(v)?,
                 "fall" => c.fall = number()?,
                 "rise" => c.rise = number()?,
                 _ => return Err(format!("{spec:?}: unknown option {k:?}; {usage}")),

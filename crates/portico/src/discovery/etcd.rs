@@ -10,8 +10,8 @@ use crate::etcd::keys::{Cache, Layout};
 use crate::etcd::watch::Sink;
 use crate::etcd::{Event, KeyValue};
 use crate::registry::admit::Admission;
-use crate::registry::http::ServicesDoc;
 use crate::registry::View;
+use crate::services_doc::ServicesDoc;
 
 #[derive(Debug)]
 pub struct EtcdSource {

@@ -21,11 +21,10 @@ use tokio::sync::Notify;
 use arc_swap::ArcSwap;
 use portico_wire::{ErrorReply, Reply, Request, ServiceName};
 
-use crate::cli::Balance;
 use crate::registry::client::{TowerClient, TowerError};
 use crate::registry::Registry;
 use health::PassiveHealth;
-use snapshot::{Load, Snapshot};
+use snapshot::{Balance, Load, Snapshot};
 
 #[derive(Debug)]
 pub enum Source {
@@ -113,7 +112,7 @@ impl TowerSource {
                 confirm::Answer::Absent
             }
             Err(e) => {
-                tracing::debug!(%service, error = %crate::ingress::error::chain(&e), "discovery: no answer to a LOOKUP");
+                tracing::debug!(%service, error = %crate::error_chain::chain(&e), "discovery: no answer to a LOOKUP");
                 confirm::Answer::Absent
             }
         }
@@ -147,7 +146,7 @@ impl Watched {
 
     /// Swap in the snapshot for a new document and wake requests waiting
     /// for a newer table.
-    pub fn install(&self, doc: &crate::registry::http::ServicesDoc) {
+    pub fn install(&self, doc: &crate::services_doc::ServicesDoc) {
         let previous = self.table.load();
         let next = Snapshot::from_doc(doc, &previous);
         tracing::debug!(

@@ -9,8 +9,17 @@ use std::sync::Arc;
 
 use portico_wire::ServiceName;
 
-use crate::cli::Balance;
-use crate::registry::http::ServicesDoc;
+use crate::services_doc::ServicesDoc;
+
+/// How a replica is chosen among those of a service (`--balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Balance {
+    /// In turn, as the Tower's LOOKUP.
+    #[default]
+    RoundRobin,
+    /// Two replicas at random, the one with fewer requests in flight.
+    P2c,
+}
 
 /// One replica, with the requests in flight to it (for p2c). Kept across
 /// snapshots while the replica stays registered.
@@ -201,7 +210,7 @@ impl Snapshot {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::registry::http::EndpointDoc;
+    use crate::services_doc::EndpointDoc;
 
     fn doc(warm: bool, entries: &[(&str, &str)]) -> ServicesDoc {
         doc_of(7, warm, entries)

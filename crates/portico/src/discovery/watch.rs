@@ -16,8 +16,17 @@ use tokio::sync::watch;
 use crate::backoff::Backoff;
 
 use super::{Mode, TowerSource};
-use crate::cli::DiscoveryMode;
-use crate::registry::http::ServicesDoc;
+use crate::services_doc::ServicesDoc;
+
+/// How the ingress learns endpoints (`--discovery`): `Auto` probes the
+/// Tower for its HTTP API and watches it, or falls back to `Lookup`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiscoveryMode {
+    Auto,
+    Watch,
+    Lookup,
+    Etcd,
+}
 
 /// How long one blocking query waits at the Tower.
 const WAIT: Duration = Duration::from_secs(30);
@@ -182,7 +191,7 @@ async fn watch_loop(
                 if !logged_down {
                     tracing::warn!(
                         "discovery: lost the Tower's watch ({}); serving the last known endpoints and reconnecting",
-                        crate::ingress::error::chain(&e)
+                        crate::error_chain::chain(&e)
                     );
                     logged_down = true;
                 }

@@ -163,7 +163,7 @@ pub async fn run<S: Sink>(
                 if !down_logged {
                     tracing::warn!(
                         "{who}: lost etcd ({}); serving the last known registrations and reconnecting",
-                        crate::ingress::error::chain(&e)
+                        crate::error_chain::chain(&e)
                     );
                     down_logged = true;
                 }

@@ -15,7 +15,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use super::access_log::Record;
 use super::conn::InFlight;
 use super::upstream::{AnyBodyError, UpstreamBody};
-use crate::admin::metrics::RouteStats;
+use crate::metrics::RouteStats;
 
 pub struct DownstreamBody {
     kind: Kind,

@@ -124,17 +124,18 @@ pub struct ConnState {
 
 impl ConnState {
     pub fn new() -> Arc<Self> {
-        Self::build(None)
+        Self::build(None, coarse_ms())
     }
 
     /// The state of a connection that holds `slot` until it is gone.
     pub fn holding(slot: Slot) -> Arc<Self> {
-        Self::build(Some(slot))
+        Self::build(Some(slot), coarse_ms())
     }
 
-    fn build(slot: Option<Slot>) -> Arc<Self> {
+    /// `accepted_ms`: when the connection was accepted, on the coarse clock.
+    fn build(slot: Option<Slot>, accepted_ms: u64) -> Arc<Self> {
         Arc::new(Self {
-            base: coarse_ms(),
+            base: accepted_ms,
             in_flight: AtomicU32::new(0),
             last_io: AtomicU64::new(0),
             // A new connection owes its first request head at once.
@@ -149,13 +150,20 @@ impl ConnState {
         })
     }
 
-    fn now_ms(&self) -> u64 {
-        coarse_ms().saturating_sub(self.base)
+    /// `now_ms` (the coarse clock) as milliseconds since the connection
+    /// was accepted.
+    fn since_accepted(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.base)
     }
 
     /// Note bytes moved; true when those read begin a request head.
     fn touch(&self, read: bool) -> bool {
-        let now = self.now_ms();
+        self.touch_at(read, coarse_ms())
+    }
+
+    /// `touch`, with the time given.
+    fn touch_at(&self, read: bool, now_ms: u64) -> bool {
+        let now = self.since_accepted(now_ms);
         self.last_io.store(now, Ordering::Relaxed);
         let head_starts = read
             && self.in_flight.load(Ordering::Relaxed) == 0
@@ -262,9 +270,17 @@ impl ConnState {
         self.eof_held.load(Ordering::Relaxed) && self.eof_held.swap(false, Ordering::Relaxed)
     }
 
-    /// When the watchdog must look again, or `None` if a timeout has passed.
-    fn next_deadline(&self, t: &ConnTimeouts) -> Option<Duration> {
-        let now = self.now_ms();
+    /// A request has ended at `now_ms`: the idle timeout counts from here.
+    fn end_request(&self, now_ms: u64) {
+        self.last_io
+            .store(self.since_accepted(now_ms), Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// How long the watchdog may wait from `now_ms` (the coarse clock)
+    /// before it must look again, or `None` if a timeout has passed.
+    fn next_deadline(&self, t: &ConnTimeouts, now_ms: u64) -> Option<Duration> {
+        let now = self.since_accepted(now_ms);
         let idle_for = |limit: Duration| {
             (self.last_io.load(Ordering::Relaxed) + limit.as_millis() as u64).checked_sub(now)
         };
@@ -404,17 +420,25 @@ impl<F: Future<Output = ()>> Future for StreamTask<F> {
         let Some(mut timer) = this.timer.as_mut().as_pin_mut() else {
             return Poll::Pending;
         };
-        let due = *this.last_taken + this.idle.as_millis() as u64;
         while timer.as_mut().poll(cx).is_ready() {
-            let now = coarse_ms();
-            if now >= due {
+            let Some(left) = stall_left(*this.last_taken, *this.idle, coarse_ms()) else {
                 tracing::debug!(idle = ?this.idle, "HTTP/2 stream cancelled: the client took none of its response for the idle timeout");
                 return Poll::Ready(());
-            }
-            let left = Duration::from_millis(due - now);
+            };
             timer.as_mut().reset(tokio::time::Instant::now() + left);
         }
         Poll::Pending
+    }
+}
+
+/// How long a stream whose client last took a frame at `last_taken_ms`
+/// may still wait at `now_ms` (both on the coarse clock), or `None` once it
+/// has waited `idle`.
+fn stall_left(last_taken_ms: u64, idle: Duration, now_ms: u64) -> Option<Duration> {
+    let due = last_taken_ms + idle.as_millis() as u64;
+    match due.checked_sub(now_ms) {
+        None | Some(0) => None,
+        Some(left) => Some(Duration::from_millis(left)),
     }
 }
 
@@ -431,9 +455,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let state = &self.0;
-        state.last_io.store(state.now_ms(), Ordering::Relaxed);
-        state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.end_request(coarse_ms());
     }
 }
 
@@ -669,7 +691,7 @@ pub async fn supervise<F, E>(
 {
     tokio::pin!(conn);
     let mut graceful = Some(graceful);
-    let Some(first) = state.next_deadline(&timeouts) else {
+    let Some(first) = state.next_deadline(&timeouts, coarse_ms()) else {
         return;
     };
     let timer = tokio::time::sleep(first);
@@ -712,7 +734,7 @@ pub async fn supervise<F, E>(
             timer_armed = true;
             return Poll::Pending;
         }
-        let Some(wait) = state.next_deadline(&timeouts) else {
+        let Some(wait) = state.next_deadline(&timeouts, coarse_ms()) else {
             tracing::debug!(%peer, "closing connection: header or idle timeout");
             return Poll::Ready(());
         };
@@ -725,6 +747,31 @@ pub async fn supervise<F, E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reading of the coarse clock that the tests below pass in as the
+    /// time a connection was accepted.
+    const T0: u64 = 1_000_000;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn timeouts() -> ConnTimeouts {
+        ConnTimeouts {
+            header: Duration::from_secs(10),
+            idle: Duration::from_secs(30),
+            backend: Duration::from_secs(60),
+        }
+    }
+
+    /// End `request` at `now_ms`, as if the clock read that when its guard
+    /// was dropped: the drop stamps the clock's reading, and the stamp is
+    /// then set to the time given.
+    fn end_at(request: InFlight, now_ms: u64) {
+        let state = Arc::clone(&request.0);
+        drop(request);
+        state.touch_at(false, now_ms);
+    }
 
     /// Segments the kernel has received on the local socket at `local`,
     /// as `ss` reports them (TCP_INFO's tcpi_segs_in).
@@ -791,24 +838,24 @@ mod tests {
             idle: Duration::from_secs(30),
             backend: Duration::from_secs(60),
         };
-        let s = ConnState::new();
+        let s = ConnState::build(None, T0);
         // Fresh connection: owes its head within the header timeout.
-        let d = s.next_deadline(&t).unwrap_or_default();
+        let d = s.next_deadline(&t, T0).unwrap_or_default();
         assert!(d <= Duration::from_secs(10) && d > Duration::from_secs(9));
         let g = s.begin_request(http::Version::HTTP_11, false);
-        let d = s.next_deadline(&t).unwrap_or_default();
+        let d = s.next_deadline(&t, T0).unwrap_or_default();
         assert!(
             d > Duration::from_secs(59),
             "in flight waits for the backend"
         );
-        drop(g);
-        let d = s.next_deadline(&t).unwrap_or_default();
+        end_at(g, T0);
+        let d = s.next_deadline(&t, T0).unwrap_or_default();
         assert!(
             d > Duration::from_secs(29),
             "idle keep-alive gets the idle timeout"
         );
-        s.touch(true);
-        let d = s.next_deadline(&t).unwrap_or_default();
+        s.touch_at(true, T0);
+        let d = s.next_deadline(&t, T0).unwrap_or_default();
         assert!(
             d <= Duration::from_secs(10),
             "a started head gets the header timeout"
@@ -865,13 +912,91 @@ mod tests {
             idle: Duration::from_secs(30),
             backend: Duration::from_secs(60),
         };
-        let s = ConnState::new();
-        drop(s.begin_request(http::Version::HTTP_2, false));
-        s.touch(true);
-        let d = s.next_deadline(&t).unwrap_or_default();
+        let s = ConnState::build(None, T0);
+        end_at(s.begin_request(http::Version::HTTP_2, false), T0);
+        s.touch_at(true, T0);
+        let d = s.next_deadline(&t, T0).unwrap_or_default();
         assert!(
             d > Duration::from_secs(29),
             "an h2 PING keeps the idle timeout: {d:?}"
         );
+    }
+
+    #[test]
+    fn a_request_head_is_owed_from_its_first_byte_however_slowly_the_rest_comes() {
+        let t = timeouts();
+        let s = ConnState::build(None, T0);
+        assert_eq!(s.next_deadline(&t, T0), Some(Duration::from_secs(10)));
+        assert_eq!(s.next_deadline(&t, T0 + 9_999), Some(ms(1)));
+        assert_eq!(s.next_deadline(&t, T0 + 10_000), None, "no head in time");
+
+        // A keep-alive connection owes nothing until a head begins...
+        let s = ConnState::build(None, T0);
+        end_at(s.begin_request(http::Version::HTTP_11, false), T0 + 1_000);
+        assert_eq!(
+            s.next_deadline(&t, T0 + 1_000),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            s.next_deadline(&t, T0 + 5_000),
+            Some(Duration::from_secs(26))
+        );
+        // ...then all of it within the header timeout, bytes or not.
+        assert!(s.touch_at(true, T0 + 5_000), "these bytes begin a head");
+        assert!(!s.touch_at(true, T0 + 14_000), "these continue it");
+        assert_eq!(s.next_deadline(&t, T0 + 14_000), Some(ms(1_000)));
+        assert_eq!(s.next_deadline(&t, T0 + 15_000), None);
+    }
+
+    #[test]
+    fn idle_time_counts_from_the_last_byte_or_the_end_of_a_request() {
+        let t = timeouts();
+        let s = ConnState::build(None, T0);
+        end_at(s.begin_request(http::Version::HTTP_11, false), T0 + 2_000);
+        assert_eq!(s.next_deadline(&t, T0 + 31_999), Some(ms(1)));
+        assert_eq!(s.next_deadline(&t, T0 + 32_000), None, "idle too long");
+
+        // A response's bytes written after the request ended count too.
+        let s = ConnState::build(None, T0);
+        end_at(s.begin_request(http::Version::HTTP_11, false), T0 + 2_000);
+        assert!(!s.touch_at(false, T0 + 20_000), "a write begins no head");
+        assert_eq!(
+            s.next_deadline(&t, T0 + 32_000),
+            Some(Duration::from_secs(18))
+        );
+        assert_eq!(s.next_deadline(&t, T0 + 50_000), None);
+    }
+
+    #[test]
+    fn a_request_in_flight_waits_for_its_backend_not_the_idle_timeout() {
+        let t = timeouts();
+        let s = ConnState::build(None, T0);
+        s.touch_at(true, T0 + 500);
+        let request = s.begin_request(http::Version::HTTP_11, false);
+        assert_eq!(s.next_deadline(&t, T0 + 40_000), Some(ms(20_500)));
+        assert_eq!(s.next_deadline(&t, T0 + 60_500), None, "backend too slow");
+        // A shorter backend timeout leaves the idle timeout in charge.
+        let short = ConnTimeouts {
+            backend: Duration::from_secs(5),
+            ..t
+        };
+        assert_eq!(
+            s.next_deadline(&short, T0 + 10_500),
+            Some(Duration::from_secs(20))
+        );
+        end_at(request, T0 + 60_000);
+        assert_eq!(
+            s.next_deadline(&t, T0 + 60_000),
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn a_stream_stalls_when_its_client_takes_nothing_for_the_idle_timeout() {
+        let idle = ms(50);
+        assert_eq!(stall_left(T0, idle, T0), Some(ms(50)));
+        assert_eq!(stall_left(T0, idle, T0 + 49), Some(ms(1)));
+        assert_eq!(stall_left(T0, idle, T0 + 50), None);
+        assert_eq!(stall_left(T0, idle, T0 + 5_000), None);
     }
 }

@@ -13,6 +13,7 @@ use portico_wire::ServiceName;
 use super::error::{AttemptError, Next, ProxyError, UpstreamError};
 use super::upstream::{Connection, Outgoing, Upstream, UpstreamBody};
 use crate::discovery::{Discovery, DiscoveryError, Picked};
+use crate::error_chain::chain;
 
 /// How long a request whose every known replica failed waits for a newer
 /// endpoint table before giving up with 502.
@@ -129,7 +130,7 @@ impl<'a, R: Replicas, U: Upstream> Failover<'a, R, U> {
                         self.replicas.unreachable(addr);
                         self.unreachable += 1;
                     }
-                    tracing::debug!(backend = %addr, service = %self.service, error = %super::error::chain(&e), "try failed; trying another replica");
+                    tracing::debug!(backend = %addr, service = %self.service, error = %chain(&e), "try failed; trying another replica");
                     last = Some((addr, e.error));
                 }
             }
@@ -172,7 +173,7 @@ impl<'a, R: Replicas, U: Upstream> Failover<'a, R, U> {
             .await;
         match first {
             Err(e) if e.next(out.replayable()) == Next::FreshConnection => {
-                tracing::debug!(backend = %addr, service = %self.service, error = %super::error::chain(&e), "pooled connection failed; retrying on a new one");
+                tracing::debug!(backend = %addr, service = %self.service, error = %chain(&e), "pooled connection failed; retrying on a new one");
                 self.upstream
                     .send(addr, out, Connection::New, self.timeout)
                     .await

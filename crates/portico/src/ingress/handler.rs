@@ -29,8 +29,9 @@ use super::route::{self, Route, RouteTable, UpstreamProtocol};
 use super::tunnel;
 use super::upstream::{Capped, Clients, FaultNote, Outgoing, UpstreamBody};
 use super::websocket_h2::{self, Handshake};
-use crate::admin::metrics::{Metrics, RouteStats};
 use crate::discovery::Discovery;
+use crate::error_chain::chain;
+use crate::metrics::{Metrics, RouteLabel, RouteStats};
 
 /// The route table and the metric handles of its routes, in its order;
 /// swapped as one on a config reload.
@@ -42,7 +43,11 @@ pub struct LiveRoutes {
 
 impl LiveRoutes {
     pub fn new(table: RouteTable, metrics: &Metrics) -> Self {
-        let stats = metrics.for_routes(&table);
+        let stats = metrics.for_routes(table.routes().iter().map(|r| RouteLabel {
+            host: r.host.as_deref(),
+            prefix: &r.prefix,
+            service: r.service.as_str(),
+        }));
         Self { table, stats }
     }
 }
@@ -183,7 +188,7 @@ fn refusal(e: &ProxyError, client: &Client, seen: &Seen) -> Response<DownstreamB
     let (status, text) = e.response_parts();
     let (method, uri) = (&seen.method, &seen.uri);
     if status.is_server_error() {
-        tracing::warn!(client = %client.addr, %method, %uri, %status, error = %super::error::chain(e), "request failed");
+        tracing::warn!(client = %client.addr, %method, %uri, %status, error = %chain(e), "request failed");
     } else {
         tracing::debug!(client = %client.addr, %method, %uri, %status, error = %e, "request refused");
     }

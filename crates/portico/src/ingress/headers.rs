@@ -40,8 +40,8 @@ pub fn is_valid_request_id(id: &HeaderValue) -> bool {
 
 /// 32 random hex digits.
 fn new_request_id() -> HeaderValue {
-    // Formatted on the stack, a byte at a time: this runs for every
-    // request (150 instructions as a u128 shifted per digit, 110 so).
+    // Formatted on the stack, two digits from each random byte: this runs
+    // for every request, and shifting a u128 for each digit is more work.
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
     for (pair, byte) in id.chunks_exact_mut(2).zip(fastrand::u128(..).to_be_bytes()) {
@@ -178,8 +178,8 @@ pub fn address_value(ip: IpAddr) -> HeaderValue {
         return HeaderValue::from_str(&ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
     };
-    // The formatter costs 1.5k instructions per connection, a fifth of
-    // accepting one; four octets need no formatter.
+    // `core::fmt` is heavy next to the rest of accepting a connection,
+    // and four octets need no formatter.
     let mut text = [0u8; 15];
     let mut len = 0;
     for (i, octet) in v4.octets().into_iter().enumerate() {
@@ -206,9 +206,9 @@ pub fn address_value(ip: IpAddr) -> HeaderValue {
 /// X-Forwarded-Proto and X-Forwarded-Host set from what this hop saw,
 /// replacing the client's. Made once per request, then either put into its
 /// header map (`apply`, for hyper's clients) or written after its fields by
-/// our own client (`write`, skipping the client's copies: `replaces`).
-/// Inserting four fields into the map and encoding them again was a
-/// twentieth of a request's instructions.
+/// our own client (`write`, skipping the client's copies: `replaces`), so
+/// that the common request does not insert four fields into a map only to
+/// encode them again.
 #[derive(Debug, Clone)]
 pub struct Forwarding {
     forwarded_for: HeaderValue,

@@ -124,10 +124,9 @@ pub async fn serve(
                 tokio::spawn(async move {
                     match tls {
                         // Boxed: the connection's state is kilobytes, and
-                        // spawning moves the task's future by value five
-                        // times (3.6k instructions of copying per
-                        // connection); a box is written once, at the first
-                        // poll.
+                        // spawning moves the task's future by value several
+                        // times on its way into the task; a box is written
+                        // once, at the first poll.
                         None => {
                             Box::pin(serve_plain(
                                 stream, peer, slot, &protocols, proxy, timeouts, shutdown,
@@ -218,9 +217,8 @@ impl Protocols {
             .max_headers(settings.max_headers)
             // The head and the body copied into one buffer and written
             // with one call, rather than queued and written as a vector:
-            // 1.4% fewer instructions per 1 KiB response, and less CPU per
-            // 1 MiB one too (copying costs less than the writes it saves;
-            // docs/benchmarks.md, ninth pass).
+            // the queue's bookkeeping costs more than the copy, and for a
+            // large body the copy costs less than the writes it saves.
             .writev(false)
             .keep_alive(true);
         // Each stream's task is dropped when its client takes none of its
@@ -251,8 +249,8 @@ const FIRST_READ: usize = 4096;
 
 /// Read what a plain connection sends first and tell whether it starts
 /// with the HTTP/2 preface. The bytes read are handed to the protocol
-/// through `Tracked`: peeking them instead cost every new connection one
-/// more system call. `None` if the client closed or the socket failed.
+/// through `Tracked`: peeking them instead would cost every new connection
+/// one more system call. `None` if the client closed or the socket failed.
 async fn read_first(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
     let mut first = BytesMut::new();
     loop {
@@ -275,19 +273,17 @@ async fn read_first(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
 
 /// One read into a scratch buffer on the stack; the bytes are kept in an
 /// allocation of their own size (a usual request head: a few hundred
-/// bytes). Kept in a read-sized buffer until hyper had them, 10,000 idle
-/// connections measured 1.1 KiB more each (18.1 against 16.9 KiB): the
-/// allocator did not give all of those blocks back. A heap scratch buffer
-/// went through the allocator's slow path for blocks over 1 KiB at every
-/// connection, and an initialised stack buffer cost a 4 KiB memset; the
-/// stack buffer is left uninitialised, and `ReadBuf` hands out only the
-/// bytes the kernel wrote. The scratch lives only within one poll, so it
-/// is never part of the connection's future.
+/// bytes). A read-sized block kept until hyper had the bytes is not all
+/// given back by the allocator, and idle connections would hold the rest.
+/// The scratch is on the stack because a heap block over 1 KiB takes the
+/// allocator's slow path, at every connection; it is left uninitialised
+/// (zeroing 4 KiB would be work for nothing), and `ReadBuf` hands out only
+/// the bytes the kernel wrote. The scratch lives only within one poll, so
+/// it is never part of the connection's future.
 ///
 /// Through `AsyncRead`, not `try_read`: a short read then clears the
-/// socket's readiness, so hyper's next read waits for the next event.
-/// After `try_read`, hyper's first read of every connection was a wasted
-/// system call that found nothing (would block).
+/// socket's readiness, so hyper's next read waits for the next event,
+/// rather than making a system call that finds nothing (would block).
 fn poll_read_some(
     stream: &mut TcpStream,
     cx: &mut std::task::Context<'_>,

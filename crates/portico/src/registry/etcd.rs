@@ -77,7 +77,7 @@ pub async fn write_loop(
                 if !failing {
                     tracing::warn!(
                         "tower: cannot write to etcd ({}); registrations are served from this Tower and written when etcd answers",
-                        crate::ingress::error::chain(&e)
+                        crate::error_chain::chain(&e)
                     );
                     failing = true;
                 }

@@ -36,29 +36,14 @@ use tokio::sync::{watch, Semaphore};
 
 use super::{unix_ms, Registry, View};
 use crate::api_server::ServerLimits;
+use crate::services_doc::{EndpointDoc, ServicesDoc};
 
 /// Longest a blocking query may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_BODY: usize = 4096;
 
-/// The document `GET /v1/services` answers with. Shared with the ingress,
-/// which decodes it.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ServicesDoc {
-    pub index: u64,
-    pub epoch: u64,
-    pub warm: bool,
-    pub services: BTreeMap<String, Vec<EndpointDoc>>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EndpointDoc {
-    pub ip: IpAddr,
-    pub port: u16,
-    pub ttl_left_ms: u64,
-}
-
+/// The Tower answers `GET /v1/services` with its view as of the request.
 impl From<View> for ServicesDoc {
     fn from(v: View) -> Self {
         let mut services: BTreeMap<String, Vec<EndpointDoc>> = BTreeMap::new();
@@ -278,7 +263,7 @@ async fn services(api: &Api, query: &str) -> Response<Full<Bytes>> {
     let index = query_param(query, "index").and_then(|v| v.parse::<u64>().ok());
     let epoch = query_param(query, "epoch").and_then(|v| v.parse::<u64>().ok());
     let wait = match query_param(query, "wait") {
-        Some(w) => match crate::cli::parse_duration(w) {
+        Some(w) => match crate::units::parse_duration(w) {
             Ok(d) => d.min(MAX_WAIT),
             Err(why) => return error(StatusCode::BAD_REQUEST, &format!("bad wait: {why}")),
         },

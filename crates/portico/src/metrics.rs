@@ -14,8 +14,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as PromRegistry;
 
-use crate::ingress::route::{Route, RouteTable};
-
 type Labels = Vec<(&'static str, String)>;
 
 /// The states `portico_endpoints` counts, in the order of its counts.
@@ -55,6 +53,15 @@ fn cap_services<'a>(
 fn duration_histogram() -> Histogram {
     // 100 µs to ~27 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+/// What names a route in its series: `route="[host]prefix"` and its
+/// service.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel<'a> {
+    pub host: Option<&'a str>,
+    pub prefix: &'a str,
+    pub service: &'a str,
 }
 
 /// Counters and histograms of one route, resolved up front.
@@ -266,24 +273,26 @@ impl Metrics {
         }
     }
 
-    /// Handles for every route of a table, in the table's order.
-    pub fn for_routes(&self, table: &RouteTable) -> Vec<Arc<RouteStats>> {
-        table
-            .routes()
-            .iter()
+    /// Handles for each of these routes, in their order.
+    pub fn for_routes<'a>(
+        &self,
+        routes: impl IntoIterator<Item = RouteLabel<'a>>,
+    ) -> Vec<Arc<RouteStats>> {
+        routes
+            .into_iter()
             .map(|r| Arc::new(self.route_stats(r)))
             .collect()
     }
 
-    fn route_stats(&self, r: &Route) -> RouteStats {
-        let route = format!("{}{}", r.host.as_deref().unwrap_or(""), r.prefix);
+    fn route_stats(&self, r: RouteLabel<'_>) -> RouteStats {
+        let route = format!("{}{}", r.host.unwrap_or(""), r.prefix);
         Self::stats_in(
             &self.requests,
             &self.durations,
             &self.connect_errors,
             &self.retries,
             &route,
-            r.service.as_str(),
+            r.service,
         )
     }
 
@@ -347,6 +356,34 @@ mod tests {
         assert_eq!(shown["a"], [2, 1, 0]);
         assert_eq!(shown[OTHER_SERVICES], [4, 0, 1]);
         assert!(!cap_services(by_service[..2].to_vec(), 2).contains_key(OTHER_SERVICES));
+    }
+
+    #[test]
+    fn a_route_is_named_by_its_host_and_prefix() {
+        let m = Metrics::new();
+        let label = RouteLabel {
+            host: Some("api.example.com"),
+            prefix: "/v1",
+            service: "api",
+        };
+        let stats = m.for_routes([
+            label,
+            RouteLabel {
+                host: None,
+                ..label
+            },
+        ]);
+        stats[0].record(200, 0.001);
+        stats[1].record(404, 0.001);
+        let text = m.render();
+        assert!(
+            text.contains(r#"route="api.example.com/v1",service="api",status_class="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"route="/v1",service="api",status_class="4xx"} 1"#),
+            "{text}"
+        );
     }
 
     #[test]
