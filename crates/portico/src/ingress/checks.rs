@@ -74,11 +74,30 @@ impl Addressed {
     pub fn host(&self) -> Option<&str> {
         self.authority.as_ref().map(Authority::host)
     }
+}
 
-    /// The Host field the backend's request carries, if any.
-    pub fn backend_host(&self) -> Option<&HeaderValue> {
-        self.target_host.as_ref().or(self.host_header.as_ref())
+/// Set the Host the backend's request carries, and return the one to name
+/// in X-Forwarded-Host: the one the target named, else the client's. With
+/// neither (HTTP/1.0 may name no host, but the backend's request is
+/// HTTP/1.1 and must, RFC 9112 section 3.2) the service's name, as nginx
+/// sends its upstream's name (`$proxy_host`), and none to forward.
+pub fn set_backend_host(
+    headers: &mut HeaderMap,
+    addressed: &Addressed,
+    service: &str,
+) -> Option<HeaderValue> {
+    if let Some(host) = &addressed.target_host {
+        headers.insert(header::HOST, host.clone());
+        return Some(host.clone());
     }
+    if let Some(host) = &addressed.host_header {
+        // Already the request's one Host field.
+        return Some(host.clone());
+    }
+    if let Ok(name) = HeaderValue::from_str(service) {
+        headers.insert(header::HOST, name);
+    }
+    None
 }
 
 /// The Host rules: one Host field at most, and one at least on HTTP/1.1
@@ -246,7 +265,12 @@ mod tests {
         let one = headers(&[("host", "Example.com:8080")]);
         let a = addressed(Version::HTTP_11, &origin, &one).unwrap();
         assert_eq!(a.host(), Some("Example.com"));
-        assert_eq!(a.backend_host(), one.get("host"));
+        let mut sent = one.clone();
+        assert_eq!(
+            set_backend_host(&mut sent, &a, "svc").as_ref(),
+            one.get("host")
+        );
+        assert_eq!(sent, one, "the client's Host goes as it came");
         assert_eq!(
             addressed(Version::HTTP_11, &origin, &HeaderMap::new()),
             Err(BadRequest::MissingHost)
@@ -274,12 +298,26 @@ mod tests {
         let absolute: Uri = "http://user@API.example:81/p?q".parse().unwrap();
         let same = headers(&[("host", "api.example")]);
         let a = addressed(Version::HTTP_11, &absolute, &same).unwrap();
-        assert_eq!(a.backend_host().unwrap(), "API.example:81");
+        let mut sent = same.clone();
+        let forwarded = set_backend_host(&mut sent, &a, "svc").unwrap();
+        assert_eq!(forwarded, "API.example:81");
+        assert_eq!(
+            sent["host"], "API.example:81",
+            "no userinfo, the target's port"
+        );
         let other = headers(&[("host", "other.example")]);
         assert_eq!(
             addressed(Version::HTTP_11, &absolute, &other),
             Err(BadRequest::HostMismatch)
         );
+    }
+
+    #[test]
+    fn without_a_host_the_backend_hears_the_service_name() {
+        let a = addressed(Version::HTTP_10, &"/p".parse().unwrap(), &HeaderMap::new()).unwrap();
+        let mut sent = HeaderMap::new();
+        assert_eq!(set_backend_host(&mut sent, &a, "api-service"), None);
+        assert_eq!(sent["host"], "api-service");
     }
 
     #[test]

@@ -206,6 +206,12 @@ impl UpstreamError {
         }
     }
 
+    /// The replica answered, though not as it should: it is reachable,
+    /// whatever passive health thought.
+    pub fn answered(&self) -> bool {
+        matches!(self, UpstreamError::AmbiguousFraming)
+    }
+
     /// The replica could not be reached at all (nothing was sent): it is
     /// set aside for a while.
     pub fn is_connect(&self) -> bool {
@@ -220,7 +226,7 @@ impl UpstreamError {
 
 /// One failed try of one replica, and whether its connection was reused.
 #[derive(Debug, thiserror::Error)]
-#[error("{error}")]
+#[error("the try on a {} connection failed", if *reused { "reused" } else { "new" })]
 pub struct AttemptError {
     #[source]
     pub error: UpstreamError,

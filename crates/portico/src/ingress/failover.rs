@@ -14,6 +14,7 @@ use super::error::{AttemptError, Next, ProxyError, UpstreamError};
 use super::upstream::{Connection, Outgoing, Upstream, UpstreamBody};
 use crate::discovery::{Discovery, DiscoveryError, Picked};
 use crate::error_chain::chain;
+use crate::metrics::RouteStats;
 
 /// How long a request whose every known replica failed waits for a newer
 /// endpoint table before giving up with 502.
@@ -71,10 +72,10 @@ pub struct Failover<'a, R, U> {
     service: &'a ServiceName,
     attempts: u32,
     timeout: Duration,
+    /// The route's counters (retries, connect errors), moved as it happens.
+    stats: Option<&'a RouteStats>,
     /// Replicas tried, in order.
     pub tried: Vec<SocketAddr>,
-    /// Tries that could not connect.
-    pub unreachable: u32,
     caught_up: bool,
 }
 
@@ -85,6 +86,7 @@ impl<'a, R: Replicas, U: Upstream> Failover<'a, R, U> {
         service: &'a ServiceName,
         attempts: u32,
         timeout: Duration,
+        stats: Option<&'a RouteStats>,
     ) -> Self {
         Self {
             replicas,
@@ -92,8 +94,8 @@ impl<'a, R: Replicas, U: Upstream> Failover<'a, R, U> {
             service,
             attempts,
             timeout,
+            stats,
             tried: Vec::with_capacity(attempts as usize),
-            unreachable: 0,
             caught_up: false,
         }
     }
@@ -117,18 +119,26 @@ impl<'a, R: Replicas, U: Upstream> Failover<'a, R, U> {
             };
             let addr = picked.addr;
             self.tried.push(addr);
+            if let (Some(stats), true) = (self.stats, self.tried.len() > 1) {
+                stats.retry();
+            }
             match self.try_replica(addr, out).await {
                 Ok(response) => {
                     self.replicas.answered(addr);
                     return Ok(response.map(|b| b.with_load(picked.load)));
                 }
                 Err(e) if e.next(out.replayable()) == Next::GiveUp => {
+                    if e.error.answered() {
+                        self.replicas.answered(addr);
+                    }
                     return Err(self.failed(addr, e.error));
                 }
                 Err(e) => {
                     if e.error.is_connect() {
                         self.replicas.unreachable(addr);
-                        self.unreachable += 1;
+                        if let Some(stats) = self.stats {
+                            stats.connect_error();
+                        }
                     }
                     tracing::debug!(backend = %addr, service = %self.service, error = %chain(&e), "try failed; trying another replica");
                     last = Some((addr, e.error));
@@ -161,7 +171,8 @@ impl<'a, R: Replicas, U: Upstream> Failover<'a, R, U> {
     }
 
     /// One replica: a pooled connection, and once more on a new one when
-    /// the pooled one failed in a way that allows it.
+    /// the pooled one failed in a way that allows it. (A connect failure of
+    /// that new one is the replica's, and sets it aside like any other.)
     async fn try_replica(
         &self,
         addr: SocketAddr,
@@ -219,18 +230,23 @@ mod tests {
     use std::io::ErrorKind;
     use std::sync::Mutex;
 
-    /// Replicas 1, 2, 3... in order; no table changes.
+    fn replica(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Replicas 1, 2, 3... in order; `coming` joins the table when a
+    /// request waits for a newer one.
     struct Listed {
-        addrs: Vec<SocketAddr>,
+        addrs: Mutex<Vec<SocketAddr>>,
+        coming: Mutex<Option<SocketAddr>>,
         unreachable: Mutex<Vec<SocketAddr>>,
         answered: Mutex<Vec<SocketAddr>>,
     }
 
     fn listed(n: u16) -> Listed {
         Listed {
-            addrs: (1..=n)
-                .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
-                .collect(),
+            addrs: Mutex::new((1..=n).map(replica).collect()),
+            coming: Mutex::default(),
             unreachable: Mutex::default(),
             answered: Mutex::default(),
         }
@@ -246,13 +262,16 @@ mod tests {
             tried: &[SocketAddr],
         ) -> Result<Picked, DiscoveryError> {
             self.addrs
+                .lock()
+                .unwrap()
                 .iter()
                 .find(|a| !tried.contains(a))
                 .map(|&addr| Picked { addr, load: None })
                 .ok_or_else(|| DiscoveryError::Exhausted(service.clone()))
         }
         async fn newer_than(&self, _: u64, _: Duration) -> bool {
-            false
+            let coming = self.coming.lock().unwrap().take();
+            coming.map(|a| self.addrs.lock().unwrap().push(a)).is_some()
         }
         fn unreachable(&self, addr: SocketAddr) {
             self.unreachable.lock().unwrap().push(addr);
@@ -277,12 +296,22 @@ mod tests {
     struct Scripted {
         script: Mutex<Vec<Meets>>,
         tries: Mutex<Vec<(u16, Connection)>>,
+        /// Whether the pool has a connection for a first try to reuse.
+        pooled: bool,
     }
 
     fn scripted(script: &[Meets]) -> Scripted {
         Scripted {
             script: Mutex::new(script.iter().rev().copied().collect()),
             tries: Mutex::default(),
+            pooled: true,
+        }
+    }
+
+    fn unpooled(script: &[Meets]) -> Scripted {
+        Scripted {
+            pooled: false,
+            ..scripted(script)
         }
     }
 
@@ -301,7 +330,7 @@ mod tests {
                 .unwrap()
                 .pop()
                 .expect("a try past the script");
-            let reused = via == Connection::PooledOrNew;
+            let reused = self.pooled && via == Connection::PooledOrNew;
             let error = match meets {
                 Meets::Answer => return Ok(Response::new(UpstreamBody::empty())),
                 Meets::Refused => UpstreamError::Connect(ErrorKind::ConnectionRefused.into()),
@@ -352,6 +381,7 @@ mod tests {
             &service,
             attempts,
             Duration::from_secs(1),
+            None,
         );
         let result = rt.block_on(failover.send(&mut out));
         let answered = result.map(|_| failover.endpoint().unwrap().port());
@@ -427,5 +457,33 @@ mod tests {
             answered,
             Err(ProxyError::Unreachable { attempts: 1, .. })
         ));
+    }
+
+    #[test]
+    fn a_get_that_broke_on_a_new_connection_moves_on_without_a_second_try_there() {
+        let upstream = unpooled(&[Meets::StaleReused, Meets::Answer]);
+        let (answered, tries) = run(&listed(3), &upstream, bodiless(Method::GET), 3);
+        assert_eq!(answered.unwrap(), 2);
+        assert_eq!(tries, [(1, PooledOrNew), (2, PooledOrNew)]);
+    }
+
+    #[test]
+    fn a_new_connection_refused_after_a_stale_one_sets_the_replica_aside() {
+        let replicas = listed(3);
+        let upstream = scripted(&[Meets::StaleReused, Meets::Refused, Meets::Answer]);
+        let (answered, tries) = run(&replicas, &upstream, bodiless(Method::GET), 3);
+        assert_eq!(answered.unwrap(), 2);
+        assert_eq!(tries, [(1, PooledOrNew), (1, New), (2, PooledOrNew)]);
+        assert_eq!(*replicas.unreachable.lock().unwrap(), [replica(1)]);
+    }
+
+    #[test]
+    fn when_every_known_replica_failed_a_newer_table_is_waited_for_once() {
+        let replicas = listed(1);
+        *replicas.coming.lock().unwrap() = Some(replica(9));
+        let upstream = scripted(&[Meets::Refused, Meets::Answer]);
+        let (answered, tries) = run(&replicas, &upstream, bodiless(Method::GET), 3);
+        assert_eq!(answered.unwrap(), 9, "the replacement the table learned of");
+        assert_eq!(tries, [(1, PooledOrNew), (9, PooledOrNew)]);
     }
 }

@@ -150,7 +150,7 @@ pub fn handle(
             Ok(response) => response,
             Err(e) => refusal(&e, &client, &seen),
         };
-        let trace = pass.trace;
+        let mut trace = pass.trace;
         let mut response = response;
         let closes_after = client.state.had_trailers()
             || shared
@@ -166,7 +166,7 @@ pub fn handle(
             in_flight,
             stats: trace
                 .stats
-                .clone()
+                .take()
                 .unwrap_or_else(|| shared.metrics.unrouted().clone()),
             status: response.status().as_u16(),
             started: seen.started,
@@ -364,7 +364,7 @@ impl<'a> Pass<'a> {
         if te_trailers && route.options.upstream == UpstreamProtocol::Http1 {
             headers::accept_trailers(&mut parts.headers);
         }
-        let host = backend_host(&mut parts, &addressed, &route.service);
+        let host = checks::set_backend_host(&mut parts.headers, &addressed, route.service.as_str());
         let client = self.client;
         let scheme = if client.tls { "https" } else { "http" };
         let forwarding = Forwarding::new(&parts.headers, &client.ip, scheme, host.as_ref())
@@ -415,18 +415,11 @@ impl<'a> Pass<'a> {
             service,
             shared.attempts,
             timeout,
+            self.trace.stats.as_deref(),
         );
         let sent = failover.send(&mut outgoing).await;
         self.trace.endpoint = failover.endpoint();
         self.trace.attempts = failover.tried.len() as u32;
-        if let Some(stats) = &self.trace.stats {
-            for _ in 1..failover.tried.len() {
-                stats.retry();
-            }
-            for _ in 0..failover.unreachable {
-                stats.connect_error();
-            }
-        }
         sent
     }
 
@@ -479,26 +472,4 @@ impl<'a> Pass<'a> {
         ));
         Ok(response)
     }
-}
-
-/// Set the Host the backend's request carries, and return it: the one the
-/// target named, else the client's, else (HTTP/1.0 may name no host, but
-/// the backend's request is HTTP/1.1 and must, RFC 9112 section 3.2) the
-/// service's name, as nginx sends its upstream's name (`$proxy_host`).
-fn backend_host(
-    parts: &mut Parts,
-    addressed: &Addressed,
-    service: &portico_wire::ServiceName,
-) -> Option<HeaderValue> {
-    if let Some(host) = &addressed.target_host {
-        parts.headers.insert(header::HOST, host.clone());
-        return Some(host.clone());
-    }
-    if let Some(host) = &addressed.host_header {
-        // Already the request's one Host field.
-        return Some(host.clone());
-    }
-    let name = HeaderValue::from_str(service.as_str()).ok()?;
-    parts.headers.insert(header::HOST, name);
-    None
 }

@@ -82,8 +82,12 @@ pub(super) async fn send(
     via: Connection,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, AttemptError> {
-    let (mut sender, reused) = connection(&H2c(pool), addr, via).await?;
-    let failed = |error| AttemptError::new(error, reused);
+    // The shared connection is not "reused" as a pooled HTTP/1.1 one is:
+    // a stream the backend reset or refused says nothing of the connection,
+    // so a failed try moves on to the next replica rather than replacing
+    // the connection every other stream shares.
+    let (mut sender, _shared) = connection(&H2c(pool), addr, via).await?;
+    let failed = |error| AttemptError::new(error, false);
     let request = out.take().ok_or_else(|| failed(UpstreamError::Spent))?;
     match tokio::time::timeout(timeout, sender.try_send_request(request)).await {
         Err(_elapsed) => Err(failed(UpstreamError::Timeout(timeout))),

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{request, Method, Request, Response};
+use http::{request, Request, Response};
 use http_body_util::{Either, Empty};
 use hyper::body::Body;
 
@@ -180,13 +180,6 @@ impl Outgoing {
         match self {
             Outgoing::H1(r) => replayable(&r.parts.method, true),
             Outgoing::Hyper(r) => r.replay.is_some(),
-        }
-    }
-
-    pub fn method(&self) -> Option<&Method> {
-        match self {
-            Outgoing::H1(r) => Some(&r.parts.method),
-            Outgoing::Hyper(r) => r.request.as_ref().map(Request::method),
         }
     }
 }
