@@ -14,6 +14,7 @@
 //! - `etcd`: the etcd client (JSON gateway), key layout and list-then-watch,
 //!   for a Tower whose registrations live in etcd and an ingress watching it.
 //! - `admin`: metrics, health, the status page.
+//! - `cidr`: networks as ADDR/PREFIX (the Tower's and the ingress's).
 //! - `api_server`: the accept loop and timeouts of the Tower's HTTP API and
 //!   the admin listener.
 //!
@@ -23,6 +24,7 @@
 pub mod admin;
 pub mod api_server;
 pub mod backoff;
+pub mod cidr;
 pub mod cli;
 pub mod cmd;
 pub mod config;
