@@ -368,6 +368,15 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_from_the_file() {
+        let f = loaded("proxy_protocol_from = [\"10.0.0.0/8\", \"fd00::1\"]\n").unwrap();
+        let nets = f.proxy_protocol_from().unwrap().unwrap();
+        let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "fd00::1/128"]);
+        assert!(loaded("").unwrap().proxy_protocol_from().unwrap().is_none());
+    }
+
+    #[test]
     fn bad_files_are_refused_with_the_reason() {
         let e = loaded("[[route]]\nprefix = \"/api\"\n")
             .unwrap_err()
@@ -383,6 +392,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a duration"), "{e}");
+        let e = loaded("proxy_protocol_from = [\"10.0.0.0/33\"]\n").unwrap_err();
+        let e = crate::ingress::error::chain(&e);
+        assert!(
+            e.contains("proxy_protocol_from") && e.contains("/33"),
+            "{e}"
+        );
         assert!(matches!(
             route_table(&CliRoutes::default(), None),
             Err(ConfigError::NoRoutes)

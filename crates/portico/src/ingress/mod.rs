@@ -131,12 +131,14 @@ pub async fn serve(
                     let peer = match from_proxy {
                         // Boxed: only connections from a front proxy pay
                         // for the header's reading state.
-                        true => match Box::pin(client_of(&mut stream, peer, timeouts.header, &proxy))
-                            .await
-                        {
-                            Some(client) => client,
-                            None => return,
-                        },
+                        true => {
+                            match Box::pin(client_of(&mut stream, peer, timeouts.header, &proxy))
+                                .await
+                            {
+                                Some(client) => client,
+                                None => return,
+                            }
+                        }
                         false => peer,
                     };
                     match tls {

@@ -199,7 +199,9 @@ impl HeaderReader {
         // Bytes before a decision are all the header's: a v2 header's
         // first 16, or a v1 line without its CRLF yet. Once decided, the
         // length is past them (the CRLF, or the 16 bytes, had not come).
-        let end = self.total.map_or(self.header.len(), |t| t.min(self.header.len()));
+        let end = self
+            .total
+            .map_or(self.header.len(), |t| t.min(self.header.len()));
         self.header.truncate(end);
         Ok(end - had)
     }
@@ -271,7 +273,11 @@ mod tests {
     }
 
     fn v2_tcp4(command: u8) -> Vec<u8> {
-        v2(command, 0x11, &[203, 0, 113, 7, 10, 0, 0, 1, 0x30, 0x39, 0, 80])
+        v2(
+            command,
+            0x11,
+            &[203, 0, 113, 7, 10, 0, 0, 1, 0x30, 0x39, 0, 80],
+        )
     }
 
     /// Offer `input` cut after each of `cuts` bytes, consuming what the
