@@ -48,7 +48,10 @@ fn read(wire: &[u8], arrivals: &[usize]) -> Outcome {
             assert_eq!(named, whole, "the reader parses what it took");
             return Outcome::Named(named, consumed);
         }
-        assert_eq!(take, waiting, "bytes before the header's end are all its own");
+        assert_eq!(
+            take, waiting,
+            "bytes before the header's end are all its own"
+        );
     }
 }
 
@@ -59,5 +62,9 @@ fuzz_target!(|data: &[u8]| {
     let cut = usize::from(*cut).min(wire.len());
     let step = usize::from(*step).max(1);
     let pieces: Vec<usize> = (cut..wire.len()).step_by(step).collect();
-    assert_eq!(read(wire, &[]), read(wire, &pieces), "cut at {cut}, then every {step}");
+    assert_eq!(
+        read(wire, &[]),
+        read(wire, &pieces),
+        "cut at {cut}, then every {step}"
+    );
 });
