@@ -128,18 +128,16 @@ pub async fn serve(
                 let tls = settings.tls.clone();
                 tokio::spawn(async move {
                     let mut stream = stream;
-                    let peer = match from_proxy {
-                        // Boxed: only connections from a front proxy pay
-                        // for the header's reading state.
-                        true => {
-                            match Box::pin(client_of(&mut stream, peer, timeouts.header, &proxy))
-                                .await
-                            {
-                                Some(client) => client,
-                                None => return,
-                            }
-                        }
-                        false => peer,
+                    // Boxed: only connections from a front proxy pay for
+                    // the header's reading state.
+                    let peer = if from_proxy {
+                        let read = client_of(&mut stream, peer, timeouts.header, &proxy);
+                        let Some(client) = Box::pin(read).await else {
+                            return;
+                        };
+                        client
+                    } else {
+                        peer
                     };
                     match tls {
                         // Boxed: the connection's state is kilobytes, and
