@@ -175,6 +175,15 @@ pub struct ProxyArgs {
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub tls_handshake_timeout: Duration,
 
+    /// Connections from this network (repeatable) come through a front
+    /// proxy (HAProxy's send-proxy or send-proxy-v2, a cloud load
+    /// balancer): each must open with a PROXY protocol header, v1 or v2,
+    /// within --header-timeout, or it is closed. The client the header
+    /// names goes in X-Forwarded-For, X-Real-IP and the access log. A header
+    /// from any other source is refused (400; on TLS, a failed handshake).
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR")]
+    pub proxy_protocol_from: Vec<crate::cidr::Cidr>,
+
     /// Admin listener (metrics, health, status page): ADDR:PORT or `off`.
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin: String,

@@ -271,6 +271,9 @@ impl ProxyConfig {
             if let (Some(p), false) = (f.file.path_escapes, explicit("path_escapes")) {
                 a.path_escapes = p.into();
             }
+            if let (Some(n), false) = (f.proxy_protocol_from()?, explicit("proxy_protocol_from")) {
+                a.proxy_protocol_from = n;
+            }
         }
         let a = &a;
         let positive = |flag: &'static str, v: usize| {
@@ -330,6 +333,9 @@ impl ProxyConfig {
                 max_headers: a.max_headers,
                 max_h2_streams: a.max_h2_streams.max(1),
                 tls: None,
+                proxy_protocol_from: crate::ingress::proxy_protocol::TrustedProxies::new(
+                    a.proxy_protocol_from.clone(),
+                ),
             },
             pool: PoolSettings {
                 connect_timeout: a.connect_timeout,

@@ -8,6 +8,7 @@
 //! balance = "p2c"            # or "round-robin"
 //! attempts = 3
 //! path_escapes = "reject"    # or "keep-encoded" (the default), "keep"
+//! proxy_protocol_from = ["10.0.0.0/8"]   # as --proxy-protocol-from
 //! [timeouts]
 //! connect = "5s"
 //! header = "10s"
@@ -39,6 +40,8 @@ pub struct FileConfig {
     pub attempts: Option<u32>,
     /// As `--path-escapes`.
     pub path_escapes: Option<PathEscapesName>,
+    /// As `--proxy-protocol-from`.
+    pub proxy_protocol_from: Option<Vec<String>>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default, rename = "route")]
@@ -134,6 +137,12 @@ pub enum ConfigError {
         "config file {path}: route prefix {prefix:?} must start with '/' (put a host in `host`)"
     )]
     Prefix { path: String, prefix: String },
+    #[error("config file {path}: proxy_protocol_from")]
+    Cidr {
+        path: String,
+        #[source]
+        source: crate::cidr::CidrError,
+    },
     #[error("no routes: give --route, or [[route]] entries in the config file")]
     NoRoutes,
 }
@@ -162,7 +171,25 @@ impl Loaded {
         };
         // Refuse a file whose routes would not build, before anything uses it.
         loaded.routes()?;
+        loaded.proxy_protocol_from()?;
         Ok(loaded)
+    }
+
+    /// The file's `proxy_protocol_from` networks, if it has the setting.
+    pub fn proxy_protocol_from(&self) -> Result<Option<Vec<crate::cidr::Cidr>>, ConfigError> {
+        let Some(networks) = &self.file.proxy_protocol_from else {
+            return Ok(None);
+        };
+        networks
+            .iter()
+            .map(|n| {
+                n.parse().map_err(|source| ConfigError::Cidr {
+                    path: self.path.display().to_string(),
+                    source,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
     }
 
     pub fn duration(
@@ -341,6 +368,15 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_from_the_file() {
+        let f = loaded("proxy_protocol_from = [\"10.0.0.0/8\", \"fd00::1\"]\n").unwrap();
+        let nets = f.proxy_protocol_from().unwrap().unwrap();
+        let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "fd00::1/128"]);
+        assert!(loaded("").unwrap().proxy_protocol_from().unwrap().is_none());
+    }
+
+    #[test]
     fn bad_files_are_refused_with_the_reason() {
         let e = loaded("[[route]]\nprefix = \"/api\"\n")
             .unwrap_err()
@@ -356,6 +392,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a duration"), "{e}");
+        let e = loaded("proxy_protocol_from = [\"10.0.0.0/33\"]\n").unwrap_err();
+        let e = crate::ingress::error::chain(&e);
+        assert!(
+            e.contains("proxy_protocol_from") && e.contains("/33"),
+            "{e}"
+        );
         assert!(matches!(
             route_table(&CliRoutes::default(), None),
             Err(ConfigError::NoRoutes)

@@ -20,7 +20,8 @@
 //! - Leaves, which import nothing of the crate: `metrics` (the Prometheus
 //!   registry, recorded by the ingress), `services_doc` (the Tower's
 //!   `/v1/services` document), `units` (durations as people write them),
-//!   `error_chain` (an error and its causes on one line), `backoff`, `netio`.
+//!   `error_chain` (an error and its causes on one line), `cidr` (networks as
+//!   ADDR/PREFIX), `backoff`, `netio`.
 //!
 //! Imports point one way, from `cmd` down to the leaves. ARCHITECTURE.md
 //! gives that order and walks the request and Tower paths. The wire
@@ -29,6 +30,7 @@
 pub mod admin;
 pub mod api_server;
 pub mod backoff;
+pub mod cidr;
 pub mod cli;
 pub mod cmd;
 pub mod config;

@@ -107,6 +107,7 @@ pub struct Metrics {
     pub active_connections: Gauge,
     pub connections: Counter,
     pub refused_at_capacity: Counter,
+    proxy_protocol_refused: Family<Labels, Counter>,
     pub discovery_synced: Gauge,
     pub discovery_age: Gauge<f64, AtomicU64>,
     pub access_log_dropped: Counter,
@@ -130,6 +131,7 @@ impl Metrics {
         let active_connections = Gauge::default();
         let connections = Counter::default();
         let refused_at_capacity = Counter::default();
+        let proxy_protocol_refused = Family::<Labels, Counter>::default();
         let discovery_synced = Gauge::default();
         let discovery_age = Gauge::<f64, AtomicU64>::default();
         let access_log_dropped = Counter::default();
@@ -176,6 +178,13 @@ impl Metrics {
             "refused_at_capacity",
             "Client connections refused past --max-connections",
             refused_at_capacity.clone(),
+        );
+        registry.register(
+            "proxy_protocol_refused",
+            "Client connections closed for their PROXY protocol header, by reason: missing, \
+             malformed, incomplete or timeout (from a trusted proxy), untrusted (a header from \
+             another source)",
+            proxy_protocol_refused.clone(),
         );
         registry.register(
             "discovery_synced",
@@ -232,6 +241,7 @@ impl Metrics {
             active_connections,
             connections,
             refused_at_capacity,
+            proxy_protocol_refused,
             discovery_synced,
             discovery_age,
             access_log_dropped,
@@ -241,6 +251,14 @@ impl Metrics {
             runtime_shared_queue_depth,
             unrouted,
         })
+    }
+
+    /// A connection closed for its PROXY protocol header (`reason`: a
+    /// fixed word, so the series stay few).
+    pub fn proxy_protocol_refused(&self, reason: &'static str) {
+        self.proxy_protocol_refused
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
     }
 
     fn stats_in(

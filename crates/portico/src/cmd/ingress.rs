@@ -111,6 +111,14 @@ pub async fn serve(
             "tls: serving HTTPS (TLS 1.2 and 1.3, ALPN h2 and http/1.1)"
         );
     }
+    let trusted = config.serve.proxy_protocol_from.networks();
+    if !trusted.is_empty() {
+        let from: Vec<String> = trusted.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            from = %from.join(","),
+            "PROXY protocol: connections from these networks open with a header naming the client"
+        );
+    }
     let metrics = Metrics::new();
     let access_log = AccessLog::start(
         config.access_log,

@@ -10,6 +10,7 @@ pub mod failover;
 pub mod h1;
 pub mod handler;
 pub mod headers;
+pub mod proxy_protocol;
 mod quickack;
 pub mod request_line;
 pub mod route;
@@ -45,6 +46,8 @@ pub struct ServeSettings {
     /// Concurrent streams per HTTP/2 connection.
     pub max_h2_streams: u32,
     pub tls: Option<TlsTermination>,
+    /// Sources whose connections open with a PROXY protocol header.
+    pub proxy_protocol_from: proxy_protocol::TrustedProxies,
 }
 
 /// TLS termination, and how long a handshake may take.
@@ -63,6 +66,10 @@ impl std::fmt::Debug for TlsTermination {
 }
 
 const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 13\r\nconnection: close\r\n\r\nAt capacity.\n";
+
+/// The answer to a PROXY protocol header where none may be: a client
+/// choosing its own address, or a front proxy Portico was not told of.
+const UNTRUSTED_HEADER: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 57\r\nconnection: close\r\n\r\nPROXY protocol header from a source that is not trusted.\n";
 
 /// Connections past the limit that may be getting their 503 at once; beyond
 /// this they are closed without one, so a flood costs bounded memory.
@@ -112,6 +119,7 @@ pub async fn serve(
         }
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
+                let from_proxy = settings.proxy_protocol_from.trusts(peer.ip());
                 let protocols = protocols.clone();
                 let proxy = proxy.clone();
                 let timeouts = settings.timeouts;
@@ -122,6 +130,18 @@ pub async fn serve(
                 let slot = Slot::new(permit, proxy.metrics.active_connections.clone());
                 let tls = settings.tls.clone();
                 tokio::spawn(async move {
+                    let mut stream = stream;
+                    // Boxed: only connections from a front proxy pay for
+                    // the header's reading state.
+                    let peer = if from_proxy {
+                        let read = client_of(&mut stream, peer, timeouts.header, &proxy);
+                        let Some(client) = Box::pin(read).await else {
+                            return;
+                        };
+                        client
+                    } else {
+                        peer
+                    };
                     match tls {
                         // Boxed: the connection's state is kilobytes, and
                         // spawning moves the task's future by value several
@@ -198,6 +218,28 @@ pub async fn serve(
             left = settings.max_connections - slots.available_permits(),
             "drain timeout passed; closing the remaining connections"
         ),
+    }
+}
+
+/// The client a trusted front proxy's header names (the PROXY protocol,
+/// before TLS or HTTP), or `None` when the connection is closed for a
+/// missing or bad header.
+async fn client_of(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    limit: Duration,
+    proxy: &Proxy,
+) -> Option<SocketAddr> {
+    match proxy_protocol::client_of(stream, peer, limit).await {
+        Ok(client) => {
+            tracing::trace!(%client, proxy = %peer, "PROXY protocol header");
+            Some(client)
+        }
+        Err(e) => {
+            proxy.metrics.proxy_protocol_refused(e.reason());
+            tracing::debug!(%peer, error = %crate::error_chain::chain(&e), "closing connection from a trusted proxy");
+            None
+        }
     }
 }
 
@@ -318,6 +360,14 @@ async fn serve_plain(
             return;
         }
     };
+    // From a trusted proxy its header is read by now: another one is the
+    // client's own, behind the proxy.
+    if proxy_protocol::opens_with_header(&first) {
+        proxy.metrics.proxy_protocol_refused("untrusted");
+        tracing::debug!(%peer, "refusing a PROXY protocol header from a source not trusted");
+        crate::netio::answer_and_close(&mut stream, UNTRUSTED_HEADER).await;
+        return;
+    }
     if h2 {
         // Boxed: an HTTP/2 connection's state is large, and HTTP/1.1
         // connections are the many.
@@ -456,5 +506,18 @@ mod tests {
             "an accepted connection should not acknowledge the request on its own"
         );
         assert!(sock.tcp_nodelay().expect("read TCP_NODELAY"));
+    }
+
+    #[test]
+    fn canned_answers_give_their_body_length() {
+        for answer in [super::AT_CAPACITY, super::UNTRUSTED_HEADER] {
+            let text = std::str::from_utf8(answer).expect("text");
+            let (head, body) = text.split_once("\r\n\r\n").expect("head");
+            let length = head
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .expect("content-length");
+            assert_eq!(length.parse::<usize>().ok(), Some(body.len()), "{text}");
+        }
     }
 }
