@@ -393,7 +393,7 @@ mod tests {
             .to_string();
         assert!(e.contains("not a duration"), "{e}");
         let e = loaded("proxy_protocol_from = [\"10.0.0.0/33\"]\n").unwrap_err();
-        let e = crate::ingress::error::chain(&e);
+        let e = crate::error_chain::chain(&e);
         assert!(
             e.contains("proxy_protocol_from") && e.contains("/33"),
             "{e}"
