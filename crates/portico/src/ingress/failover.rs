@@ -123,9 +123,10 @@ impl<'a, R: Replicas, U: Upstream> Failover<'a, R, U> {
                 stats.retry();
             }
             match self.try_replica(addr, out).await {
-                Ok(response) => {
+                Ok(mut response) => {
                     self.replicas.answered(addr);
-                    return Ok(response.map(|b| b.with_load(picked.load)));
+                    response.body_mut().hold_load(picked.load);
+                    return Ok(response);
                 }
                 Err(e) if e.next(out.replayable()) == Next::GiveUp => {
                     if e.error.answered() {

@@ -241,9 +241,8 @@ struct Pass<'a> {
     trace: Trace,
 }
 
-/// The request, rewritten for the backend, before its client is chosen.
+/// What rewriting the request for the backend made beside its parts.
 struct Rewritten {
-    parts: Parts,
     forwarding: Forwarding,
     /// The client's side of an upgrade it asked for: HTTP/1.1's, or an
     /// extended CONNECT's over HTTP/2.
@@ -263,7 +262,7 @@ impl<'a> Pass<'a> {
     ) -> impl Future<Output = Result<Response<DownstreamBody>, ProxyError>> + Send + use<'_, 'a>
     {
         // Split before the state machine, which then holds the parts once.
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         async move {
             let shared = self.shared;
             let declared = body.size_hint().exact();
@@ -278,11 +277,11 @@ impl<'a> Pass<'a> {
             };
             let target = checks::backend_target(&parts.uri, path)?;
             let client_version = parts.version;
-            let rewritten = self.rewrite(parts, target, route, addressed)?;
+            let rewritten = self.rewrite(&mut parts, target, route, addressed)?;
             let (body, fault) = self.request_body(body, client_version).await?;
             let (client_upgrade, handshake) = (rewritten.client_upgrade, rewritten.handshake);
-            let outgoing = Outgoing::new(
-                rewritten.parts,
+            let mut outgoing = Outgoing::new(
+                parts,
                 body,
                 rewritten.forwarding,
                 route.options.upstream,
@@ -292,7 +291,7 @@ impl<'a> Pass<'a> {
                 .options
                 .backend_timeout
                 .unwrap_or(shared.backend_timeout);
-            let sent = self.send(&route.service, outgoing, timeout).await;
+            let sent = self.send(&route.service, &mut outgoing, timeout).await;
             // However the send failed, a body that failed is the client's doing.
             if let Some(fault) = fault.and_then(|f| f.get()) {
                 return Err(fault.into());
@@ -327,7 +326,7 @@ impl<'a> Pass<'a> {
     /// and the forwarding fields (X-Forwarded-*, X-Real-IP, X-Request-Id).
     fn rewrite(
         &mut self,
-        mut parts: Parts,
+        parts: &mut Parts,
         target: Option<Uri>,
         route: &Route,
         addressed: Addressed,
@@ -341,11 +340,11 @@ impl<'a> Pass<'a> {
         let mut handshake = None;
         let upgrade = match parts.version {
             Version::HTTP_11 => headers::requested_upgrade(&parts.headers),
-            Version::HTTP_2 if websocket_h2::is_extended_connect(&parts) => {
+            Version::HTTP_2 if websocket_h2::is_extended_connect(parts) => {
                 let nonce: [u8; 16] = ring::rand::generate(&ring::rand::SystemRandom::new())
                     .map_err(|_| ProxyError::UnsupportedProtocol)?
                     .expose();
-                handshake = Some(websocket_h2::to_upgrade(&mut parts, nonce)?);
+                handshake = Some(websocket_h2::to_upgrade(parts, nonce)?);
                 headers::requested_upgrade(&parts.headers)
             }
             _ => None,
@@ -373,7 +372,6 @@ impl<'a> Pass<'a> {
             self.trace.request_id = forwarding.request_id().cloned();
         }
         Ok(Rewritten {
-            parts,
             forwarding,
             client_upgrade,
             handshake,
@@ -405,7 +403,7 @@ impl<'a> Pass<'a> {
     async fn send(
         &mut self,
         service: &portico_wire::ServiceName,
-        mut outgoing: Outgoing,
+        outgoing: &mut Outgoing,
         timeout: Duration,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let shared = self.shared;
@@ -417,7 +415,7 @@ impl<'a> Pass<'a> {
             timeout,
             self.trace.stats.as_deref(),
         );
-        let sent = failover.send(&mut outgoing).await;
+        let sent = failover.send(outgoing).await;
         self.trace.endpoint = failover.endpoint();
         self.trace.attempts = failover.tried.len() as u32;
         sent

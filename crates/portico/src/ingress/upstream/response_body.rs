@@ -82,9 +82,8 @@ impl UpstreamBody {
     }
 
     /// Count the request against its replica until the body ends.
-    pub fn with_load(mut self, load: Option<Load>) -> Self {
+    pub fn hold_load(&mut self, load: Option<Load>) {
         self.load = load;
-        self
     }
 
     /// All of the body is already read (our client only: hyper's does
