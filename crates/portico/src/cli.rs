@@ -44,9 +44,24 @@ pub enum Command {
 /// Options every ingress has, whether it stands alone or runs in `up`.
 #[derive(Debug, Args, Clone)]
 pub struct ProxyArgs {
-    /// Where to accept client connections: a port, or ADDR:PORT.
-    #[arg(long, default_value = "0.0.0.0:80")]
-    pub listen: String,
+    /// Where to accept plain HTTP connections: a port (all IPv4
+    /// interfaces) or ADDR:PORT; repeatable. Default 0.0.0.0:80 when no
+    /// --tls-listen is given either. With --tls-cert and no --tls-listen,
+    /// these listeners serve HTTPS instead.
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+
+    /// Where to accept HTTPS connections: a port or ADDR:PORT; repeatable.
+    /// Needs certificates: --tls-cert/--tls-key, or --acme.
+    #[arg(long = "tls-listen", value_name = "ADDR")]
+    pub tls_listen: Vec<String>,
+
+    /// Plain-HTTP listeners answer every request with 308 to the same URL
+    /// on https:// (the first --tls-listen's port when it is not 443),
+    /// except ACME HTTP-01 challenges. A route in the config file may say
+    /// otherwise (`redirect_https`).
+    #[arg(long)]
+    pub redirect_https: bool,
 
     /// Route PREFIX:SERVICE or HOST/PREFIX:SERVICE; repeatable. Longest prefix
     /// wins, matching on path segment boundaries.

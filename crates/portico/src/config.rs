@@ -182,6 +182,63 @@ pub fn parse_listen(flag: &'static str, value: &str) -> Result<SocketAddr, Start
     })
 }
 
+/// One listener to bind: its address, and whether it serves TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+/// The listeners from `--listen` and `--tls-listen` (or the config file's
+/// `listen` and `tls_listen`). `certs`: --tls-cert was given; `acme`:
+/// --acme was. Without --tls-listen, --listen keeps its old meaning: HTTPS
+/// when there are certificates.
+pub fn plan_listeners(
+    plain: &[String],
+    tls: &[String],
+    certs: bool,
+    acme: bool,
+) -> Result<Vec<ListenSpec>, StartupError> {
+    let parse = |flag, values: &[String], tls| {
+        values
+            .iter()
+            .map(|v| {
+                Ok(ListenSpec {
+                    addr: parse_listen(flag, v)?,
+                    tls,
+                })
+            })
+            .collect::<Result<Vec<_>, StartupError>>()
+    };
+    if tls.is_empty() && acme {
+        return Err(StartupError::Flag {
+            flag: "--acme",
+            value: plain.join(","),
+            why: "certificates are served on HTTPS listeners: add --tls-listen 443 (and keep --listen 80 for HTTP-01 challenges and redirects)".into(),
+        });
+    }
+    if !tls.is_empty() && !certs && !acme {
+        return Err(StartupError::Flag {
+            flag: "--tls-listen",
+            value: tls.join(","),
+            why: "HTTPS needs certificates: give --tls-cert/--tls-key, or --acme".into(),
+        });
+    }
+    let default = ["0.0.0.0:80".to_owned()];
+    let plain = if plain.is_empty() && tls.is_empty() {
+        &default[..]
+    } else {
+        plain
+    };
+    if tls.is_empty() {
+        // As before --tls-listen: with certificates, --listen is HTTPS.
+        return parse("--listen", plain, certs);
+    }
+    let mut out = parse("--listen", plain, false)?;
+    out.extend(parse("--tls-listen", tls, true)?);
+    Ok(out)
+}
+
 /// `--tower` takes HOST or HOST:PORT, the port being 7772 when left out.
 pub fn resolve_tower(value: &str) -> Result<SocketAddr, StartupError> {
     // A bare address, IPv6 included ("::1").
@@ -207,7 +264,9 @@ pub fn resolve_tower(value: &str) -> Result<SocketAddr, StartupError> {
 /// The validated form of an ingress's flags.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    pub listen: SocketAddr,
+    pub listeners: Vec<ListenSpec>,
+    /// `--redirect-https`: plain listeners send clients to HTTPS.
+    pub redirect_https: bool,
     pub routes: RouteTable,
     pub serve: ServeSettings,
     pub pool: PoolSettings,
@@ -233,7 +292,6 @@ impl ProxyConfig {
     /// `explicit` tells whether a flag (by its field name) was given on the
     /// command line: those win over the config file, defaults do not.
     pub fn from_args(a: &ProxyArgs, explicit: &dyn Fn(&str) -> bool) -> Result<Self, StartupError> {
-        let listen = parse_listen("--listen", &a.listen)?;
         let file = a
             .config
             .as_deref()
@@ -271,6 +329,15 @@ impl ProxyConfig {
             if let (Some(p), false) = (f.file.path_escapes, explicit("path_escapes")) {
                 a.path_escapes = p.into();
             }
+            if let (Some(l), false) = (&f.file.listen, explicit("listen")) {
+                a.listen = l.clone();
+            }
+            if let (Some(l), false) = (&f.file.tls_listen, explicit("tls_listen")) {
+                a.tls_listen = l.clone();
+            }
+            if let (Some(r), false) = (f.file.redirect_https, explicit("redirect_https")) {
+                a.redirect_https = r;
+            }
         }
         let a = &a;
         let positive = |flag: &'static str, v: usize| {
@@ -289,6 +356,19 @@ impl ProxyConfig {
                 flag: "--tls-cert/--tls-key",
                 value: format!("{} certificates, {} keys", a.tls_certs.len(), a.tls_keys.len()),
                 why: "give them in pairs: --tls-cert A.pem --tls-key A.key [--tls-cert B.pem --tls-key B.key]".into(),
+            });
+        }
+        let listeners = plan_listeners(&a.listen, &a.tls_listen, !a.tls_certs.is_empty(), false)?;
+        let redirects = a.redirect_https
+            || routes
+                .routes()
+                .iter()
+                .any(|r| r.options.redirect_https == Some(true));
+        if redirects && !listeners.iter().any(|l| l.tls) {
+            return Err(StartupError::Flag {
+                flag: "--redirect-https",
+                value: "on".into(),
+                why: "it sends clients to an HTTPS listener: give --tls-listen ADDR (and --listen for the plain side)".into(),
             });
         }
         positive("--max-connections", a.max_connections)?;
@@ -316,7 +396,8 @@ impl ProxyConfig {
             }
         }
         Ok(Self {
-            listen,
+            listeners,
+            redirect_https: a.redirect_https,
             routes,
             serve: ServeSettings {
                 max_connections: a.max_connections,
@@ -329,7 +410,6 @@ impl ProxyConfig {
                 max_header_bytes: a.max_header_bytes,
                 max_headers: a.max_headers,
                 max_h2_streams: a.max_h2_streams.max(1),
-                tls: None,
             },
             pool: PoolSettings {
                 connect_timeout: a.connect_timeout,
@@ -525,6 +605,39 @@ mod tests {
             "[::1]:80".parse().unwrap()
         );
         assert!(parse_listen("--listen", "nine").is_err());
+    }
+
+    #[test]
+    fn listeners_plain_tls_and_the_old_meaning_of_listen() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let plan = |plain: &[&str], tls: &[&str], certs, acme| {
+            plan_listeners(&v(plain), &v(tls), certs, acme).map(|l| {
+                l.iter()
+                    .map(|l| format!("{}{}", l.addr, if l.tls { "s" } else { "" }))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+        };
+        assert_eq!(plan(&[], &[], false, false).unwrap(), "0.0.0.0:80");
+        assert_eq!(
+            plan(&["80", "8080"], &[], false, false).unwrap(),
+            "0.0.0.0:80 0.0.0.0:8080"
+        );
+        // With certificates and no --tls-listen, --listen is HTTPS, as before.
+        assert_eq!(plan(&["443"], &[], true, false).unwrap(), "0.0.0.0:443s");
+        assert_eq!(
+            plan(&["80"], &["443"], true, false).unwrap(),
+            "0.0.0.0:80 0.0.0.0:443s"
+        );
+        // --tls-listen alone: no plain listener.
+        assert_eq!(plan(&[], &["443"], false, true).unwrap(), "0.0.0.0:443s");
+        let e = plan(&["80"], &["443"], false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-cert/--tls-key, or --acme"), "{e}");
+        let e = plan(&["443"], &[], false, true).unwrap_err().to_string();
+        assert!(e.contains("add --tls-listen 443"), "{e}");
+        assert!(plan(&["eighty"], &[], false, false).is_err());
     }
 
     #[test]

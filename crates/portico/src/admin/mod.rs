@@ -67,6 +67,8 @@ struct RouteDoc {
     service: String,
     strip_prefix: bool,
     backend_timeout_ms: Option<u64>,
+    /// The route's own `redirect_https`, when it has one.
+    redirect_https: Option<bool>,
     /// Requests answered, by status class.
     responses: BTreeMap<&'static str, u64>,
 }
@@ -106,6 +108,7 @@ fn routes(proxy: &Proxy) -> Vec<RouteDoc> {
                 service: r.service.to_string(),
                 strip_prefix: r.options.strip_prefix,
                 backend_timeout_ms: r.options.backend_timeout.map(|d| d.as_millis() as u64),
+                redirect_https: r.options.redirect_https,
                 responses,
             }
         })

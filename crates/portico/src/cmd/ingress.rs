@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 
 use crate::admin::metrics::Metrics;
 use crate::ingress::access_log::AccessLog;
+use crate::ingress::front::{FrontDoor, Redirect};
 use crate::ingress::handler::{LiveRoutes, Proxy};
 use crate::ingress::{self, upstream::Pool};
 use crate::registry::client::TowerClient;
@@ -72,12 +73,6 @@ pub async fn serve(
     discovery: Arc<Discovery>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartupError> {
-    let listener = ingress::bind(config.listen).map_err(|source| StartupError::Bind {
-        what: "HTTP",
-        addr: config.listen,
-        source,
-    })?;
-    let local = listener.local_addr().unwrap_or(config.listen);
     let admin = match config.admin {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -90,24 +85,23 @@ pub async fn serve(
         ),
         None => None,
     };
-    let mut serve_settings = config.serve.clone();
-    if !config.tls.is_empty() {
-        let certs = crate::ingress::tls::Certs::load(config.tls.clone())?;
-        let server = crate::ingress::tls::server_config(certs.clone())?;
-        serve_settings.tls = Some(crate::ingress::TlsTermination {
-            acceptor: tokio_rustls::TlsAcceptor::from(server),
-            handshake_timeout: config.tls_handshake_timeout,
+    let tls = match config.listeners.iter().any(|l| l.tls) {
+        true => Some(tls_termination(&config, &shutdown)?),
+        false => None,
+    };
+    let mut listeners = Vec::new();
+    for spec in &config.listeners {
+        let socket = ingress::bind(spec.addr).map_err(|source| StartupError::Bind {
+            what: if spec.tls { "HTTPS" } else { "HTTP" },
+            addr: spec.addr,
+            source,
+        })?;
+        listeners.push(ingress::Listener {
+            socket,
+            tls: tls.clone().filter(|_| spec.tls),
         });
-        tokio::spawn(crate::ingress::tls::watch_files(
-            certs,
-            Duration::from_secs(1),
-            shutdown.clone(),
-        ));
-        tracing::info!(
-            pairs = config.tls.len(),
-            "tls: serving HTTPS (TLS 1.2 and 1.3, ALPN h2 and http/1.1)"
-        );
     }
+    let front = Arc::new(FrontDoor::new(redirect_target(&config, &listeners), None));
     let metrics = Metrics::new();
     let access_log = AccessLog::start(
         config.access_log,
@@ -162,15 +156,67 @@ pub async fn serve(
             shutdown.clone(),
         ));
     }
-    tracing::info!("ingress listening on {local}");
+    // Plain listeners first: tests and scripts read the first line.
+    for l in &listeners {
+        let at = l
+            .socket
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        match l.tls {
+            None => tracing::info!("ingress listening on {at}"),
+            Some(_) => tracing::info!("ingress listening on {at} (TLS)"),
+        }
+    }
     // On a worker thread, not the thread that blocks on main's future: a
     // connection accepted there would be handed to a worker (a wake-up
     // across threads) for every new connection.
-    let serving = tokio::spawn(ingress::serve(listener, proxy, serve_settings, shutdown));
+    let serving = tokio::spawn(ingress::serve(
+        listeners,
+        proxy,
+        config.serve.clone(),
+        front,
+        shutdown,
+    ));
     if let Err(e) = serving.await {
         tracing::error!(error = %e, "the accept loop ended abnormally");
     }
     Ok(())
+}
+
+/// The certificates (files reloaded when they change) and the TLS
+/// settings every HTTPS listener shares.
+fn tls_termination(
+    config: &ProxyConfig,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<ingress::TlsTermination, StartupError> {
+    let certs = crate::ingress::tls::Certs::load(config.tls.clone())?;
+    let server = crate::ingress::tls::server_config(certs.clone())?;
+    tokio::spawn(crate::ingress::tls::watch_files(
+        certs,
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        pairs = config.tls.len(),
+        "tls: serving HTTPS (TLS 1.2 and 1.3, ALPN h2 and http/1.1)"
+    );
+    Ok(ingress::TlsTermination {
+        acceptor: tokio_rustls::TlsAcceptor::from(server),
+        handshake_timeout: config.tls_handshake_timeout,
+    })
+}
+
+/// Where plain-HTTP clients are redirected: the first HTTPS listener's
+/// port (as bound: it may have been 0). `None` without HTTPS listeners, or
+/// when neither the flag nor a route asks for redirects.
+fn redirect_target(config: &ProxyConfig, listeners: &[ingress::Listener]) -> Option<Redirect> {
+    let https = listeners.iter().find(|l| l.tls.is_some())?;
+    let https_port = https.socket.local_addr().ok()?.port();
+    let wanted = config.redirect_https || config.config_file.is_some() || config.routes.redirects();
+    wanted.then_some(Redirect {
+        default: config.redirect_https,
+        https_port,
+    })
 }
 
 /// Reload the config file's routes on SIGHUP and whenever its contents
