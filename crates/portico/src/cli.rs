@@ -182,6 +182,49 @@ pub struct ProxyArgs {
     #[arg(long = "tls-key", value_name = "PEM")]
     pub tls_keys: Vec<PathBuf>,
 
+    /// Obtain and renew certificates with ACME (Let's Encrypt by default)
+    /// for every host named in a host route and every --acme-domain;
+    /// served on --tls-listen, kept in --acme-state.
+    #[arg(long)]
+    pub acme: bool,
+
+    /// A name to get a certificate for besides the route hosts; repeatable.
+    #[arg(long = "acme-domain", value_name = "NAME")]
+    pub acme_domains: Vec<String>,
+
+    /// Contact address given to the CA (expiry notices, policy changes).
+    #[arg(long, value_name = "ADDRESS")]
+    pub acme_email: Option<String>,
+
+    /// The CA's ACME directory (the default is Let's Encrypt's production
+    /// one; its staging one, for trials, is
+    /// https://acme-staging-v02.api.letsencrypt.org/directory).
+    #[arg(long, value_name = "URL", default_value = crate::acme::LETS_ENCRYPT)]
+    pub acme_directory: String,
+
+    /// An extra root (PEM) to trust for the directory's own HTTPS: a
+    /// private CA, or a test server.
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca_cert: Option<PathBuf>,
+
+    /// Where the ACME account, certificates and keys are kept (created
+    /// with mode 0700). Default: $STATE_DIRECTORY/acme under systemd
+    /// (StateDirectory=portico), /var/lib/portico/acme as root, else
+    /// ~/.local/state/portico/acme.
+    #[arg(long, value_name = "DIR")]
+    pub acme_state: Option<PathBuf>,
+
+    /// How the CA checks a name: `http-01` (answered on --listen, port 80
+    /// for a public CA) or `tls-alpn-01` (on --tls-listen, port 443).
+    /// Default: http-01 when there is a plain listener, else tls-alpn-01.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub acme_challenge: Option<crate::acme::Challenge>,
+
+    /// The wait after a failed order; it doubles with each failure in a
+    /// row, up to a day.
+    #[arg(long, value_parser = parse_duration, default_value = "1m")]
+    pub acme_retry: Duration,
+
     /// Time allowed for a client's TLS handshake.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub tls_handshake_timeout: Duration,

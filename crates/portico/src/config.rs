@@ -63,6 +63,8 @@ pub enum StartupError {
     #[error(transparent)]
     Tls(#[from] crate::ingress::tls::TlsError),
     #[error(transparent)]
+    Acme(#[from] crate::acme::AcmeError),
+    #[error(transparent)]
     Etcd(#[from] crate::etcd::EtcdError),
     #[error(transparent)]
     EtcdTls(#[from] crate::etcd::connect::TlsFileError),
@@ -239,6 +241,98 @@ pub fn plan_listeners(
     Ok(out)
 }
 
+/// The ACME flags, checked: an https:// directory, a plausible e-mail
+/// address, DNS names, the state directory's default.
+fn acme_settings(
+    a: &ProxyArgs,
+    listeners: &[ListenSpec],
+) -> Result<crate::acme::Settings, StartupError> {
+    use crate::acme::Challenge;
+    let plain = listeners.iter().any(|l| !l.tls);
+    let challenge = match a.acme_challenge {
+        Some(Challenge::Http01) if !plain => {
+            return Err(StartupError::Flag {
+                flag: "--acme-challenge",
+                value: "http-01".into(),
+                why: "HTTP-01 is answered on a plain listener: add --listen 80".into(),
+            })
+        }
+        Some(c) => c,
+        None if plain => Challenge::Http01,
+        None => Challenge::TlsAlpn01,
+    };
+    let directory = a.acme_directory.trim().to_owned();
+    let https = directory
+        .parse::<http::Uri>()
+        .is_ok_and(|u| u.scheme_str() == Some("https") && u.host().is_some());
+    if !https {
+        return Err(StartupError::Flag {
+            flag: "--acme-directory",
+            value: directory,
+            why: "expected the https:// URL of an ACME directory, e.g. https://acme-staging-v02.api.letsencrypt.org/directory".into(),
+        });
+    }
+    if let Some(email) = &a.acme_email {
+        let plausible = email.split_once('@').is_some_and(|(user, host)| {
+            !user.is_empty() && host.contains('.') && !email.contains([' ', ',', '<', '>'])
+        });
+        if !plausible {
+            return Err(StartupError::Flag {
+                flag: "--acme-email",
+                value: email.clone(),
+                why: "expected one address, e.g. you@example.com".into(),
+            });
+        }
+    }
+    let mut domains = Vec::new();
+    for name in &a.acme_domains {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if !crate::acme::is_certifiable(&name) {
+            return Err(StartupError::Flag {
+                flag: "--acme-domain",
+                value: name,
+                why: "expected a DNS name with a dot, e.g. app.example.com (no IP address, no wildcard)".into(),
+            });
+        }
+        domains.push(name);
+    }
+    Ok(crate::acme::Settings {
+        directory,
+        email: a.acme_email.clone(),
+        ca_cert: a.acme_ca_cert.clone(),
+        state_dir: a.acme_state.clone().unwrap_or_else(default_acme_state),
+        domains,
+        challenge,
+        retry: a.acme_retry.max(Duration::from_secs(1)),
+    })
+}
+
+/// systemd's StateDirectory= when it set one, /var/lib as root, else the
+/// user's XDG state directory.
+fn default_acme_state() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
+        // Several directories are separated by ':'; the first is ours.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        if !first.is_empty() {
+            return PathBuf::from(first).join("acme");
+        }
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/portico/acme");
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    state.join("portico/acme")
+}
+
 /// `--tower` takes HOST or HOST:PORT, the port being 7772 when left out.
 pub fn resolve_tower(value: &str) -> Result<SocketAddr, StartupError> {
     // A bare address, IPv6 included ("::1").
@@ -283,6 +377,8 @@ pub struct ProxyConfig {
     pub cli_routes: crate::config_file::CliRoutes,
     pub tls: Vec<crate::ingress::tls::CertPair>,
     pub tls_handshake_timeout: Duration,
+    /// `--acme` and its flags.
+    pub acme: Option<crate::acme::Settings>,
     pub max_body_bytes: Option<u64>,
     pub max_requests_per_connection: Option<u32>,
     pub path_escapes: crate::ingress::route::PathEscapes,
@@ -358,7 +454,8 @@ impl ProxyConfig {
                 why: "give them in pairs: --tls-cert A.pem --tls-key A.key [--tls-cert B.pem --tls-key B.key]".into(),
             });
         }
-        let listeners = plan_listeners(&a.listen, &a.tls_listen, !a.tls_certs.is_empty(), false)?;
+        let listeners = plan_listeners(&a.listen, &a.tls_listen, !a.tls_certs.is_empty(), a.acme)?;
+        let acme = a.acme.then(|| acme_settings(a, &listeners)).transpose()?;
         let redirects = a.redirect_https
             || routes
                 .routes()
@@ -440,6 +537,7 @@ impl ProxyConfig {
                 })
                 .collect(),
             tls_handshake_timeout: a.tls_handshake_timeout,
+            acme,
             max_body_bytes: (a.max_body_bytes > 0).then_some(a.max_body_bytes),
             max_requests_per_connection: (a.max_requests_per_connection > 0)
                 .then_some(a.max_requests_per_connection),

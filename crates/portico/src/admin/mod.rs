@@ -25,8 +25,13 @@ const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: t
 /// Serve the admin endpoints until shutdown, under fixed limits
 /// (`ServerLimits::ADMIN`). Every endpoint is a read without side effects
 /// (GET and HEAD only), so a web page can change nothing here.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: watch::Receiver<bool>) {
-    let handler = move |_peer, req| answer(proxy.clone(), req);
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    acme: Option<Arc<crate::acme::Status>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let handler = move |_peer, req| answer(proxy.clone(), acme.clone(), req);
     crate::api_server::serve(
         listener,
         "admin",
@@ -88,6 +93,8 @@ struct StatusDoc {
     last_update_age_seconds: Option<f64>,
     routes: Vec<RouteDoc>,
     services: BTreeMap<String, Vec<EndpointDoc>>,
+    /// ACME-managed names: their certificate, its expiry, the last error.
+    certificates: Vec<crate::acme::NameStatus>,
 }
 
 fn routes(proxy: &Proxy) -> Vec<RouteDoc> {
@@ -161,7 +168,11 @@ async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointD
         .set(proxy.discovery.last_update_age().unwrap_or(0.0));
 }
 
-async fn answer(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(
+    proxy: Arc<Proxy>,
+    acme: Option<Arc<crate::acme::Status>>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
@@ -200,6 +211,7 @@ async fn answer(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Byte
                 last_update_age_seconds: proxy.discovery.last_update_age(),
                 routes: routes(&proxy),
                 services: services(&proxy).await,
+                certificates: acme.map(|a| a.snapshot()).unwrap_or_default(),
             })
         }
         _ => respond(

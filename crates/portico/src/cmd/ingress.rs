@@ -14,8 +14,9 @@ use arc_swap::ArcSwap;
 
 use crate::admin::metrics::Metrics;
 use crate::ingress::access_log::AccessLog;
-use crate::ingress::front::{FrontDoor, Redirect};
+use crate::ingress::front::{FrontDoor, Http01Tokens, Redirect};
 use crate::ingress::handler::{LiveRoutes, Proxy};
+use crate::ingress::tls::Certs;
 use crate::ingress::{self, upstream::Pool};
 use crate::registry::client::TowerClient;
 
@@ -85,9 +86,12 @@ pub async fn serve(
         ),
         None => None,
     };
-    let tls = match config.listeners.iter().any(|l| l.tls) {
-        true => Some(tls_termination(&config, &shutdown)?),
-        false => None,
+    let (tls, certs) = match config.listeners.iter().any(|l| l.tls) {
+        true => {
+            let (tls, certs) = tls_termination(&config, &shutdown)?;
+            (Some(tls), Some(certs))
+        }
+        false => (None, None),
     };
     let mut listeners = Vec::new();
     for spec in &config.listeners {
@@ -101,7 +105,14 @@ pub async fn serve(
             tls: tls.clone().filter(|_| spec.tls),
         });
     }
-    let front = Arc::new(FrontDoor::new(redirect_target(&config, &listeners), None));
+    let tokens = config
+        .acme
+        .as_ref()
+        .map(|_| Arc::new(Http01Tokens::default()));
+    let front = Arc::new(FrontDoor::new(
+        redirect_target(&config, &listeners),
+        tokens.clone(),
+    ));
     let metrics = Metrics::new();
     let access_log = AccessLog::start(
         config.access_log,
@@ -118,6 +129,26 @@ pub async fn serve(
     for route in config.routes.routes() {
         tracing::info!("route {route}");
     }
+    // Before the first connection: a restart serves the stored
+    // certificates at once.
+    let acme = match (&config.acme, certs, tokens) {
+        (Some(settings), Some(certs), Some(tokens)) => {
+            let names = acme_names(settings, &config.routes, &certs);
+            let parts = crate::acme::Parts {
+                certs,
+                tokens,
+                expiry: metrics.tls_certificate_expiry.clone(),
+                orders: metrics.acme_orders.clone(),
+            };
+            Some(crate::acme::start(
+                settings.clone(),
+                names,
+                parts,
+                shutdown.clone(),
+            )?)
+        }
+        _ => None,
+    };
     let proxy = Arc::new(Proxy {
         routes: ArcSwap::from_pointee(LiveRoutes::new(config.routes, &metrics)),
         discovery: discovery.clone(),
@@ -146,7 +177,12 @@ pub async fn serve(
             .local_addr()
             .map_or_else(|_| "?".into(), |a| a.to_string());
         tracing::info!("admin listening on http://{at}");
-        tokio::spawn(crate::admin::serve(admin, proxy.clone(), shutdown.clone()));
+        tokio::spawn(crate::admin::serve(
+            admin,
+            proxy.clone(),
+            acme.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(file) = config.config_file {
         tokio::spawn(reload(
@@ -183,27 +219,55 @@ pub async fn serve(
     Ok(())
 }
 
+/// The names ACME keeps certificates for: --acme-domain and the route
+/// hosts, less those a CA cannot sign and those a --tls-cert covers.
+fn acme_names(
+    settings: &crate::acme::Settings,
+    routes: &crate::ingress::route::RouteTable,
+    certs: &Certs,
+) -> Vec<String> {
+    let hosts = routes.routes().iter().filter_map(|r| r.host.as_deref());
+    let (mut names, skipped) = crate::acme::names(&settings.domains, hosts);
+    for name in skipped {
+        tracing::info!(
+            name,
+            "acme: route host not managed: a CA signs only public DNS names"
+        );
+    }
+    names.retain(|name| {
+        let covered = certs.file_covers(name);
+        if covered {
+            tracing::info!(name, "acme: not managed: a --tls-cert covers it");
+        }
+        !covered
+    });
+    names
+}
+
 /// The certificates (files reloaded when they change) and the TLS
 /// settings every HTTPS listener shares.
 fn tls_termination(
     config: &ProxyConfig,
     shutdown: &watch::Receiver<bool>,
-) -> Result<ingress::TlsTermination, StartupError> {
-    let certs = crate::ingress::tls::Certs::load(config.tls.clone())?;
-    let server = crate::ingress::tls::server_config(certs.clone())?;
-    tokio::spawn(crate::ingress::tls::watch_files(
-        certs,
-        Duration::from_secs(1),
-        shutdown.clone(),
-    ));
+) -> Result<(ingress::TlsTermination, Arc<Certs>), StartupError> {
+    let certs = Certs::load(config.tls.clone())?;
+    let server = crate::ingress::tls::server_config(certs.clone(), config.acme.is_some())?;
+    if !config.tls.is_empty() {
+        tokio::spawn(crate::ingress::tls::watch_files(
+            certs.clone(),
+            Duration::from_secs(1),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(
         pairs = config.tls.len(),
         "tls: serving HTTPS (TLS 1.2 and 1.3, ALPN h2 and http/1.1)"
     );
-    Ok(ingress::TlsTermination {
+    let termination = ingress::TlsTermination {
         acceptor: tokio_rustls::TlsAcceptor::from(server),
         handshake_timeout: config.tls_handshake_timeout,
-    })
+    };
+    Ok((termination, certs))
 }
 
 /// Where plain-HTTP clients are redirected: the first HTTPS listener's
