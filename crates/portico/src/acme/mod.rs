@@ -132,6 +132,10 @@ impl Status {
             .unwrap_or_default()
     }
 
+    fn has(&self, name: &str) -> bool {
+        self.names.lock().is_ok_and(|n| n.contains_key(name))
+    }
+
     fn update(&self, name: &str, f: impl FnOnce(&mut NameStatus)) {
         let Ok(mut names) = self.names.lock() else {
             return;
@@ -172,12 +176,17 @@ pub fn is_certifiable(name: &str) -> bool {
 /// The names to manage: `domains`, then the route hosts a CA can be asked
 /// for, each once; and the route hosts it cannot (to be logged).
 pub fn names<'a>(
-    domains: &'a [String],
+    domains: &[String],
     route_hosts: impl IntoIterator<Item = &'a str>,
 ) -> (Vec<String>, Vec<String>) {
     let mut managed: Vec<String> = Vec::new();
     let mut skipped = Vec::new();
-    for name in domains.iter().map(String::as_str).chain(route_hosts) {
+    let domains = domains.iter().map(String::as_str);
+    for name in domains
+        .map(str::to_owned)
+        .chain(route_hosts.into_iter().map(str::to_owned))
+    {
+        let name = name.as_str();
         if managed.iter().any(|m| m == name) || skipped.iter().any(|s| s == name) {
             continue;
         }
@@ -199,37 +208,75 @@ struct Manager {
     status: Arc<Status>,
 }
 
-/// Serve the stored certificates of `names` at once, then keep each name's
-/// certificate in a task of its own until shutdown.
-pub fn start(
+/// The running manager, for the admin listener and for config reloads.
+#[derive(Clone)]
+pub struct Acme {
+    manager: Arc<Manager>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Serve the stored certificates of `--acme-domain` and the route hosts at
+/// once, then keep each name's certificate in a task of its own until
+/// shutdown.
+pub fn start<'a>(
     settings: Settings,
-    names: Vec<String>,
+    route_hosts: impl IntoIterator<Item = &'a str>,
     parts: Parts,
     shutdown: watch::Receiver<bool>,
-) -> Result<Arc<Status>, AcmeError> {
+) -> Result<Acme, AcmeError> {
     let store = Store::open(&settings.state_dir, &settings.directory)?;
     let http = http::AcmeHttp::new(settings.ca_cert.as_deref())?;
-    let status = Arc::new(Status::default());
-    let manager = Arc::new(Manager {
-        settings,
-        parts,
-        store,
-        http,
-        account: tokio::sync::Mutex::new(None),
-        status: status.clone(),
-    });
     tracing::info!(
-        directory = %manager.settings.directory,
-        challenge = manager.settings.challenge.name(),
-        state = %manager.settings.state_dir.display(),
-        names = %names.join(","),
+        directory = %settings.directory,
+        challenge = settings.challenge.name(),
+        state = %settings.state_dir.display(),
         "acme: managing certificates"
     );
-    for name in names {
-        let validity = manager.load_stored(&name);
-        tokio::spawn(keep(manager.clone(), name, validity, shutdown.clone()));
+    let acme = Acme {
+        manager: Arc::new(Manager {
+            settings,
+            parts,
+            store,
+            http,
+            account: tokio::sync::Mutex::new(None),
+            status: Arc::new(Status::default()),
+        }),
+        shutdown,
+    };
+    acme.manage(route_hosts);
+    Ok(acme)
+}
+
+impl Acme {
+    pub fn status(&self) -> Arc<Status> {
+        self.manager.status.clone()
     }
-    Ok(status)
+
+    /// Manage the names of `--acme-domain` and `route_hosts` not managed
+    /// yet (a reloaded config file may name new hosts), less those a CA
+    /// cannot sign and those a --tls-cert covers.
+    pub fn manage<'a>(&self, route_hosts: impl IntoIterator<Item = &'a str>) {
+        let m = &self.manager;
+        let (names, skipped) = names(&m.settings.domains, route_hosts);
+        for name in names {
+            if m.status.has(&name) {
+                continue;
+            }
+            if m.parts.certs.file_covers(&name) {
+                tracing::info!(name, "acme: not managed: a --tls-cert covers it");
+                continue;
+            }
+            let validity = m.load_stored(&name);
+            tracing::info!(name, "acme: managing");
+            tokio::spawn(keep(m.clone(), name, validity, self.shutdown.clone()));
+        }
+        for name in skipped {
+            tracing::debug!(
+                name,
+                "acme: route host not managed: a CA signs only public DNS names"
+            );
+        }
+    }
 }
 
 impl Manager {

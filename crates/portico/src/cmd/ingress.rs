@@ -133,16 +133,20 @@ pub async fn serve(
     // certificates at once.
     let acme = match (&config.acme, certs, tokens) {
         (Some(settings), Some(certs), Some(tokens)) => {
-            let names = acme_names(settings, &config.routes, &certs);
             let parts = crate::acme::Parts {
                 certs,
                 tokens,
                 expiry: metrics.tls_certificate_expiry.clone(),
                 orders: metrics.acme_orders.clone(),
             };
+            let hosts = config
+                .routes
+                .routes()
+                .iter()
+                .filter_map(|r| r.host.as_deref());
             Some(crate::acme::start(
                 settings.clone(),
-                names,
+                hosts,
                 parts,
                 shutdown.clone(),
             )?)
@@ -180,7 +184,7 @@ pub async fn serve(
         tokio::spawn(crate::admin::serve(
             admin,
             proxy.clone(),
-            acme.clone(),
+            acme.as_ref().map(crate::acme::Acme::status),
             shutdown.clone(),
         ));
     }
@@ -189,6 +193,7 @@ pub async fn serve(
             file,
             config.cli_routes,
             proxy.clone(),
+            acme,
             shutdown.clone(),
         ));
     }
@@ -217,31 +222,6 @@ pub async fn serve(
         tracing::error!(error = %e, "the accept loop ended abnormally");
     }
     Ok(())
-}
-
-/// The names ACME keeps certificates for: --acme-domain and the route
-/// hosts, less those a CA cannot sign and those a --tls-cert covers.
-fn acme_names(
-    settings: &crate::acme::Settings,
-    routes: &crate::ingress::route::RouteTable,
-    certs: &Certs,
-) -> Vec<String> {
-    let hosts = routes.routes().iter().filter_map(|r| r.host.as_deref());
-    let (mut names, skipped) = crate::acme::names(&settings.domains, hosts);
-    for name in skipped {
-        tracing::info!(
-            name,
-            "acme: route host not managed: a CA signs only public DNS names"
-        );
-    }
-    names.retain(|name| {
-        let covered = certs.file_covers(name);
-        if covered {
-            tracing::info!(name, "acme: not managed: a --tls-cert covers it");
-        }
-        !covered
-    });
-    names
 }
 
 /// The certificates (files reloaded when they change) and the TLS
@@ -292,6 +272,7 @@ async fn reload(
     first: crate::config_file::Loaded,
     cli_routes: crate::config_file::CliRoutes,
     proxy: Arc<Proxy>,
+    acme: Option<crate::acme::Acme>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -324,6 +305,9 @@ async fn reload(
         match outcome {
             Ok(table) => {
                 let n = table.routes().len();
+                if let Some(acme) = &acme {
+                    acme.manage(table.routes().iter().filter_map(|r| r.host.as_deref()));
+                }
                 proxy
                     .routes
                     .store(Arc::new(LiveRoutes::new(table, &proxy.metrics)));
