@@ -271,11 +271,20 @@ async fn http01_certificate_then_a_restart_with_the_ca_down_serves_it() {
     };
     let mut ca = Pebble::start(http, tls, None);
     let root = ca.root();
-    let state = temp_dir("acme-state");
+    let state = temp_dir("acme").join("state");
     let backend = Backend::start("b").await;
     let listen = [("--listen", http), ("--tls-listen", tls)];
     // The redirect is on: the challenge path must stay on plain HTTP.
-    let args = ["--route", "a.test/:svc", "--redirect-https"];
+    let config = state.with_file_name("portico.toml");
+    std::fs::write(&config, "").unwrap();
+    let config_arg = config.to_str().unwrap();
+    let args = [
+        "--route",
+        "a.test/:svc",
+        "--redirect-https",
+        "--config",
+        config_arg,
+    ];
     let p = portico(&listen, &state, &ca, &args);
     register_backend(&p, backend.addr);
     logged(&p, "acme: certificate issued and served", 1).await;
@@ -302,6 +311,12 @@ async fn http01_certificate_then_a_restart_with_the_ca_down_serves_it() {
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o700
     );
+
+    // A host route that a config reload adds gets its certificate.
+    let route = "[[route]]\nhost = \"c.test\"\nprefix = \"/\"\nservice = \"svc\"\n";
+    std::fs::write(&config, route).unwrap();
+    logged(&p, "acme: certificate issued and served", 2).await;
+    assert_eq!(curl_https("c.test", tls, &root, "/c").await, "200 0");
     drop(p);
 
     // The CA is gone. A restart serves the stored certificate at once; a
@@ -325,7 +340,7 @@ async fn http01_certificate_then_a_restart_with_the_ca_down_serves_it() {
             .contains("the CA refused or could not be reached"),
         "{log}"
     );
-    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }
 
 /// One HTTPS request on an open connection: the status.
@@ -390,7 +405,7 @@ async fn tls_alpn01_certificate_renewed_under_an_open_connection() {
     // Certificates of 15 s: renewed 10 s after they are issued.
     let ca = Pebble::start(http, tls, Some(15));
     let root = ca.root();
-    let state = temp_dir("acme-state");
+    let state = temp_dir("acme").join("state");
     let backend = Backend::start("b").await;
     // No plain listener: TLS-ALPN-01 is the one challenge Portico can answer.
     let p = portico(
@@ -423,7 +438,7 @@ async fn tls_alpn01_certificate_renewed_under_an_open_connection() {
         metrics.contains("portico_acme_orders_total{result=\"issued\"} 2"),
         "{metrics}"
     );
-    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }
 
 /// An HTTPS server that answers every request with the same nonsense.

@@ -180,22 +180,18 @@ pub fn names<'a>(
     route_hosts: impl IntoIterator<Item = &'a str>,
 ) -> (Vec<String>, Vec<String>) {
     let mut managed: Vec<String> = Vec::new();
-    let mut skipped = Vec::new();
-    let domains = domains.iter().map(String::as_str);
-    for name in domains
-        .map(str::to_owned)
-        .chain(route_hosts.into_iter().map(str::to_owned))
-    {
-        let name = name.as_str();
-        if managed.iter().any(|m| m == name) || skipped.iter().any(|s| s == name) {
-            continue;
+    let mut skipped: Vec<String> = Vec::new();
+    let mut consider = |name: &str| {
+        if managed.iter().chain(&skipped).any(|seen| seen == name) {
+            return;
         }
-        if is_certifiable(name) {
-            managed.push(name.to_owned());
-        } else {
-            skipped.push(name.to_owned());
+        match is_certifiable(name) {
+            true => managed.push(name.to_owned()),
+            false => skipped.push(name.to_owned()),
         }
-    }
+    };
+    domains.iter().for_each(|d| consider(d));
+    route_hosts.into_iter().for_each(&mut consider);
     (managed, skipped)
 }
 

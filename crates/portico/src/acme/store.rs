@@ -68,9 +68,19 @@ impl Store {
             .create(&root)
             .map_err(dir_error)?;
         // A directory made before (by hand, or by a packaging script) may
-        // be readable by others: it holds private keys.
-        std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))
-            .map_err(dir_error)?;
+        // be open to others. It is the operator's to change, not ours: it
+        // may be a directory they use for more than this.
+        let mode = std::fs::metadata(state)
+            .map_err(dir_error)?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %state.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "acme: the state directory holds private keys but others may read it; chmod 700 it"
+            );
+        }
         Ok(Self { root })
     }
 

@@ -131,28 +131,7 @@ pub async fn serve(
     }
     // Before the first connection: a restart serves the stored
     // certificates at once.
-    let acme = match (&config.acme, certs, tokens) {
-        (Some(settings), Some(certs), Some(tokens)) => {
-            let parts = crate::acme::Parts {
-                certs,
-                tokens,
-                expiry: metrics.tls_certificate_expiry.clone(),
-                orders: metrics.acme_orders.clone(),
-            };
-            let hosts = config
-                .routes
-                .routes()
-                .iter()
-                .filter_map(|r| r.host.as_deref());
-            Some(crate::acme::start(
-                settings.clone(),
-                hosts,
-                parts,
-                shutdown.clone(),
-            )?)
-        }
-        _ => None,
-    };
+    let acme = start_acme(&config, certs, tokens, &metrics, &shutdown)?;
     let proxy = Arc::new(Proxy {
         routes: ArcSwap::from_pointee(LiveRoutes::new(config.routes, &metrics)),
         discovery: discovery.clone(),
@@ -222,6 +201,33 @@ pub async fn serve(
         tracing::error!(error = %e, "the accept loop ended abnormally");
     }
     Ok(())
+}
+
+/// The ACME manager, when `--acme` is on, with the resolver and the tokens
+/// it fills.
+fn start_acme(
+    config: &ProxyConfig,
+    certs: Option<Arc<Certs>>,
+    tokens: Option<Arc<Http01Tokens>>,
+    metrics: &Metrics,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<crate::acme::Acme>, StartupError> {
+    let (Some(settings), Some(certs), Some(tokens)) = (&config.acme, certs, tokens) else {
+        return Ok(None);
+    };
+    let parts = crate::acme::Parts {
+        certs,
+        tokens,
+        expiry: metrics.tls_certificate_expiry.clone(),
+        orders: metrics.acme_orders.clone(),
+    };
+    let hosts = config
+        .routes
+        .routes()
+        .iter()
+        .filter_map(|r| r.host.as_deref());
+    let acme = crate::acme::start(settings.clone(), hosts, parts, shutdown.clone())?;
+    Ok(Some(acme))
 }
 
 /// The certificates (files reloaded when they change) and the TLS
