@@ -48,9 +48,24 @@ pub enum Command {
 /// Options every ingress has, whether it stands alone or runs in `up`.
 #[derive(Debug, Args, Clone)]
 pub struct ProxyArgs {
-    /// Where to accept client connections: a port, or ADDR:PORT.
-    #[arg(long, default_value = "0.0.0.0:80")]
-    pub listen: String,
+    /// Where to accept plain HTTP connections: a port (all IPv4
+    /// interfaces) or ADDR:PORT; repeatable. Default 0.0.0.0:80 when no
+    /// --tls-listen is given either. With --tls-cert and no --tls-listen,
+    /// these listeners serve HTTPS instead.
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+
+    /// Where to accept HTTPS connections: a port or ADDR:PORT; repeatable.
+    /// Needs certificates: --tls-cert/--tls-key, or --acme.
+    #[arg(long = "tls-listen", value_name = "ADDR")]
+    pub tls_listen: Vec<String>,
+
+    /// Plain-HTTP listeners answer every request with 308 to the same URL
+    /// on https:// (the first --tls-listen's port when it is not 443),
+    /// except ACME HTTP-01 challenges. A route in the config file may say
+    /// otherwise (`redirect_https`).
+    #[arg(long)]
+    pub redirect_https: bool,
 
     /// Route PREFIX:SERVICE or HOST/PREFIX:SERVICE; repeatable. Longest prefix
     /// wins, matching on path segment boundaries.
@@ -170,6 +185,49 @@ pub struct ProxyArgs {
     /// The private key (PEM) of the --tls-cert at the same position.
     #[arg(long = "tls-key", value_name = "PEM")]
     pub tls_keys: Vec<PathBuf>,
+
+    /// Obtain and renew certificates with ACME (Let's Encrypt by default)
+    /// for every host named in a host route and every --acme-domain;
+    /// served on --tls-listen, kept in --acme-state.
+    #[arg(long)]
+    pub acme: bool,
+
+    /// A name to get a certificate for besides the route hosts; repeatable.
+    #[arg(long = "acme-domain", value_name = "NAME")]
+    pub acme_domains: Vec<String>,
+
+    /// Contact address given to the CA (expiry notices, policy changes).
+    #[arg(long, value_name = "ADDRESS")]
+    pub acme_email: Option<String>,
+
+    /// The CA's ACME directory (the default is Let's Encrypt's production
+    /// one; its staging one, for trials, is
+    /// https://acme-staging-v02.api.letsencrypt.org/directory).
+    #[arg(long, value_name = "URL", default_value = crate::acme::LETS_ENCRYPT)]
+    pub acme_directory: String,
+
+    /// An extra root (PEM) to trust for the directory's own HTTPS: a
+    /// private CA, or a test server.
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca_cert: Option<PathBuf>,
+
+    /// Where the ACME account, certificates and keys are kept (created
+    /// with mode 0700). Default: $STATE_DIRECTORY/acme under systemd
+    /// (StateDirectory=portico), /var/lib/portico/acme as root, else
+    /// ~/.local/state/portico/acme.
+    #[arg(long, value_name = "DIR")]
+    pub acme_state: Option<PathBuf>,
+
+    /// How the CA checks a name: `http-01` (answered on --listen, port 80
+    /// for a public CA) or `tls-alpn-01` (on --tls-listen, port 443).
+    /// Default: http-01 when there is a plain listener, else tls-alpn-01.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub acme_challenge: Option<crate::acme::Challenge>,
+
+    /// The wait after a failed order; it doubles with each failure in a
+    /// row, up to a day.
+    #[arg(long, value_parser = parse_duration, default_value = "1m")]
+    pub acme_retry: Duration,
 
     /// Time allowed for a client's TLS handshake.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]

@@ -63,6 +63,8 @@ pub enum StartupError {
     #[error(transparent)]
     Tls(#[from] crate::ingress::tls::TlsError),
     #[error(transparent)]
+    Acme(#[from] crate::acme::AcmeError),
+    #[error(transparent)]
     Etcd(#[from] crate::etcd::EtcdError),
     #[error(transparent)]
     EtcdTls(#[from] crate::etcd::connect::TlsFileError),
@@ -182,6 +184,155 @@ pub fn parse_listen(flag: &'static str, value: &str) -> Result<SocketAddr, Start
     })
 }
 
+/// One listener to bind: its address, and whether it serves TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+/// The listeners from `--listen` and `--tls-listen` (or the config file's
+/// `listen` and `tls_listen`). `certs`: --tls-cert was given; `acme`:
+/// --acme was. Without --tls-listen, --listen keeps its old meaning: HTTPS
+/// when there are certificates.
+pub fn plan_listeners(
+    plain: &[String],
+    tls: &[String],
+    certs: bool,
+    acme: bool,
+) -> Result<Vec<ListenSpec>, StartupError> {
+    let parse = |flag, values: &[String], tls| {
+        values
+            .iter()
+            .map(|v| {
+                Ok(ListenSpec {
+                    addr: parse_listen(flag, v)?,
+                    tls,
+                })
+            })
+            .collect::<Result<Vec<_>, StartupError>>()
+    };
+    if tls.is_empty() && acme {
+        return Err(StartupError::Flag {
+            flag: "--acme",
+            value: plain.join(","),
+            why: "certificates are served on HTTPS listeners: add --tls-listen 443 (and keep --listen 80 for HTTP-01 challenges and redirects)".into(),
+        });
+    }
+    if !tls.is_empty() && !certs && !acme {
+        return Err(StartupError::Flag {
+            flag: "--tls-listen",
+            value: tls.join(","),
+            why: "HTTPS needs certificates: give --tls-cert/--tls-key, or --acme".into(),
+        });
+    }
+    let default = ["0.0.0.0:80".to_owned()];
+    let plain = if plain.is_empty() && tls.is_empty() {
+        &default[..]
+    } else {
+        plain
+    };
+    if tls.is_empty() {
+        // As before --tls-listen: with certificates, --listen is HTTPS.
+        return parse("--listen", plain, certs);
+    }
+    let mut out = parse("--listen", plain, false)?;
+    out.extend(parse("--tls-listen", tls, true)?);
+    Ok(out)
+}
+
+/// The ACME flags, checked: an https:// directory, a plausible e-mail
+/// address, DNS names, the state directory's default.
+fn acme_settings(
+    a: &ProxyArgs,
+    listeners: &[ListenSpec],
+) -> Result<crate::acme::Settings, StartupError> {
+    use crate::acme::Challenge;
+    let plain = listeners.iter().any(|l| !l.tls);
+    let challenge = match a.acme_challenge {
+        Some(Challenge::Http01) if !plain => {
+            return Err(StartupError::Flag {
+                flag: "--acme-challenge",
+                value: "http-01".into(),
+                why: "HTTP-01 is answered on a plain listener: add --listen 80".into(),
+            })
+        }
+        Some(c) => c,
+        None if plain => Challenge::Http01,
+        None => Challenge::TlsAlpn01,
+    };
+    let directory = a.acme_directory.trim().to_owned();
+    let https = directory
+        .parse::<http::Uri>()
+        .is_ok_and(|u| u.scheme_str() == Some("https") && u.host().is_some());
+    if !https {
+        return Err(StartupError::Flag {
+            flag: "--acme-directory",
+            value: directory,
+            why: "expected the https:// URL of an ACME directory, e.g. https://acme-staging-v02.api.letsencrypt.org/directory".into(),
+        });
+    }
+    if let Some(email) = &a.acme_email {
+        let plausible = email.split_once('@').is_some_and(|(user, host)| {
+            !user.is_empty() && host.contains('.') && !email.contains([' ', ',', '<', '>'])
+        });
+        if !plausible {
+            return Err(StartupError::Flag {
+                flag: "--acme-email",
+                value: email.clone(),
+                why: "expected one address, e.g. you@example.com".into(),
+            });
+        }
+    }
+    let mut domains = Vec::new();
+    for name in &a.acme_domains {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if !crate::acme::is_certifiable(&name) {
+            return Err(StartupError::Flag {
+                flag: "--acme-domain",
+                value: name,
+                why: "expected a DNS name with a dot, e.g. app.example.com (no IP address, no wildcard)".into(),
+            });
+        }
+        domains.push(name);
+    }
+    Ok(crate::acme::Settings {
+        directory,
+        email: a.acme_email.clone(),
+        ca_cert: a.acme_ca_cert.clone(),
+        state_dir: a.acme_state.clone().unwrap_or_else(default_acme_state),
+        domains,
+        challenge,
+        retry: a.acme_retry.max(Duration::from_secs(1)),
+    })
+}
+
+/// systemd's StateDirectory= when it set one, /var/lib as root, else the
+/// user's XDG state directory.
+fn default_acme_state() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
+        // Several directories are separated by ':'; the first is ours.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        if !first.is_empty() {
+            return PathBuf::from(first).join("acme");
+        }
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/portico/acme");
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    state.join("portico/acme")
+}
+
 /// `--tower` takes HOST or HOST:PORT, the port being 7772 when left out.
 pub fn resolve_tower(value: &str) -> Result<SocketAddr, StartupError> {
     // A bare address, IPv6 included ("::1").
@@ -207,7 +358,9 @@ pub fn resolve_tower(value: &str) -> Result<SocketAddr, StartupError> {
 /// The validated form of an ingress's flags.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    pub listen: SocketAddr,
+    pub listeners: Vec<ListenSpec>,
+    /// `--redirect-https`: plain listeners send clients to HTTPS.
+    pub redirect_https: bool,
     pub routes: RouteTable,
     pub serve: ServeSettings,
     pub pool: PoolSettings,
@@ -224,6 +377,8 @@ pub struct ProxyConfig {
     pub cli_routes: crate::config_file::CliRoutes,
     pub tls: Vec<crate::ingress::tls::CertPair>,
     pub tls_handshake_timeout: Duration,
+    /// `--acme` and its flags.
+    pub acme: Option<crate::acme::Settings>,
     pub max_body_bytes: Option<u64>,
     pub max_requests_per_connection: Option<u32>,
     pub path_escapes: crate::ingress::route::PathEscapes,
@@ -233,7 +388,6 @@ impl ProxyConfig {
     /// `explicit` tells whether a flag (by its field name) was given on the
     /// command line: those win over the config file, defaults do not.
     pub fn from_args(a: &ProxyArgs, explicit: &dyn Fn(&str) -> bool) -> Result<Self, StartupError> {
-        let listen = parse_listen("--listen", &a.listen)?;
         let file = a
             .config
             .as_deref()
@@ -274,6 +428,15 @@ impl ProxyConfig {
             if let (Some(n), false) = (f.proxy_protocol_from()?, explicit("proxy_protocol_from")) {
                 a.proxy_protocol_from = n;
             }
+            if let (Some(l), false) = (&f.file.listen, explicit("listen")) {
+                a.listen = l.clone();
+            }
+            if let (Some(l), false) = (&f.file.tls_listen, explicit("tls_listen")) {
+                a.tls_listen = l.clone();
+            }
+            if let (Some(r), false) = (f.file.redirect_https, explicit("redirect_https")) {
+                a.redirect_https = r;
+            }
         }
         let a = &a;
         let positive = |flag: &'static str, v: usize| {
@@ -292,6 +455,20 @@ impl ProxyConfig {
                 flag: "--tls-cert/--tls-key",
                 value: format!("{} certificates, {} keys", a.tls_certs.len(), a.tls_keys.len()),
                 why: "give them in pairs: --tls-cert A.pem --tls-key A.key [--tls-cert B.pem --tls-key B.key]".into(),
+            });
+        }
+        let listeners = plan_listeners(&a.listen, &a.tls_listen, !a.tls_certs.is_empty(), a.acme)?;
+        let acme = a.acme.then(|| acme_settings(a, &listeners)).transpose()?;
+        let redirects = a.redirect_https
+            || routes
+                .routes()
+                .iter()
+                .any(|r| r.options.redirect_https == Some(true));
+        if redirects && !listeners.iter().any(|l| l.tls) {
+            return Err(StartupError::Flag {
+                flag: "--redirect-https",
+                value: "on".into(),
+                why: "it sends clients to an HTTPS listener: give --tls-listen ADDR (and --listen for the plain side)".into(),
             });
         }
         positive("--max-connections", a.max_connections)?;
@@ -319,7 +496,8 @@ impl ProxyConfig {
             }
         }
         Ok(Self {
-            listen,
+            listeners,
+            redirect_https: a.redirect_https,
             routes,
             serve: ServeSettings {
                 max_connections: a.max_connections,
@@ -332,7 +510,6 @@ impl ProxyConfig {
                 max_header_bytes: a.max_header_bytes,
                 max_headers: a.max_headers,
                 max_h2_streams: a.max_h2_streams.max(1),
-                tls: None,
                 proxy_protocol_from: crate::ingress::proxy_protocol::TrustedProxies::new(
                     a.proxy_protocol_from.clone(),
                 ),
@@ -366,6 +543,7 @@ impl ProxyConfig {
                 })
                 .collect(),
             tls_handshake_timeout: a.tls_handshake_timeout,
+            acme,
             max_body_bytes: (a.max_body_bytes > 0).then_some(a.max_body_bytes),
             max_requests_per_connection: (a.max_requests_per_connection > 0)
                 .then_some(a.max_requests_per_connection),
@@ -531,6 +709,39 @@ mod tests {
             "[::1]:80".parse().unwrap()
         );
         assert!(parse_listen("--listen", "nine").is_err());
+    }
+
+    #[test]
+    fn listeners_plain_tls_and_the_old_meaning_of_listen() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let plan = |plain: &[&str], tls: &[&str], certs, acme| {
+            plan_listeners(&v(plain), &v(tls), certs, acme).map(|l| {
+                l.iter()
+                    .map(|l| format!("{}{}", l.addr, if l.tls { "s" } else { "" }))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+        };
+        assert_eq!(plan(&[], &[], false, false).unwrap(), "0.0.0.0:80");
+        assert_eq!(
+            plan(&["80", "8080"], &[], false, false).unwrap(),
+            "0.0.0.0:80 0.0.0.0:8080"
+        );
+        // With certificates and no --tls-listen, --listen is HTTPS, as before.
+        assert_eq!(plan(&["443"], &[], true, false).unwrap(), "0.0.0.0:443s");
+        assert_eq!(
+            plan(&["80"], &["443"], true, false).unwrap(),
+            "0.0.0.0:80 0.0.0.0:443s"
+        );
+        // --tls-listen alone: no plain listener.
+        assert_eq!(plan(&[], &["443"], false, true).unwrap(), "0.0.0.0:443s");
+        let e = plan(&["80"], &["443"], false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-cert/--tls-key, or --acme"), "{e}");
+        let e = plan(&["443"], &[], false, true).unwrap_err().to_string();
+        assert!(e.contains("add --tls-listen 443"), "{e}");
+        assert!(plan(&["eighty"], &[], false, false).is_err());
     }
 
     #[test]

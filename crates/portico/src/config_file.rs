@@ -5,6 +5,9 @@
 //! wins over the file.
 //!
 //! ```toml
+//! listen = ["0.0.0.0:80"]    # as --listen (plain HTTP)
+//! tls_listen = ["0.0.0.0:443"]  # as --tls-listen
+//! redirect_https = true      # as --redirect-https
 //! balance = "p2c"            # or "round-robin"
 //! attempts = 3
 //! path_escapes = "reject"    # or "keep-encoded" (the default), "keep"
@@ -21,6 +24,7 @@
 //! host = "api.example.com"   # optional
 //! strip_prefix = true        # optional: /api/x reaches the backend as /x
 //! backend_timeout = "5s"     # optional: this route's backend timeout
+//! redirect_https = false     # optional: this route's choice over --redirect-https
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -36,6 +40,12 @@ use crate::ingress::route::{
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// As `--listen`: plain HTTP listeners.
+    pub listen: Option<Vec<String>>,
+    /// As `--tls-listen`: HTTPS listeners.
+    pub tls_listen: Option<Vec<String>>,
+    /// As `--redirect-https`.
+    pub redirect_https: Option<bool>,
     pub balance: Option<BalanceName>,
     pub attempts: Option<u32>,
     /// As `--path-escapes`.
@@ -102,6 +112,9 @@ pub struct RouteEntry {
     pub backend_timeout: Option<String>,
     /// `http1` (the default) or `h2c` (HTTP/2 prior knowledge, for gRPC).
     pub upstream: Option<UpstreamName>,
+    /// Whether plain-HTTP requests for this route are sent to HTTPS
+    /// (unset: as `--redirect-https`).
+    pub redirect_https: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -242,6 +255,7 @@ impl Loaded {
                         &format!("backend_timeout of route {spec}"),
                         &e.backend_timeout,
                     )?,
+                    redirect_https: e.redirect_https,
                 };
                 Ok(route)
             })

@@ -14,6 +14,8 @@
 //!   writes, a client.
 //! - `etcd`: the etcd client (JSON gateway), key layout and list-then-watch,
 //!   for a Tower whose registrations live in etcd and an ingress watching it.
+//! - `acme`: automatic certificates: orders, renewal, the state directory;
+//!   it fills the TLS resolver and the front door's HTTP-01 tokens.
 //! - `admin`: health, the status page, `/metrics` rendered.
 //! - `api_server`: the accept loop and timeouts of the Tower's HTTP API and
 //!   the admin listener.
@@ -27,6 +29,7 @@
 //! gives that order and walks the request and Tower paths. The wire
 //! protocol itself is the `portico-wire` crate.
 
+pub mod acme;
 pub mod admin;
 pub mod api_server;
 pub mod backoff;

@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as PromRegistry;
 
-type Labels = Vec<(&'static str, String)>;
+pub type Labels = Vec<(&'static str, String)>;
 
 /// The states `portico_endpoints` counts, in the order of its counts.
 pub const ENDPOINT_STATES: [&str; 3] = ["healthy", "set_aside", "failing_checks"];
@@ -115,6 +115,10 @@ pub struct Metrics {
     pub upstream_connections: Counter,
     pub upstream_idle_connections: Gauge,
     pub runtime_shared_queue_depth: Gauge,
+    /// By `name`: when its certificate expires, as Unix time.
+    pub tls_certificate_expiry: Family<Labels, Gauge>,
+    /// By `result`: `issued` or `failed`.
+    pub acme_orders: Family<Labels, Counter>,
     unrouted: Arc<RouteStats>,
 }
 
@@ -139,6 +143,18 @@ impl Metrics {
         let upstream_connections = Counter::default();
         let upstream_idle_connections = Gauge::default();
         let runtime_shared_queue_depth = Gauge::default();
+        let tls_certificate_expiry = Family::<Labels, Gauge>::default();
+        let acme_orders = Family::<Labels, Counter>::default();
+        registry.register(
+            "tls_certificate_expiry_seconds",
+            "When the certificate served for a name expires (Unix time), by name; ACME-managed names",
+            tls_certificate_expiry.clone(),
+        );
+        registry.register(
+            "acme_orders",
+            "ACME certificate orders, by result (issued, failed)",
+            acme_orders.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by route, service and status class",
@@ -249,6 +265,8 @@ impl Metrics {
             upstream_connections,
             upstream_idle_connections,
             runtime_shared_queue_depth,
+            tls_certificate_expiry,
+            acme_orders,
             unrouted,
         })
     }

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api_server::ServerLimits;
-use crate::ingress::handler::Shared as Proxy;
+use crate::ingress::handler::Shared;
 
 const STATUS_PAGE: &str = include_str!("status.html");
 
@@ -23,8 +23,13 @@ const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: t
 /// Serve the admin endpoints until shutdown, under fixed limits
 /// (`ServerLimits::ADMIN`). Every endpoint is a read without side effects
 /// (GET and HEAD only), so a web page can change nothing here.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: watch::Receiver<bool>) {
-    let handler = move |_peer, req| answer(proxy.clone(), req);
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Shared>,
+    acme: Option<Arc<crate::acme::Status>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let handler = move |_peer, req| answer(proxy.clone(), acme.clone(), req);
     crate::api_server::serve(
         listener,
         "admin",
@@ -65,6 +70,8 @@ struct RouteDoc {
     service: String,
     strip_prefix: bool,
     backend_timeout_ms: Option<u64>,
+    /// The route's own `redirect_https`, when it has one.
+    redirect_https: Option<bool>,
     /// Requests answered, by status class.
     responses: BTreeMap<&'static str, u64>,
 }
@@ -84,9 +91,11 @@ struct StatusDoc {
     last_update_age_seconds: Option<f64>,
     routes: Vec<RouteDoc>,
     services: BTreeMap<String, Vec<EndpointDoc>>,
+    /// ACME-managed names: their certificate, its expiry, the last error.
+    certificates: Vec<crate::acme::NameStatus>,
 }
 
-fn routes(proxy: &Proxy) -> Vec<RouteDoc> {
+fn routes(proxy: &Shared) -> Vec<RouteDoc> {
     let live = proxy.routes.load();
     live.table
         .routes()
@@ -104,13 +113,14 @@ fn routes(proxy: &Proxy) -> Vec<RouteDoc> {
                 service: r.service.to_string(),
                 strip_prefix: r.options.strip_prefix,
                 backend_timeout_ms: r.options.backend_timeout.map(|d| d.as_millis() as u64),
+                redirect_https: r.options.redirect_https,
                 responses,
             }
         })
         .collect()
 }
 
-async fn services(proxy: &Proxy) -> BTreeMap<String, Vec<EndpointDoc>> {
+async fn services(proxy: &Shared) -> BTreeMap<String, Vec<EndpointDoc>> {
     let mut out: BTreeMap<String, Vec<EndpointDoc>> = BTreeMap::new();
     // Every routed service is listed, also one with no endpoint.
     for r in proxy.routes.load().table.routes() {
@@ -126,7 +136,11 @@ async fn services(proxy: &Proxy) -> BTreeMap<String, Vec<EndpointDoc>> {
     out
 }
 
-async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointDoc>>, ready: bool) {
+async fn refresh_gauges(
+    proxy: &Shared,
+    services: &BTreeMap<String, Vec<EndpointDoc>>,
+    ready: bool,
+) {
     let m = &proxy.metrics;
     let live = proxy.routes.load();
     let routed: BTreeSet<&str> = live
@@ -157,7 +171,11 @@ async fn refresh_gauges(proxy: &Proxy, services: &BTreeMap<String, Vec<EndpointD
         .set(proxy.discovery.last_update_age().unwrap_or(0.0));
 }
 
-async fn answer(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(
+    proxy: Arc<Shared>,
+    acme: Option<Arc<crate::acme::Status>>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
@@ -196,6 +214,7 @@ async fn answer(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Byte
                 last_update_age_seconds: proxy.discovery.last_update_age(),
                 routes: routes(&proxy),
                 services: services(&proxy).await,
+                certificates: acme.map(|a| a.snapshot()).unwrap_or_default(),
             })
         }
         _ => respond(

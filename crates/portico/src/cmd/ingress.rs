@@ -16,7 +16,9 @@ use arc_swap::ArcSwap;
 use crate::ingress;
 use crate::ingress::access_log::AccessLog;
 use crate::ingress::checks::Limits;
+use crate::ingress::front::{FrontDoor, Http01Tokens, Redirect};
 use crate::ingress::handler::{LiveRoutes, Shared};
+use crate::ingress::tls::Certs;
 use crate::ingress::upstream::{Clients, Pool};
 use crate::metrics::Metrics;
 use crate::registry::client::TowerClient;
@@ -75,12 +77,6 @@ pub async fn serve(
     discovery: Arc<Discovery>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartupError> {
-    let listener = ingress::bind(config.listen).map_err(|source| StartupError::Bind {
-        what: "HTTP",
-        addr: config.listen,
-        source,
-    })?;
-    let local = listener.local_addr().unwrap_or(config.listen);
     let admin = match config.admin {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -93,23 +89,24 @@ pub async fn serve(
         ),
         None => None,
     };
-    let mut serve_settings = config.serve.clone();
-    if !config.tls.is_empty() {
-        let certs = crate::ingress::tls::Certs::load(config.tls.clone())?;
-        let server = crate::ingress::tls::server_config(certs.clone())?;
-        serve_settings.tls = Some(crate::ingress::TlsTermination {
-            acceptor: tokio_rustls::TlsAcceptor::from(server),
-            handshake_timeout: config.tls_handshake_timeout,
+    let (tls, certs) = match config.listeners.iter().any(|l| l.tls) {
+        true => {
+            let (tls, certs) = tls_termination(&config, &shutdown)?;
+            (Some(tls), Some(certs))
+        }
+        false => (None, None),
+    };
+    let mut listeners = Vec::new();
+    for spec in &config.listeners {
+        let socket = ingress::bind(spec.addr).map_err(|source| StartupError::Bind {
+            what: if spec.tls { "HTTPS" } else { "HTTP" },
+            addr: spec.addr,
+            source,
+        })?;
+        listeners.push(ingress::Listener {
+            socket,
+            tls: tls.clone().filter(|_| spec.tls),
         });
-        tokio::spawn(crate::ingress::tls::watch_files(
-            certs,
-            Duration::from_secs(1),
-            shutdown.clone(),
-        ));
-        tracing::info!(
-            pairs = config.tls.len(),
-            "tls: serving HTTPS (TLS 1.2 and 1.3, ALPN h2 and http/1.1)"
-        );
     }
     let trusted = config.serve.proxy_protocol_from.networks();
     if !trusted.is_empty() {
@@ -119,6 +116,14 @@ pub async fn serve(
             "PROXY protocol: connections from these networks open with a header naming the client"
         );
     }
+    let tokens = config
+        .acme
+        .as_ref()
+        .map(|_| Arc::new(Http01Tokens::default()));
+    let front = Arc::new(FrontDoor::new(
+        redirect_target(&config, &listeners),
+        tokens.clone(),
+    ));
     let metrics = Metrics::new();
     let access_log = AccessLog::start(
         config.access_log,
@@ -135,6 +140,9 @@ pub async fn serve(
     for route in config.routes.routes() {
         tracing::info!("route {route}");
     }
+    // Before the first connection: a restart serves the stored
+    // certificates at once.
+    let acme = start_acme(&config, certs, tokens, &metrics, &shutdown)?;
     let proxy = Arc::new(Shared {
         routes: ArcSwap::from_pointee(LiveRoutes::new(config.routes, &metrics)),
         discovery: discovery.clone(),
@@ -167,25 +175,113 @@ pub async fn serve(
             .local_addr()
             .map_or_else(|_| "?".into(), |a| a.to_string());
         tracing::info!("admin listening on http://{at}");
-        tokio::spawn(crate::admin::serve(admin, proxy.clone(), shutdown.clone()));
+        tokio::spawn(crate::admin::serve(
+            admin,
+            proxy.clone(),
+            acme.as_ref().map(crate::acme::Acme::status),
+            shutdown.clone(),
+        ));
     }
     if let Some(file) = config.config_file {
         tokio::spawn(reload(
             file,
             config.cli_routes,
             proxy.clone(),
+            acme,
             shutdown.clone(),
         ));
     }
-    tracing::info!("ingress listening on {local}");
+    // Plain listeners first: tests and scripts read the first line.
+    for l in &listeners {
+        let at = l
+            .socket
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        match l.tls {
+            None => tracing::info!("ingress listening on {at}"),
+            Some(_) => tracing::info!("ingress listening on {at} (TLS)"),
+        }
+    }
     // On a worker thread, not the thread that blocks on main's future: a
     // connection accepted there would be handed to a worker (a wake-up
     // across threads) for every new connection.
-    let serving = tokio::spawn(ingress::serve(listener, proxy, serve_settings, shutdown));
+    let serving = tokio::spawn(ingress::serve(
+        listeners,
+        proxy,
+        config.serve.clone(),
+        front,
+        shutdown,
+    ));
     if let Err(e) = serving.await {
         tracing::error!(error = %e, "the accept loop ended abnormally");
     }
     Ok(())
+}
+
+/// The ACME manager, when `--acme` is on, with the resolver and the tokens
+/// it fills.
+fn start_acme(
+    config: &ProxyConfig,
+    certs: Option<Arc<Certs>>,
+    tokens: Option<Arc<Http01Tokens>>,
+    metrics: &Metrics,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<crate::acme::Acme>, StartupError> {
+    let (Some(settings), Some(certs), Some(tokens)) = (&config.acme, certs, tokens) else {
+        return Ok(None);
+    };
+    let parts = crate::acme::Parts {
+        certs,
+        tokens,
+        expiry: metrics.tls_certificate_expiry.clone(),
+        orders: metrics.acme_orders.clone(),
+    };
+    let hosts = config
+        .routes
+        .routes()
+        .iter()
+        .filter_map(|r| r.host.as_deref());
+    let acme = crate::acme::start(settings.clone(), hosts, parts, shutdown.clone())?;
+    Ok(Some(acme))
+}
+
+/// The certificates (files reloaded when they change) and the TLS
+/// settings every HTTPS listener shares.
+fn tls_termination(
+    config: &ProxyConfig,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(ingress::TlsTermination, Arc<Certs>), StartupError> {
+    let certs = Certs::load(config.tls.clone())?;
+    let server = crate::ingress::tls::server_config(certs.clone(), config.acme.is_some())?;
+    if !config.tls.is_empty() {
+        tokio::spawn(crate::ingress::tls::watch_files(
+            certs.clone(),
+            Duration::from_secs(1),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(
+        pairs = config.tls.len(),
+        "tls: serving HTTPS (TLS 1.2 and 1.3, ALPN h2 and http/1.1)"
+    );
+    let termination = ingress::TlsTermination {
+        acceptor: tokio_rustls::TlsAcceptor::from(server),
+        handshake_timeout: config.tls_handshake_timeout,
+    };
+    Ok((termination, certs))
+}
+
+/// Where plain-HTTP clients are redirected: the first HTTPS listener's
+/// port (as bound: it may have been 0). `None` without HTTPS listeners, or
+/// when neither the flag nor a route asks for redirects.
+fn redirect_target(config: &ProxyConfig, listeners: &[ingress::Listener]) -> Option<Redirect> {
+    let https = listeners.iter().find(|l| l.tls.is_some())?;
+    let https_port = https.socket.local_addr().ok()?.port();
+    let wanted = config.redirect_https || config.config_file.is_some() || config.routes.redirects();
+    wanted.then_some(Redirect {
+        default: config.redirect_https,
+        https_port,
+    })
 }
 
 /// Reload the config file's routes on SIGHUP and whenever its contents
@@ -197,6 +293,7 @@ async fn reload(
     first: crate::config_file::Loaded,
     cli_routes: crate::config_file::CliRoutes,
     proxy: Arc<Shared>,
+    acme: Option<crate::acme::Acme>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -229,6 +326,9 @@ async fn reload(
         match outcome {
             Ok(table) => {
                 let n = table.routes().len();
+                if let Some(acme) = &acme {
+                    acme.manage(table.routes().iter().filter_map(|r| r.host.as_deref()));
+                }
                 proxy
                     .routes
                     .store(Arc::new(LiveRoutes::new(table, &proxy.metrics)));

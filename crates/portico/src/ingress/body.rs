@@ -71,6 +71,14 @@ impl DownstreamBody {
         }
     }
 
+    /// A short body of our own made at run time.
+    pub fn bytes(bytes: Bytes) -> Self {
+        Self {
+            kind: Kind::Local(Some(bytes)),
+            done: None,
+        }
+    }
+
     /// All of the body is in memory, none of it still to be read.
     pub fn is_in_hand(&self) -> bool {
         match &self.kind {

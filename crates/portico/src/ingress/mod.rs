@@ -1,5 +1,6 @@
-//! The data plane: the accept loop, connection limits and draining. The
-//! request path itself is `handler`.
+//! The data plane: the accept loops (one per listener, plain or TLS),
+//! connection limits and draining. The request path itself is `handler`;
+//! `front` answers the few requests that never reach it.
 
 pub mod access_log;
 pub mod body;
@@ -7,6 +8,7 @@ pub mod checks;
 pub mod conn;
 pub mod error;
 pub mod failover;
+pub mod front;
 pub mod h1;
 pub mod handler;
 pub mod headers;
@@ -31,9 +33,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio_util::either::Either;
 
 use conn::{ConnState, ConnTimeouts, Slot, StreamExec, Tracked};
-use handler::{Client, Shared as Proxy};
+use handler::{Client, Shared};
 
 /// How client connections are served.
 #[derive(Debug, Clone)]
@@ -45,7 +48,6 @@ pub struct ServeSettings {
     pub max_headers: usize,
     /// Concurrent streams per HTTP/2 connection.
     pub max_h2_streams: u32,
-    pub tls: Option<TlsTermination>,
     /// Sources whose connections open with a PROXY protocol header.
     pub proxy_protocol_from: proxy_protocol::TrustedProxies,
 }
@@ -75,25 +77,88 @@ const UNTRUSTED_HEADER: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text
 /// this they are closed without one, so a flood costs bounded memory.
 const MAX_REFUSING: usize = 1024;
 
-/// Serve clients from `listener` until `shutdown` flips to true, then stop
+/// One listening socket, and its TLS termination when it serves HTTPS.
+pub struct Listener {
+    pub socket: TcpListener,
+    pub tls: Option<TlsTermination>,
+}
+
+/// What every accept loop shares: the protocol settings, the front door,
+/// and the connection slots (one limit across all listeners).
+struct Serving {
+    protocols: Protocols,
+    front: Arc<front::FrontDoor>,
+    slots: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
+    timeouts: ConnTimeouts,
+    proxy_protocol_from: proxy_protocol::TrustedProxies,
+}
+
+/// Serve clients from `listeners` until `shutdown` flips to true, then stop
 /// accepting and give open connections (upgraded tunnels too) up to the
 /// drain timeout to finish; whatever is left is closed as the process exits.
 pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
+    listeners: Vec<Listener>,
+    proxy: Arc<Shared>,
     settings: ServeSettings,
+    front: Arc<front::FrontDoor>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let protocols = Arc::new(Protocols::new(&settings));
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
-    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let serving = Arc::new(Serving {
+        protocols: Protocols::new(&settings),
+        front,
+        slots: Arc::new(Semaphore::new(settings.max_connections)),
+        refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+        timeouts: settings.timeouts,
+        proxy_protocol_from: settings.proxy_protocol_from.clone(),
+    });
     let sweeper = tokio::spawn(sweep_pool(proxy.upstream.pool.clone()));
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            tokio::spawn(accept_loop(
+                l,
+                serving.clone(),
+                proxy.clone(),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
+    for accepting in loops {
+        if let Err(e) = accepting.await {
+            tracing::error!(error = %e, "an accept loop ended abnormally");
+        }
+    }
+    sweeper.abort();
+
+    let slots = &serving.slots;
+    let open = settings.max_connections - slots.available_permits();
+    if open > 0 {
+        tracing::info!(open, timeout = ?settings.drain_timeout, "draining connections");
+    }
+    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(settings.drain_timeout, slots.acquire_many(all)).await;
+    match drained {
+        Ok(_) => tracing::info!("drained"),
+        Err(_) => tracing::warn!(
+            left = settings.max_connections - slots.available_permits(),
+            "drain timeout passed; closing the remaining connections"
+        ),
+    }
+}
+
+/// Accept on one listener until shutdown; the loop never ends on an error.
+async fn accept_loop(
+    listener: Listener,
+    serving: Arc<Serving>,
+    proxy: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
     let mut accept_shutdown = shutdown.clone();
     let mut backoff = Duration::from_millis(5);
-
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = listener.socket.accept() => a,
             _ = accept_shutdown.wait_for(|stop| *stop) => break,
         };
         let (stream, peer) = match accepted {
@@ -117,24 +182,23 @@ pub async fn serve(
         if !cfg!(target_os = "linux") {
             let _ = stream.set_nodelay(true);
         }
-        match slots.clone().try_acquire_owned() {
+        match serving.slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                let from_proxy = settings.proxy_protocol_from.trusts(peer.ip());
-                let protocols = protocols.clone();
+                let from_proxy = serving.proxy_protocol_from.trusts(peer.ip());
+                let serving = serving.clone();
                 let proxy = proxy.clone();
-                let timeouts = settings.timeouts;
                 let shutdown = shutdown.clone();
                 proxy.metrics.connections.inc();
                 // Given back when the connection is gone, however it ends
                 // (an upgraded one when its tunnel closes).
                 let slot = Slot::new(permit, proxy.metrics.active_connections.clone());
-                let tls = settings.tls.clone();
+                let tls = listener.tls.clone();
                 tokio::spawn(async move {
                     let mut stream = stream;
                     // Boxed: only connections from a front proxy pay for
                     // the header's reading state.
                     let peer = if from_proxy {
-                        let read = client_of(&mut stream, peer, timeouts.header, &proxy);
+                        let read = client_of(&mut stream, peer, serving.timeouts.header, &proxy);
                         let Some(client) = Box::pin(read).await else {
                             return;
                         };
@@ -148,45 +212,16 @@ pub async fn serve(
                         // times on its way into the task; a box is written
                         // once, at the first poll.
                         None => {
-                            Box::pin(serve_plain(
-                                stream, peer, slot, &protocols, proxy, timeouts, shutdown,
-                            ))
-                            .await
+                            Box::pin(serve_plain(stream, peer, slot, &serving, proxy, shutdown))
+                                .await
                         }
                         // The handshake runs here, off the accept loop. Boxed:
                         // a TLS session is kilobytes, and every plain
                         // connection's task would otherwise be sized for it.
-                        Some(TlsTermination {
-                            acceptor,
-                            handshake_timeout: limit,
-                        }) => {
-                            Box::pin(async move {
-                                match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                                    Ok(Ok(tls)) => {
-                                        // HTTP/2 over TLS is chosen by ALPN.
-                                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                                        serve_connection(
-                                            tls,
-                                            Bytes::new(),
-                                            peer,
-                                            slot,
-                                            true,
-                                            h2,
-                                            &protocols,
-                                            proxy,
-                                            timeouts,
-                                            shutdown,
-                                        )
-                                        .await
-                                    }
-                                    Ok(Err(e)) => {
-                                        tracing::debug!(%peer, error = %e, "tls handshake failed")
-                                    }
-                                    Err(_) => {
-                                        tracing::debug!(%peer, ?limit, "tls handshake timed out")
-                                    }
-                                }
-                            })
+                        Some(tls) => {
+                            Box::pin(serve_tls(
+                                stream, peer, slot, tls, &serving, proxy, shutdown,
+                            ))
                             .await
                         }
                     }
@@ -194,7 +229,7 @@ pub async fn serve(
             }
             Err(_) => {
                 proxy.metrics.refused_at_capacity.inc();
-                if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                if let Ok(permit) = serving.refusing.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         refuse_at_capacity(stream).await;
                         drop(permit);
@@ -203,21 +238,52 @@ pub async fn serve(
             }
         }
     }
-    drop(listener);
-    sweeper.abort();
+}
 
-    let open = settings.max_connections - slots.available_permits();
-    if open > 0 {
-        tracing::info!(open, timeout = ?settings.drain_timeout, "draining connections");
-    }
-    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
-    let drained = tokio::time::timeout(settings.drain_timeout, slots.acquire_many(all)).await;
-    match drained {
-        Ok(_) => tracing::info!("drained"),
-        Err(_) => tracing::warn!(
-            left = settings.max_connections - slots.available_permits(),
-            "drain timeout passed; closing the remaining connections"
-        ),
+/// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737): the handshake
+/// is the whole exchange, no HTTP follows.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A TLS connection: the handshake under its timeout, then HTTP/1.1 or
+/// HTTP/2 as ALPN chose.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+    tls: TlsTermination,
+    serving: &Serving,
+    proxy: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let limit = tls.handshake_timeout;
+    match tokio::time::timeout(limit, tls.acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let alpn = tls.get_ref().1.alpn_protocol();
+            if alpn == Some(ACME_TLS_ALPN) {
+                tracing::debug!(%peer, "acme-tls/1 handshake done (TLS-ALPN-01 validation)");
+                return;
+            }
+            // HTTP/2 over TLS is chosen by ALPN.
+            let h2 = alpn == Some(b"h2");
+            serve_connection(
+                tls,
+                Bytes::new(),
+                peer,
+                slot,
+                true,
+                h2,
+                serving,
+                proxy,
+                shutdown,
+            )
+            .await
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "tls handshake failed")
+        }
+        Err(_) => {
+            tracing::debug!(%peer, ?limit, "tls handshake timed out")
+        }
     }
 }
 
@@ -228,7 +294,7 @@ async fn client_of(
     stream: &mut TcpStream,
     peer: SocketAddr,
     limit: Duration,
-    proxy: &Proxy,
+    proxy: &Shared,
 ) -> Option<SocketAddr> {
     match proxy_protocol::client_of(stream, peer, limit).await {
         Ok(client) => {
@@ -343,13 +409,12 @@ async fn serve_plain(
     mut stream: TcpStream,
     peer: SocketAddr,
     slot: Slot,
-    protocols: &Protocols,
-    proxy: Arc<Proxy>,
-    timeouts: ConnTimeouts,
+    serving: &Serving,
+    proxy: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let sniffed = tokio::select! {
-        s = tokio::time::timeout(timeouts.header, read_first(&mut stream)) => s,
+        s = tokio::time::timeout(serving.timeouts.header, read_first(&mut stream)) => s,
         _ = shutdown.wait_for(|stop| *stop) => return,
     };
     let (first, h2) = match sniffed {
@@ -372,12 +437,12 @@ async fn serve_plain(
         // Boxed: an HTTP/2 connection's state is large, and HTTP/1.1
         // connections are the many.
         Box::pin(serve_connection(
-            stream, first, peer, slot, false, true, protocols, proxy, timeouts, shutdown,
+            stream, first, peer, slot, false, true, serving, proxy, shutdown,
         ))
         .await
     } else {
         serve_connection(
-            stream, first, peer, slot, false, false, protocols, proxy, timeouts, shutdown,
+            stream, first, peer, slot, false, false, serving, proxy, shutdown,
         )
         .await
     }
@@ -391,9 +456,8 @@ async fn serve_connection<IO>(
     slot: Slot,
     tls: bool,
     h2: bool,
-    protocols: &Protocols,
-    proxy: Arc<Proxy>,
-    timeouts: ConnTimeouts,
+    serving: &Serving,
+    proxy: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + conn::HoldWrite + Unpin + Send + 'static,
@@ -409,13 +473,24 @@ async fn serve_connection<IO>(
     // connection's whole life, and an idle keep-alive connection should not
     // hold kilobytes for a request it is not serving.
     let max_target = proxy.limits.max_uri_bytes;
-    let service =
-        service_fn(move |req| Box::pin(handler::handle(proxy.clone(), client.clone(), req)));
+    let front = serving.front.clone();
+    // Most requests pass the front door (one branch when it has nothing
+    // to do); the few it answers (redirects, ACME challenges) skip the
+    // request path.
+    let service = service_fn(move |req| match front.answer(&proxy, &client, &req) {
+        Some(answer) => Either::Left(std::future::ready(Ok(answer))),
+        None => Either::Right(Box::pin(handler::handle(
+            proxy.clone(),
+            client.clone(),
+            req,
+        ))),
+    });
     let mut io = Tracked::new(stream, state.clone(), first);
     if !h2 {
         io = io.limit_targets(max_target);
     }
     let io = TokioIo::new(io);
+    let (protocols, timeouts) = (&serving.protocols, serving.timeouts);
     if h2 {
         let conn = protocols.h2.serve_connection(io, service);
         conn::supervise(

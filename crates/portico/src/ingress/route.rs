@@ -30,6 +30,9 @@ pub struct RouteOptions {
     pub backend_timeout: Option<std::time::Duration>,
     /// The protocol spoken to the route's backends.
     pub upstream: UpstreamProtocol,
+    /// Whether a plain-HTTP request is sent to HTTPS (308); `None`: as
+    /// `--redirect-https` says.
+    pub redirect_https: Option<bool>,
 }
 
 /// How the ingress talks to a route's backends.
@@ -127,6 +130,8 @@ impl Route {
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// Some route asks for plain HTTP to be redirected to HTTPS.
+    redirects: bool,
 }
 
 impl RouteTable {
@@ -144,7 +149,10 @@ impl RouteTable {
                 return Err(RouteError::Duplicate(pair[1].to_string()));
             }
         }
-        Ok(Self { routes })
+        let redirects = routes
+            .iter()
+            .any(|r| r.options.redirect_https == Some(true));
+        Ok(Self { routes, redirects })
     }
 
     pub fn parse<S: AsRef<str>>(specs: &[S]) -> Result<Self, RouteError> {
@@ -175,6 +183,11 @@ impl RouteTable {
 
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    /// Whether some route has `redirect_https = true`.
+    pub fn redirects(&self) -> bool {
+        self.redirects
     }
 }
 

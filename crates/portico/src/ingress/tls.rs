@@ -1,8 +1,12 @@
 //! TLS termination with rustls: TLS 1.2 and 1.3 only, ALPN h2 and
 //! http/1.1, one or more certificate pairs chosen by SNI (the first pair
 //! when no name matches), reloaded from disk without a restart: a new
-//! connection gets the new certificate, open ones keep theirs.
+//! connection gets the new certificate, open ones keep theirs. With ACME,
+//! the certificates it obtains (chosen by exact name, before the files)
+//! and, for a handshake that offers only `acme-tls/1`, the TLS-ALPN-01
+//! challenge certificate of its name (RFC 8737).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -68,10 +72,17 @@ fn load(pair: &CertPair) -> Result<Loaded, TlsError> {
     })
 }
 
+/// Certificates by lower-case name.
+type ByName = HashMap<String, Arc<CertifiedKey>>;
+
 /// The certificates in use, chosen per handshake by SNI.
 pub struct Certs {
     pairs: Vec<CertPair>,
     loaded: ArcSwap<Vec<Loaded>>,
+    /// Obtained by ACME; replaced one name at a time, by a new map.
+    issued: ArcSwap<ByName>,
+    /// TLS-ALPN-01 challenge certificates while their orders are validated.
+    challenges: ArcSwap<ByName>,
 }
 
 impl std::fmt::Debug for Certs {
@@ -87,7 +98,29 @@ impl Certs {
         Ok(Arc::new(Self {
             pairs,
             loaded: ArcSwap::from_pointee(loaded),
+            issued: ArcSwap::default(),
+            challenges: ArcSwap::default(),
         }))
+    }
+
+    /// Serve `certified` for `name` from the next handshake on; open
+    /// connections keep the certificate they had.
+    pub fn set_issued(&self, name: &str, certified: Arc<CertifiedKey>) {
+        set(&self.issued, name, Some(certified));
+    }
+
+    /// Answer TLS-ALPN-01 validation for `name` with `certified` (`None`:
+    /// stop).
+    pub fn set_challenge(&self, name: &str, certified: Option<Arc<CertifiedKey>>) {
+        set(&self.challenges, name, certified);
+    }
+
+    /// Whether a certificate file given by flag is valid for `name`.
+    pub fn file_covers(&self, name: &str) -> bool {
+        let Ok(name) = ServerName::try_from(name) else {
+            return false;
+        };
+        self.loaded.load().iter().any(|l| valid_for(l, &name))
     }
 
     fn reload(&self) -> Result<(), TlsError> {
@@ -97,31 +130,55 @@ impl Certs {
     }
 }
 
+fn set(map: &ArcSwap<ByName>, name: &str, certified: Option<Arc<CertifiedKey>>) {
+    let name = name.to_ascii_lowercase();
+    map.rcu(|old| {
+        let mut new = ByName::clone(old);
+        match &certified {
+            Some(c) => new.insert(name.clone(), c.clone()),
+            None => new.remove(&name),
+        };
+        new
+    });
+}
+
+fn valid_for(l: &Loaded, name: &ServerName<'_>) -> bool {
+    let Some(end_entity) = l.certified.cert.first() else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(end_entity)
+        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(name).is_ok())
+}
+
 impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let loaded = self.loaded.load();
-        if let Some(name) = hello
-            .server_name()
-            .and_then(|n| ServerName::try_from(n).ok())
+        let sni = hello.server_name().map(str::to_ascii_lowercase);
+        let acme_tls = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == super::ACME_TLS_ALPN));
+        if acme_tls {
+            // Only the challenge certificate answers a validation.
+            return self.challenges.load().get(sni.as_deref()?).cloned();
+        }
+        if let Some(issued) = sni
+            .as_deref()
+            .and_then(|n| self.issued.load().get(n).cloned())
         {
-            for l in loaded.iter() {
-                let Some(end_entity) = l.certified.cert.first() else {
-                    continue;
-                };
-                let Ok(cert) = webpki::EndEntityCert::try_from(end_entity) else {
-                    continue;
-                };
-                if cert.verify_is_valid_for_subject_name(&name).is_ok() {
-                    return Some(l.certified.clone());
-                }
+            return Some(issued);
+        }
+        let loaded = self.loaded.load();
+        if let Some(name) = sni.and_then(|n| ServerName::try_from(n).ok()) {
+            if let Some(l) = loaded.iter().find(|l| valid_for(l, &name)) {
+                return Some(l.certified.clone());
             }
         }
         loaded.first().map(|l| l.certified.clone())
     }
 }
 
-/// A server config over `certs`: TLS 1.2 and 1.3, ALPN h2 then http/1.1.
-pub fn server_config(certs: Arc<Certs>) -> Result<Arc<ServerConfig>, TlsError> {
+/// A server config over `certs`: TLS 1.2 and 1.3, ALPN h2 then http/1.1,
+/// and `acme-tls/1` for TLS-ALPN-01 when `acme` is on.
+pub fn server_config(certs: Arc<Certs>, acme: bool) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -129,6 +186,9 @@ pub fn server_config(certs: Arc<Certs>) -> Result<Arc<ServerConfig>, TlsError> {
             .with_no_client_auth()
             .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        config.alpn_protocols.push(super::ACME_TLS_ALPN.to_vec());
+    }
     Ok(Arc::new(config))
 }
 
