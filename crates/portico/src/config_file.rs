@@ -20,6 +20,7 @@
 //! host = "api.example.com"   # optional
 //! strip_prefix = true        # optional: /api/x reaches the backend as /x
 //! backend_timeout = "5s"     # optional: this route's backend timeout
+//! compress = true            # optional: compress responses (default: --compress)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -99,6 +100,8 @@ pub struct RouteEntry {
     pub backend_timeout: Option<String>,
     /// `http1` (the default) or `h2c` (HTTP/2 prior knowledge, for gRPC).
     pub upstream: Option<UpstreamName>,
+    /// Compress this route's responses, or not, whatever --compress says.
+    pub compress: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -215,6 +218,7 @@ impl Loaded {
                         &format!("backend_timeout of route {spec}"),
                         &e.backend_timeout,
                     )?,
+                    compress: e.compress,
                 };
                 Ok(route)
             })
@@ -298,6 +302,7 @@ mod tests {
             service = "api"
             strip_prefix = true
             backend_timeout = "2s"
+            compress = false
             [[route]]
             prefix = "/"
             service = "web"
@@ -316,6 +321,8 @@ mod tests {
         let api = table.find(None, "/api/x").unwrap();
         assert!(api.options.strip_prefix);
         assert_eq!(api.options.backend_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(api.options.compress, Some(false));
+        assert_eq!(table.find(None, "/x").unwrap().options.compress, None);
         assert_eq!(table.find(None, "/x").unwrap().service.as_str(), "other");
         assert!(matches!(f.file.balance, Some(BalanceName::P2c)));
     }

@@ -138,6 +138,7 @@ pub async fn serve(
         max_body_bytes: config.max_body_bytes,
         max_requests_per_connection: config.max_requests_per_connection,
         path_escapes: config.path_escapes,
+        compress: config.compress,
     });
     for check in config.health_checks {
         tracing::info!(service = %check.service, path = %check.path, interval = ?check.interval, "active health check");

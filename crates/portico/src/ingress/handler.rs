@@ -20,6 +20,7 @@ use hyper::upgrade::OnUpgrade;
 
 use super::access_log::{AccessLog, Record};
 use super::body::{Completion, ResponseBody};
+use super::compress;
 use super::conn::ConnState;
 use super::error::{replayable, ProxyError, UpstreamError};
 use super::h1::client as own;
@@ -75,6 +76,8 @@ pub struct Proxy {
     pub max_requests_per_connection: Option<u32>,
     /// `--path-escapes`: which ambiguous paths get 400.
     pub path_escapes: route::PathEscapes,
+    /// `--compress`: for routes that do not say.
+    pub compress: bool,
 }
 
 /// What the request path knows of the client connection.
@@ -97,6 +100,7 @@ struct Exchange {
     endpoint: Option<SocketAddr>,
     attempts: u32,
     request_id: Option<HeaderValue>,
+    compress: compress::Plan,
 }
 
 /// Answer one request. Never fails: every error becomes a response here.
@@ -157,7 +161,7 @@ pub fn handle(
                 resp
             }
         };
-        let mut response = response;
+        let mut response = compress::apply(exchange.compress, &method, response);
         if client.state.had_trailers() {
             response
                 .headers_mut()
@@ -296,6 +300,8 @@ fn proxy_request<'a>(
             .ok_or(ProxyError::NoRoute)?;
         let service = &route.service;
         exchange.stats = Some(live.stats[index].clone());
+        let compress = route.options.compress.unwrap_or(proxy.compress);
+        exchange.compress = compress::plan(compress, &parts.headers);
         if proxy.access_log.is_some() {
             exchange.route = Some(format!(
                 "{}{}",

@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod compress;
 pub mod conn;
 pub mod error;
 pub mod h1;

@@ -30,6 +30,8 @@ pub struct RouteOptions {
     pub backend_timeout: Option<std::time::Duration>,
     /// The protocol spoken to the route's backends.
     pub upstream: UpstreamProtocol,
+    /// Compress this route's responses (`None`: as --compress says).
+    pub compress: Option<bool>,
 }
 
 /// How the ingress talks to a route's backends.
