@@ -29,6 +29,12 @@ pub const MIN_BYTES: u64 = 1024;
 /// The most a compressed frame carries; a 20 KB page fits in one.
 const FRAME_BYTES: usize = 16 * 1024;
 
+/// The most input one poll of a compressed body takes. A backend that has
+/// megabytes ready of something that compresses 100 to 1 would otherwise
+/// keep the worker thread encoding for as long, its other connections
+/// waiting; past this the body flushes and yields.
+const INPUT_PER_POLL: usize = 128 * 1024;
+
 /// Levels chosen for speed (the figures are in docs/benchmarks.md).
 pub const GZIP_LEVEL: i32 = 4;
 pub const BROTLI_LEVEL: i32 = 4;
@@ -419,6 +425,7 @@ where
             chunk: Bytes::new(),
             ended: false,
             trailers: None,
+            budget: 0,
         };
         let level = Level::Precise(level);
         let encoder = match coding {
@@ -484,6 +491,7 @@ where
                     .map(|t| Ok(Frame::trailers(t))),
             );
         }
+        this.source().budget = INPUT_PER_POLL;
         match ready!(this.poll_read(cx)) {
             Ok(0) => {
                 this.finished = true;
@@ -554,6 +562,8 @@ struct Source<B> {
     /// The body returned its end: never polled again.
     ended: bool,
     trailers: Option<HeaderMap>,
+    /// Bytes this poll of `Encoded` may still take (`INPUT_PER_POLL`).
+    budget: usize,
 }
 
 impl<B> AsyncBufRead for Source<B>
@@ -563,6 +573,12 @@ where
 {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
+        if this.budget == 0 {
+            // Seen by the encoder as a backend with nothing more for now:
+            // it flushes what it has, and the task yields.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         while this.chunk.is_empty() && !this.ended {
             match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
                 None => this.ended = true,
@@ -580,11 +596,14 @@ where
                 }
             }
         }
-        Poll::Ready(Ok(&this.chunk))
+        let n = this.chunk.len().min(this.budget);
+        Poll::Ready(Ok(&this.chunk[..n]))
     }
 
     fn consume(self: Pin<&mut Self>, amt: usize) {
-        self.get_mut().chunk.advance(amt);
+        let this = self.get_mut();
+        this.chunk.advance(amt);
+        this.budget = this.budget.saturating_sub(amt);
     }
 }
 
@@ -1101,6 +1120,29 @@ mod tests {
             let mut rest = Vec::new();
             client.read_to_end(&mut rest).await.unwrap();
             assert!(rest.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_poll_takes_a_bounded_part_of_what_is_ready() {
+        use http_body_util::BodyExt;
+        let zeros: &'static [u8] = Box::leak(vec![0u8; 4 << 20].into_boxed_slice());
+        for coding in PREFERENCE {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tx.send(Frame::data(Bytes::from_static(zeros))).unwrap();
+            drop(tx);
+            let mut encoded = Encoded::new(Channel(rx), coding);
+            let mut wire = Vec::new();
+            let mut frames = 0;
+            while let Some(frame) = encoded.frame().await {
+                wire.extend_from_slice(&frame.unwrap().into_data().unwrap());
+                frames += 1;
+            }
+            assert!(
+                frames >= zeros.len() / INPUT_PER_POLL,
+                "{coding:?}: {frames} frames"
+            );
+            assert_eq!(decode(coding, &wire).await, zeros, "{coding:?}");
         }
     }
 
