@@ -998,7 +998,7 @@ def main():
     ap.add_argument("--compress-conns", type=int, default=50,
                     help="keep-alive connections of the compression cell")
     # Portico's levels (crates/portico/src/ingress/compress.rs), given to nginx.
-    ap.add_argument("--gzip-level", type=int, default=4)
+    ap.add_argument("--gzip-level", type=int, default=3)
     ap.add_argument("--brotli-level", type=int, default=4)
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
