@@ -513,6 +513,7 @@ class Bench:
                     ok = max(r["ok"], 1)
                     r.update(wire)
                     r.update({"proxy": name, "coding": coding, "conns": a.compress_conns,
+                              "page_bytes": len(page),
                               "rps": r["ok"] / a.duration,
                               "cpu_us_per_req": (sum(c1) - sum(c0)) * 1e6 / ok})
                     log(f"  compression {name:8} {coding:8} {r['wire_bytes']:6} bytes "
@@ -776,8 +777,8 @@ def summary(res, args):
 def compression_summary(res, args):
     rows = res["compression"]
     base = {r["proxy"]: r["cpu_us_per_req"] for r in rows if r["coding"] == "identity"}
-    lines = [f"## Compression: a {rows[0]['body_bytes'] if rows else 0}-byte HTML page "
-             "(bench/conf/page.py)", "",
+    page = rows[0].get("page_bytes", "?")
+    lines = [f"## Compression: a {page}-byte HTML page (bench/conf/page.py)", "",
              f"Through Portico `--compress` and through nginx (`gzip on` and the Brotli filter), "
              f"gzip level {args.gzip_level}, Brotli {args.brotli_level} (256 KiB window), zstd "
              f"Portico's own (3); wrk -c{args.compress_conns} keep-alive, one Accept-Encoding "

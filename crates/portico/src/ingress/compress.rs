@@ -5,12 +5,13 @@
 //! known and `apply` on the response that leaves.
 //!
 //! Codings, in the server's order of preference when the client's weights
-//! tie: zstd, then gzip, then Brotli, cheapest first for output within a
-//! few per cent of each other at the levels chosen for speed. On our pages
-//! (docs/benchmarks.md#compression) zstd 3 took a third of gzip 3's CPU
-//! for 5% more bytes, and Brotli 4 (the brotli crate) half as much again
-//! as gzip for the same bytes: Brotli only paid at level 5 and up, at twice
-//! gzip's CPU. A client that weighs Brotli higher still gets it.
+//! tie: zstd, then gzip, then Brotli, cheapest first for output within 10%
+//! of each other at the levels chosen for speed. On the pages measured
+//! (docs/benchmarks.md, "compression (issue 19)") zstd 3 took a third to a
+//! half of gzip 3's CPU for 5% more bytes, and Brotli 4 (the brotli crate)
+//! 1.4 to 2 times gzip's for the same bytes: Brotli only made smaller
+//! output from level 5 up, at twice gzip's CPU. A client that weighs
+//! Brotli higher still gets it.
 
 use std::io;
 use std::pin::Pin;
