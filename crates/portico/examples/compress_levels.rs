@@ -118,7 +118,9 @@ async fn main() {
         return;
     }
     println!("page: {} bytes", page.len());
-    println!("| coding | level | bytes | ratio | CPU µs per response | KiB held per open response |");
+    println!(
+        "| coding | level | bytes | ratio | CPU µs per response | KiB held per open response |"
+    );
     println!("|---|---|---|---|---|---|");
     for (coding, levels) in LEVELS {
         for &level in levels {

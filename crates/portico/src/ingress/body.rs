@@ -27,8 +27,8 @@ pub struct ResponseBody {
 enum Kind {
     Upstream(UpstreamBody),
     Local(Option<Bytes>),
-    /// Boxed: the encoder's state is a few hundred bytes, and most
-    /// responses are not compressed.
+    /// Boxed: the encoder's state is some 300 bytes, and most responses
+    /// are not compressed.
     Compressed(Box<Encoded<ResponseBody>>),
 }
 
