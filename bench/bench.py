@@ -25,12 +25,18 @@ Measured, each with the proxy started fresh:
            writes, Nagle on), direct and through each proxy: a proxy that
            delays its ACK of the head stalls each reused connection's
            request by the delayed-ACK timer.
+  compression  a 20 KiB HTML page (bench/conf/page.py) from an nginx
+           backend, through Portico --compress and through nginx with
+           `gzip on` and its Brotli filter at the same levels: bytes on the
+           wire and CPU per response, for gzip, br, zstd (Portico only)
+           and none; each body checked against the page.
 
 Writes DIR/results.json, DIR/summary.md and DIR/chart.svg.
 """
 
 import argparse
 import datetime
+import gzip
 import json
 import os
 import platform
@@ -213,13 +219,15 @@ def parse_duration_us(text):
     return v * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
 
 
-def wrk(port, conns, seconds, close, cpu, threads=1):
+def wrk(port, conns, seconds, close, cpu, threads=1, headers=()):
     # wrk takes whole seconds.
     seconds = max(1, round(seconds))
     argv = ["taskset", "-c", cpu, "wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s",
             "--latency", "--timeout", "2s"]
     if close:
         argv += ["-H", "Connection: close"]
+    for h in headers:
+        argv += ["-H", h]
     argv.append(f"http://127.0.0.1:{port}/")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
     found = re.search(r"(\d+) requests in", out)
@@ -246,7 +254,8 @@ class Bench:
         self.a = args
         self.work = os.path.join(args.out, "work")
         os.makedirs(self.work, exist_ok=True)
-        self.results = {"cells": [], "latency": [], "memory": [], "churn": None, "nagle": []}
+        self.results = {"cells": [], "latency": [], "memory": [], "churn": None, "nagle": [],
+                        "compression": []}
         body = "x" * args.body_bytes
         self.backend_ports = [free_port(), free_port()]
         self.backends = []
@@ -443,6 +452,79 @@ class Bench:
             tower.stop()
             backend.stop()
 
+    def start_compressing(self, name, tower, backend):
+        """Portico with --compress, or nginx with gzip and Brotli, in front
+        of the page's backend: (port, Proc)."""
+        a = self.a
+        port = free_port()
+        d = os.path.join(self.work, f"{name}-compress")
+        os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+        if name == "portico":
+            p = Proc([a.portico, "ingress", "--listen", f"127.0.0.1:{port}",
+                      "--tower", f"127.0.0.1:{tower.port}", "--route", f"/:{tower.service}",
+                      "--threads", "1", "--admin", "off", "--log-level", "warn", "--compress"],
+                     a.proxy_cpu)
+        else:
+            if not os.path.exists(BROTLI_MODULE):
+                raise RuntimeError(f"no {BROTLI_MODULE}: apt-get install "
+                                   "libnginx-mod-http-brotli-filter (bench/run.sh does)")
+            render("proxy.compress.nginx.conf.in", os.path.join(d, "nginx.conf"),
+                   NOFILE=a.nofile, CONNS=a.nofile - 100, PORT=port, B1=backend,
+                   BROTLI_MODULE=BROTLI_MODULE, GZIP_LEVEL=a.gzip_level,
+                   BROTLI_LEVEL=a.brotli_level)
+            p = Proc(["nginx", "-p", d, "-c", "nginx.conf"], a.proxy_cpu)
+        wait_listening(port, p)
+        return port, p
+
+    def run_compression(self):
+        """The page through each compressing proxy, one coding at a time."""
+        a = self.a
+        d = os.path.join(self.work, "site")
+        root = os.path.join(d, "root")
+        os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+        os.makedirs(root, exist_ok=True)
+        page = subprocess.run([sys.executable, os.path.join(HERE, "conf", "page.py")],
+                              capture_output=True, check=True).stdout
+        with open(os.path.join(root, "index.html"), "wb") as f:
+            f.write(page)
+        port = free_port()
+        render("site.nginx.conf.in", os.path.join(d, "nginx.conf"), NOFILE=a.nofile,
+               CONNS=a.nofile - 100, PORT=port, ROOT=root)
+        backend = Proc(["nginx", "-p", d, "-c", "nginx.conf"], a.load_cpu)
+        wait_listening(port, backend)
+        tower = Tower(a.portico, a.proxy_cpu, [port], service="site")
+        try:
+            for name in [p for p in a.proxies if p in ("portico", "nginx")]:
+                for coding in ("gzip", "br", "zstd", "identity"):
+                    if name == "nginx" and coding == "zstd":
+                        continue
+                    proxy_port, proc = self.start_compressing(name, tower, port)
+                    try:
+                        wire = fetch_encoded(proxy_port, coding, page)
+                        headers = [] if coding == "identity" else [f"Accept-Encoding: {coding}"]
+                        wrk(proxy_port, 1, a.warmup, False, a.load_cpu, headers=headers)
+                        pids = proc.pids()
+                        c0 = cpu_seconds(pids)
+                        r = wrk(proxy_port, a.compress_conns, a.duration, False, a.load_cpu,
+                                headers=headers)
+                        c1 = cpu_seconds(pids)
+                    finally:
+                        proc.stop()
+                    ok = max(r["ok"], 1)
+                    r.update(wire)
+                    r.update({"proxy": name, "coding": coding, "conns": a.compress_conns,
+                              "page_bytes": len(page),
+                              "rps": r["ok"] / a.duration,
+                              "cpu_us_per_req": (sum(c1) - sum(c0)) * 1e6 / ok})
+                    log(f"  compression {name:8} {coding:8} {r['wire_bytes']:6} bytes "
+                        f"({r['sent_as']}, {'intact' if r['intact'] else 'NOT INTACT'})  "
+                        f"{r['rps']:7.0f} req/s  cpu {fmt(r['cpu_us_per_req'])} us/req  "
+                        f"errors {r['non2xx'] + r['socket_errors']}")
+                    self.results["compression"].append(r)
+        finally:
+            tower.stop()
+            backend.stop()
+
     def run_churn(self):
         """Keep-alive load with and without a registration change every
         100 ms (the second replica deregistered, then registered again)."""
@@ -490,6 +572,47 @@ class Bench:
         }
         log(f"  churn: {steady:.0f} -> {churned:.0f} req/s "
             f"({100 * self.results['churn']['cost']:.1f}% cost)")
+
+
+BROTLI_MODULE = "/usr/lib/nginx/modules/ngx_http_brotli_filter_module.so"
+
+
+def fetch_encoded(port, coding, page):
+    """One GET of the page asking for `coding` (none for "identity"): the
+    bytes on the wire (head, framing and body), the coding it came in, and
+    whether it decodes to the page (gzip by python3, br and zstd by curl)."""
+    ask = "" if coding == "identity" else f"Accept-Encoding: {coding}\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: bench\r\n{ask}Connection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    fields = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        k, _, v = line.partition(":")
+        fields[k.strip().lower()] = v.strip()
+    if fields.get("transfer-encoding", "").lower() == "chunked":
+        data, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size.split(b";")[0], 16)
+            if n == 0:
+                break
+            data, rest = data + rest[:n], rest[n + 2:]
+        body = data
+    sent_as = fields.get("content-encoding", "identity")
+    if sent_as == "gzip":
+        intact = gzip.decompress(body) == page
+    elif sent_as == "identity":
+        intact = body == page
+    else:
+        out = subprocess.run(["curl", "-s", "--max-time", "10", "--compressed", "-H",
+                              f"Accept-Encoding: {coding}", f"http://127.0.0.1:{port}/"],
+                             capture_output=True, timeout=30).stdout
+        intact = out == page
+    return {"wire_bytes": len(raw), "body_bytes": len(body), "sent_as": sent_as,
+            "intact": intact and sent_as == coding}
 
 
 def fmt(v, digits=1):
@@ -645,8 +768,34 @@ def summary(res, args):
             lines.append(f"| {r['proxy']} | {fmt(r['rps'], 0)} | {fmt(r['p50_us'], 0)} | "
                          f"{fmt(r['p99_us'], 0)} | {r['non2xx'] + r['socket_errors']} |")
         lines.append("")
+    if res.get("compression"):
+        lines += compression_summary(res, args)
     lines += ["## Targets (issue 8)", ""] + targets(res, args, m) + [""]
     return "\n".join(lines)
+
+
+def compression_summary(res, args):
+    rows = res["compression"]
+    base = {r["proxy"]: r["cpu_us_per_req"] for r in rows if r["coding"] == "identity"}
+    page = rows[0].get("page_bytes", "?")
+    lines = [f"## Compression: a {page}-byte HTML page (bench/conf/page.py)", "",
+             f"Through Portico `--compress` and through nginx (`gzip on` and the Brotli filter), "
+             f"gzip level {args.gzip_level}, Brotli {args.brotli_level} (256 KiB window), zstd "
+             f"Portico's own (3); wrk -c{args.compress_conns} keep-alive, one Accept-Encoding "
+             "at a time. Bytes on the wire: head, chunk framing and body of one response. CPU: "
+             "the proxy's, per response; the extra is over the same proxy passing the page "
+             "as it is. nginx's gzip is zlib and its Brotli the C library; Portico's are "
+             "miniz_oxide (flate2) and the brotli crate, and its zstd is libzstd.", "",
+             "| proxy | asked | sent as | bytes on the wire | body bytes | req/s | CPU µs/req | "
+             "extra CPU µs/req | intact | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        extra = r["cpu_us_per_req"] - base[r["proxy"]] if r["proxy"] in base else None
+        lines.append(f"| {r['proxy']} | {r['coding']} | {r['sent_as']} | {r['wire_bytes']} | "
+                     f"{r['body_bytes']} | {fmt(r['rps'], 0)} | {fmt(r['cpu_us_per_req'])} | "
+                     f"{fmt(extra)} | {'yes' if r['intact'] else 'NO'} | "
+                     f"{r['non2xx'] + r['socket_errors']} |")
+    return lines + [""]
 
 
 def kernel_floor(m, mode, c):
@@ -847,9 +996,15 @@ def main():
     ap.add_argument("--churn-pairs", type=int, default=4,
                     help="interleaved steady/churn pairs; the report gives medians")
     ap.add_argument("--body-bytes", type=int, default=1024)
+    ap.add_argument("--compress-conns", type=int, default=50,
+                    help="keep-alive connections of the compression cell")
+    # Portico's levels (crates/portico/src/ingress/compress.rs), given to nginx.
+    ap.add_argument("--gzip-level", type=int, default=3)
+    ap.add_argument("--brotli-level", type=int, default=4)
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
-    ap.add_argument("--skip", default="", help="comma list of: cells,latency,memory,nagle,churn,lookup")
+    ap.add_argument("--skip", default="",
+                    help="comma list of: cells,latency,memory,nagle,compression,churn,lookup")
     a = ap.parse_args()
     if a.report:
         with open(os.path.join(a.out, "results.json")) as f:
@@ -879,7 +1034,8 @@ def main():
     res["settings"] = {k: getattr(a, k) for k in (
         "proxies", "modes", "conns", "duration", "rounds", "rate", "rate_conns", "latency_rounds",
         "idle_conns",
-        "churn_pairs", "body_bytes", "proxy_cpu", "load_cpu")}
+        "churn_pairs", "body_bytes", "proxy_cpu", "load_cpu", "compress_conns", "gzip_level",
+        "brotli_level")}
     try:
         if "cells" not in skip:
             log("cells:")
@@ -893,6 +1049,9 @@ def main():
         if "nagle" not in skip:
             log("nagle:")
             b.run_nagle()
+        if "compression" not in skip:
+            log("compression:")
+            b.run_compression()
         if "churn" not in skip and "portico" in a.proxies:
             log("churn:")
             b.run_churn()

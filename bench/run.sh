@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Portico's benchmark, one command: installs wrk, nginx and HAProxy from apt
-# when missing, builds Portico and the load generator (release), and runs
-# bench.py, which measures Portico, nginx, HAProxy and no proxy ("direct")
-# side by side and writes results.json, summary.md and chart.svg.
+# Portico's benchmark, one command: installs wrk, nginx (with its Brotli
+# filter) and HAProxy from apt when missing, builds Portico and the load
+# generator (release), and runs bench.py, which measures Portico, nginx,
+# HAProxy and no proxy ("direct") side by side and writes results.json,
+# summary.md and chart.svg.
 #
 #   bench/run.sh                 # the full run (about 10 minutes on 2 cores)
 #   bench/run.sh --publish       # ... and copy summary.md and chart.svg to docs/bench/
@@ -15,6 +16,9 @@ missing=()
 for tool in wrk nginx haproxy taskset; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+# The compression cell's nginx compresses with Brotli through this module.
+[[ -e /usr/lib/nginx/modules/ngx_http_brotli_filter_module.so ]] ||
+    missing+=(libnginx-mod-http-brotli-filter)
 if ((${#missing[@]})); then
     pkgs=("${missing[@]/taskset/util-linux}")
     echo "installing: ${pkgs[*]}" >&2

@@ -246,6 +246,15 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin: String,
 
+    /// Compress responses of the text types (HTML, CSS, JavaScript, JSON,
+    /// XML, SVG, plain text) with zstd, Brotli or gzip, as the client's
+    /// Accept-Encoding prefers; streamed. Not compressed: bodies under 1 KiB,
+    /// responses with a Content-Encoding or `Cache-Control: no-transform`,
+    /// HEAD, 1xx/204/206/304, gRPC, event streams, images, video, archives.
+    /// A route in the config file may say otherwise (`compress = false`).
+    #[arg(long)]
+    pub compress: bool,
+
     /// Access log: one line per request, Apache combined or JSON.
     #[arg(long, value_enum, default_value_t = crate::ingress::access_log::Format::Off)]
     pub access_log: crate::ingress::access_log::Format,

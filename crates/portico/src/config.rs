@@ -382,6 +382,7 @@ pub struct ProxyConfig {
     pub max_body_bytes: Option<u64>,
     pub max_requests_per_connection: Option<u32>,
     pub path_escapes: crate::ingress::route::PathEscapes,
+    pub compress: bool,
 }
 
 impl ProxyConfig {
@@ -548,6 +549,7 @@ impl ProxyConfig {
             max_requests_per_connection: (a.max_requests_per_connection > 0)
                 .then_some(a.max_requests_per_connection),
             path_escapes: a.path_escapes,
+            compress: a.compress,
         })
     }
 }

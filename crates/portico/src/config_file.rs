@@ -25,6 +25,7 @@
 //! strip_prefix = true        # optional: /api/x reaches the backend as /x
 //! backend_timeout = "5s"     # optional: this route's backend timeout
 //! redirect_https = false     # optional: this route's choice over --redirect-https
+//! compress = true            # optional: compress responses (default: --compress)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -115,6 +116,8 @@ pub struct RouteEntry {
     /// Whether plain-HTTP requests for this route are sent to HTTPS
     /// (unset: as `--redirect-https`).
     pub redirect_https: Option<bool>,
+    /// Compress this route's responses, or not, whatever --compress says.
+    pub compress: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -256,6 +259,7 @@ impl Loaded {
                         &e.backend_timeout,
                     )?,
                     redirect_https: e.redirect_https,
+                    compress: e.compress,
                 };
                 Ok(route)
             })
@@ -339,6 +343,7 @@ mod tests {
             service = "api"
             strip_prefix = true
             backend_timeout = "2s"
+            compress = false
             [[route]]
             prefix = "/"
             service = "web"
@@ -357,6 +362,8 @@ mod tests {
         let api = table.find(None, "/api/x").unwrap();
         assert!(api.options.strip_prefix);
         assert_eq!(api.options.backend_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(api.options.compress, Some(false));
+        assert_eq!(table.find(None, "/x").unwrap().options.compress, None);
         assert_eq!(table.find(None, "/x").unwrap().service.as_str(), "other");
         assert!(matches!(f.file.balance, Some(BalanceName::P2c)));
     }

@@ -8,7 +8,6 @@ use common::*;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 
 use futures_util::{SinkExt, StreamExt};
@@ -343,54 +342,6 @@ async fn access_log_lines_carry_route_endpoint_and_request_id() {
     );
     assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(lines[1]["request_id"], made.as_str());
-}
-
-fn chromium() -> &'static str {
-    for c in [
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-        "/usr/bin/google-chrome",
-    ] {
-        if std::path::Path::new(c).exists() {
-            return c;
-        }
-    }
-    panic!("this test opens the status page in headless Chromium: apt-get install chromium (.ci/run does)");
-}
-
-/// The page as a browser sees it after its scripts ran.
-fn browser_dom(url: &str, screenshot: Option<&std::path::Path>) -> String {
-    let profile = std::env::temp_dir().join(format!(
-        "portico-chromium-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let mut cmd = Command::new(chromium());
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--virtual-time-budget=4000",
-        "--window-size=1200,800",
-    ]);
-    cmd.arg(format!("--user-data-dir={}", profile.display()));
-    match screenshot {
-        Some(path) => cmd.arg(format!("--screenshot={}", path.display())),
-        None => cmd.arg("--dump-dom"),
-    };
-    let out = cmd.arg(url).output().expect("run chromium");
-    let _ = std::fs::remove_dir_all(&profile);
-    assert!(
-        out.status.success(),
-        "chromium: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,6 +161,7 @@ pub async fn serve(
         tunnel_idle: config.serve.timeouts.idle,
         max_requests_per_connection: config.max_requests_per_connection,
         path_escapes: config.path_escapes,
+        compress: config.compress,
     });
     for check in config.health_checks {
         tracing::info!(service = %check.service, path = %check.path, interval = ?check.interval, "active health check");

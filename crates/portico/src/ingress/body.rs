@@ -2,7 +2,8 @@
 //! one of our own short texts. It carries the request's completion: when
 //! the body is done (or dropped), the connection counts the request as
 //! finished, and its metrics and access log line are recorded with the real
-//! byte count and duration.
+//! byte count and duration. A compressed response's body is the encoder
+//! around the backend's, and counts the bytes that left.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::access_log::Record;
+use super::compress::{Coding, Compressible, Encoded};
 use super::conn::InFlight;
 use super::upstream::{AnyBodyError, UpstreamBody};
 use crate::metrics::RouteStats;
@@ -25,6 +27,9 @@ pub struct DownstreamBody {
 enum Kind {
     Upstream(UpstreamBody),
     Local(Option<Bytes>),
+    /// Boxed: the encoder's state is some 300 bytes, and most responses
+    /// are not compressed.
+    Compressed(Box<Encoded<DownstreamBody>>),
 }
 
 /// Recorded when the response ends.
@@ -84,6 +89,7 @@ impl DownstreamBody {
         match &self.kind {
             Kind::Upstream(b) => b.is_in_hand(),
             Kind::Local(_) => true,
+            Kind::Compressed(_) => false,
         }
     }
 
@@ -104,6 +110,7 @@ impl Body for DownstreamBody {
         let polled = match &mut self.kind {
             Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
             Kind::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Compressed(b) => Pin::new(b.as_mut()).poll_frame(cx),
         };
         // An HTTP/2 stream's stall guard learns here whether the stream now
         // waits on its client or on its backend.
@@ -120,6 +127,7 @@ impl Body for DownstreamBody {
         match &self.kind {
             Kind::Upstream(b) => b.is_end_stream(),
             Kind::Local(b) => b.is_none(),
+            Kind::Compressed(b) => b.is_end_stream(),
         }
     }
 
@@ -127,6 +135,18 @@ impl Body for DownstreamBody {
         match &self.kind {
             Kind::Upstream(b) => b.size_hint(),
             Kind::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Compressed(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Compressible for DownstreamBody {
+    fn compressed(mut self, coding: Coding) -> Self {
+        // The completion stays outside, so that it counts the bytes sent.
+        let done = self.done.take();
+        Self {
+            kind: Kind::Compressed(Box::new(Encoded::new(self, coding))),
+            done,
         }
     }
 }

@@ -21,6 +21,7 @@ use hyper::upgrade::OnUpgrade;
 use super::access_log::{AccessLog, Record};
 use super::body::{Completion, DownstreamBody};
 use super::checks::{self, Addressed, Limits};
+use super::compress;
 use super::conn::ConnState;
 use super::error::{ProxyError, UpstreamError};
 use super::failover::Failover;
@@ -71,6 +72,8 @@ pub struct Shared {
     pub max_requests_per_connection: Option<u32>,
     /// `--path-escapes`: which ambiguous paths get 400.
     pub path_escapes: route::PathEscapes,
+    /// `--compress`: for routes that do not say.
+    pub compress: bool,
 }
 
 /// What the request path knows of the client connection.
@@ -93,6 +96,9 @@ struct Trace {
     endpoint: Option<SocketAddr>,
     attempts: u32,
     request_id: Option<HeaderValue>,
+    /// Whether and how the response may be compressed, from the route and
+    /// the request's Accept-Encoding.
+    compress: compress::Plan,
 }
 
 /// The request's own line and fields, kept for the log before the request
@@ -151,7 +157,7 @@ pub fn handle(
             Err(e) => refusal(&e, &client, &seen),
         };
         let mut trace = pass.trace;
-        let mut response = response;
+        let mut response = compress::apply(trace.compress, &seen.method, response);
         let closes_after = client.state.had_trailers()
             || shared
                 .max_requests_per_connection
@@ -271,6 +277,8 @@ impl<'a> Pass<'a> {
             let path = checks::routing_path(parts.uri.path(), shared.path_escapes)?;
             let live = shared.routes.load_full();
             let route = self.route(&live, addressed.host(), &path)?;
+            let compress = route.options.compress.unwrap_or(shared.compress);
+            self.trace.compress = compress::plan(compress, &parts.headers);
             let path = match route.options.strip_prefix {
                 true => checks::strip_prefix(path, &route.prefix),
                 false => path,

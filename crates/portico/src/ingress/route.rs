@@ -33,6 +33,8 @@ pub struct RouteOptions {
     /// Whether a plain-HTTP request is sent to HTTPS (308); `None`: as
     /// `--redirect-https` says.
     pub redirect_https: Option<bool>,
+    /// Compress this route's responses (`None`: as --compress says).
+    pub compress: Option<bool>,
 }
 
 /// How the ingress talks to a route's backends.

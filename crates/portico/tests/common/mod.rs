@@ -621,6 +621,10 @@ impl AccessLogFile {
         Self { dir, path }
     }
 
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// An ingress routing `/` to `svc` that logs in `format` to this file.
     pub fn ingress(&self, tower: SocketAddr, format: &str) -> Proc {
         ingress(
@@ -806,4 +810,53 @@ pub async fn websocket_echo() -> SocketAddr {
         }
     });
     addr
+}
+
+/// The headless Chromium the browser tests drive.
+pub fn chromium() -> &'static str {
+    for c in [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ] {
+        if std::path::Path::new(c).exists() {
+            return c;
+        }
+    }
+    panic!("this test opens a page in headless Chromium: apt-get install chromium (.ci/run does)");
+}
+
+/// The page as a browser sees it after its scripts ran.
+pub fn browser_dom(url: &str, screenshot: Option<&std::path::Path>) -> String {
+    let profile = std::env::temp_dir().join(format!(
+        "portico-chromium-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let mut cmd = Command::new(chromium());
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--virtual-time-budget=4000",
+        "--window-size=1200,800",
+    ]);
+    cmd.arg(format!("--user-data-dir={}", profile.display()));
+    match screenshot {
+        Some(path) => cmd.arg(format!("--screenshot={}", path.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = cmd.arg(url).output().expect("run chromium");
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
