@@ -325,6 +325,13 @@ pub fn apply<B: Compressible>(plan: Plan, method: &Method, response: Response<B>
             }
             body
         }
+        Verdict::Compress(_)
+            if ENCODERS.load(std::sync::atomic::Ordering::Relaxed) >= MAX_ENCODERS =>
+        {
+            tracing::debug!(max = MAX_ENCODERS, "compression: at the cap of responses compressed at once; this one goes uncompressed");
+            add_vary(&mut head.headers);
+            body
+        }
         Verdict::Compress(coding) => {
             add_vary(&mut head.headers);
             weaken_etag(&mut head.headers);
@@ -414,6 +421,35 @@ pub struct Encoded<B> {
     out: BytesMut,
     /// The encoder has ended (or failed): only trailers are left.
     finished: bool,
+    _slot: EncoderSlot,
+}
+
+/// Responses being compressed at once, at most. An encoder's state is
+/// large (zstd's about 0.9 MiB with its window, Brotli's 0.8, gzip's 0.2),
+/// and a client that reads slowly keeps it for as long as it likes: past
+/// this many, responses go out uncompressed (still correct, only larger)
+/// rather than let clients choose the proxy's memory. At the cap, about
+/// 230 MiB.
+pub const MAX_ENCODERS: usize = 256;
+
+static ENCODERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the `MAX_ENCODERS` places, given back when the body is dropped.
+struct EncoderSlot;
+
+impl EncoderSlot {
+    /// Counted whether or not the cap is reached: `apply` looks first, and
+    /// workers racing past it overshoot by at most one each.
+    fn count() -> Self {
+        ENCODERS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        EncoderSlot
+    }
+}
+
+impl Drop for EncoderSlot {
+    fn drop(&mut self) {
+        ENCODERS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 enum Encoder<B> {
@@ -465,6 +501,7 @@ where
             encoder,
             out: BytesMut::new(),
             finished: false,
+            _slot: EncoderSlot::count(),
         }
     }
 
@@ -967,6 +1004,20 @@ mod tests {
         fn compressed(self, coding: Coding) -> Self {
             Full(self.0, Some(coding))
         }
+    }
+
+    #[test]
+    fn past_the_cap_of_encoders_a_response_goes_uncompressed() {
+        static PAGE: [u8; 2000] = [b'a'; 2000];
+        let page = || response(200, &[HTML, ("content-length", "2000")], &PAGE);
+        let held: Vec<EncoderSlot> = (0..MAX_ENCODERS).map(|_| EncoderSlot::count()).collect();
+        let r = apply(Plan::On(Some(Coding::Gzip)), &Method::GET, page());
+        assert_eq!(r.body().1, None, "at the cap: sent as it came");
+        assert_eq!(r.headers()[header::VARY], "accept-encoding");
+        assert_eq!(r.headers()[header::CONTENT_LENGTH], "2000");
+        drop(held);
+        let r = apply(Plan::On(Some(Coding::Gzip)), &Method::GET, page());
+        assert_eq!(r.body().1, Some(Coding::Gzip), "a place came free");
     }
 
     #[test]
