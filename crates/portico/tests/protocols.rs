@@ -51,6 +51,64 @@ async fn websocket_echo_through_the_ingress() {
     assert_eq!(get(ing.addr, "/").await.headers["x-backend"], "web");
 }
 
+/// A backend that switches protocols for any request and reports, on
+/// `closed`, when its side of the tunnel sees the connection end.
+async fn upgrade_backend() -> (SocketAddr, tokio::sync::mpsc::Receiver<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let switch = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n";
+                s.write_all(switch.as_bytes()).await.unwrap();
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = tx.send(()).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn a_client_that_resets_its_tunnel_closes_the_backend_side_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = tower("30s");
+    let (backend, mut closed) = upgrade_backend().await;
+    register(t.addr, "up", backend);
+    // The idle timeout is far off: only the reset can end the tunnel in time.
+    let ing = ingress(t.addr, &["/:up"], &["--idle-timeout", "120s"]);
+    wait_synced(&ing, 1).await;
+    let mut c = tokio::net::TcpStream::connect(ing.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    // A reset, not a FIN: the client is gone without a half-close.
+    c.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(c);
+    tokio::time::timeout(DEADLINE, closed.recv())
+        .await
+        .expect("the backend's side of a reset tunnel stayed open")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn idle_tunnels_are_closed() {
     let t = tower("30s");

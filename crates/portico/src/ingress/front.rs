@@ -85,9 +85,10 @@ impl FrontDoor {
         if self.redirect.is_none() && self.tokens.is_none() {
             return None;
         }
-        if let Some(token) = challenge_token(req.uri().path()) {
+        let challenge = self.tokens.as_ref().zip(challenge_token(req.uri().path()));
+        if let Some((tokens, token)) = challenge {
             // A token we do not hold may be a backend's own: routed as usual.
-            let key_authorization = self.tokens.as_ref()?.get(token)?;
+            let key_authorization = tokens.get(token)?;
             let mut resp = Response::new(DownstreamBody::bytes(key_authorization));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -148,10 +149,15 @@ impl FrontDoor {
     }
 }
 
-/// The token of an HTTP-01 challenge request's path.
+/// The token of an HTTP-01 challenge request's path: base64url characters
+/// only (RFC 8555 section 8.1), so that nothing else (`..`, an encoded
+/// slash) passes under the challenge's exemption from the redirect.
 pub fn challenge_token(path: &str) -> Option<&str> {
-    path.strip_prefix(ACME_CHALLENGE_PREFIX)
-        .filter(|t| !t.is_empty() && !t.contains('/'))
+    path.strip_prefix(ACME_CHALLENGE_PREFIX).filter(|t| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 /// The https:// URL a plain-HTTP request is sent to: its host (the port it
@@ -249,6 +255,14 @@ mod tests {
         );
         assert_eq!(challenge_token("/.well-known/acme-challenge/"), None);
         assert_eq!(challenge_token("/.well-known/acme-challenge/a/b"), None);
+        // Nothing that climbs or hides a separator is a token, so nothing
+        // of the kind escapes the redirect to HTTPS.
+        assert_eq!(challenge_token("/.well-known/acme-challenge/.."), None);
+        assert_eq!(
+            challenge_token("/.well-known/acme-challenge/..%2F..%2Fadmin"),
+            None
+        );
+        assert_eq!(challenge_token("/.well-known/acme-challenge/a.b"), None);
         assert_eq!(challenge_token("/.well-known/other"), None);
     }
 

@@ -36,10 +36,16 @@ pub async fn run(client: OnUpgrade, backend: OnUpgrade, idle: Duration, _conn: A
     let last = AtomicU64::new(0);
     let (cr, cw) = tokio::io::split(client);
     let (br, bw) = tokio::io::split(backend);
+    // Both directions until both end; a half-close passes on and the other
+    // direction goes on. An error ends both at once: a side that reset is
+    // gone, and the other must not hold its connection (and the client's
+    // slot, and the drain) until the idle timeout.
     let both = async {
-        let (up, down) = tokio::join!(pump(cr, bw, &last, base), pump(br, cw, &last, base));
-        if let Err(e) = up.and(down) {
-            tracing::debug!(error = %e, "tunnel ended with an error");
+        let up = pump(cr, bw, &last, base);
+        let down = pump(br, cw, &last, base);
+        match tokio::try_join!(up, down) {
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "tunnel ended with an error"),
         }
     };
     let watchdog = async {
