@@ -101,7 +101,9 @@ async fn a_client_that_resets_its_tunnel_closes_the_backend_side_at_once() {
     let n = c.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
     // A reset, not a FIN: the client is gone without a half-close.
-    c.set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(c);
     tokio::time::timeout(DEADLINE, closed.recv())
         .await
