@@ -14,16 +14,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "portico-{tag}-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// `n` distinct free ports below the ephemeral range (a port the kernel
 /// hands out for outgoing connections could be taken between our check
 /// and the server's bind), each free for TCP and UDP.

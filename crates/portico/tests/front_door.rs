@@ -7,17 +7,7 @@ mod common;
 use common::*;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "portico-{tag}-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use std::path::Path;
 
 /// A self-signed end-entity certificate for `name` (openssl, P-256).
 fn self_signed(dir: &Path, name: &str) -> (String, String) {

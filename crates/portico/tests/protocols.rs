@@ -318,16 +318,6 @@ fn self_signed_with(
     )
 }
 
-fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "portico-{tag}-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// curl's body and `-w` line, checking the certificate against `ca`.
 fn curl_https(host: &str, port: u16, ca: &str, proto: &str) -> (String, String) {
     let out = std::process::Command::new("curl")

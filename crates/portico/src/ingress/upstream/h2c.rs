@@ -11,7 +11,9 @@ use http::{request, Response, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use super::pool::Pool;
-use super::{connection, Connection, Connector, HyperRequest, UpstreamBody, UpstreamRequestBody};
+use super::{
+    connection, send_failed, Connection, Connector, HyperRequest, UpstreamBody, UpstreamRequestBody,
+};
 use crate::ingress::error::{AttemptError, BadRequest, UpstreamError};
 use crate::ingress::headers;
 use crate::ingress::quickack::QuickAck;
@@ -95,14 +97,6 @@ pub(super) async fn send(
             headers::remove_hop_by_hop(response.headers_mut());
             Ok(response.map(UpstreamBody::unpooled))
         }
-        Ok(Err(mut e)) => {
-            let unsent = e.take_message();
-            let error = UpstreamError::Request {
-                unsent: unsent.is_some(),
-                source: e.into_error(),
-            };
-            out.restore(unsent);
-            Err(failed(error))
-        }
+        Ok(Err(e)) => Err(send_failed(e, out, false)),
     }
 }

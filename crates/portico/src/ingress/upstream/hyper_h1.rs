@@ -17,7 +17,9 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use super::pool::{Pool, Pooled};
-use super::{connection, Connection, Connector, HyperRequest, UpstreamBody, UpstreamRequestBody};
+use super::{
+    connection, send_failed, Connection, Connector, HyperRequest, UpstreamBody, UpstreamRequestBody,
+};
 use crate::ingress::conn::coarse_ms;
 use crate::ingress::error::{AttemptError, UpstreamError};
 use crate::ingress::headers;
@@ -149,15 +151,7 @@ pub(super) async fn send(
     match tokio::time::timeout(timeout, conn.send(request)).await {
         Err(_elapsed) => Err(failed(UpstreamError::Timeout(timeout))),
         Ok(Ok(response)) => answer(pool, conn, response).map_err(failed),
-        Ok(Err(mut e)) => {
-            let unsent = e.take_message();
-            let error = UpstreamError::Request {
-                unsent: unsent.is_some(),
-                source: e.into_error(),
-            };
-            out.restore(unsent);
-            Err(failed(error))
-        }
+        Ok(Err(e)) => Err(send_failed(e, out, reused)),
     }
 }
 

@@ -130,6 +130,22 @@ impl HyperRequest {
     }
 }
 
+/// A send hyper failed: the request it gave back (nothing of it went out)
+/// or a copy goes back into `out` for a next try; the error says which.
+fn send_failed(
+    mut e: hyper::client::conn::TrySendError<Request<UpstreamRequestBody>>,
+    out: &mut HyperRequest,
+    reused: bool,
+) -> AttemptError {
+    let unsent = e.take_message();
+    let error = UpstreamError::Request {
+        unsent: unsent.is_some(),
+        source: e.into_error(),
+    };
+    out.restore(unsent);
+    AttemptError::new(error, reused)
+}
+
 fn rebuild(template: &Request<()>) -> Request<UpstreamRequestBody> {
     let mut r = Request::new(Either::Right(Empty::<Bytes>::new()));
     *r.method_mut() = template.method().clone();
