@@ -85,10 +85,10 @@ impl FrontDoor {
         if self.redirect.is_none() && self.tokens.is_none() {
             return None;
         }
-        let challenge = self.tokens.as_ref().zip(challenge_token(req.uri().path()));
-        if let Some((tokens, token)) = challenge {
-            // A token we do not hold may be a backend's own: routed as usual.
-            let key_authorization = tokens.get(token)?;
+        if let Some(token) = challenge_token(req.uri().path()) {
+            // A token we do not hold may be a backend's own (its own ACME
+            // client behind us): routed as usual, never redirected.
+            let key_authorization = self.tokens.as_ref()?.get(token)?;
             let mut resp = Response::new(DownstreamBody::bytes(key_authorization));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
