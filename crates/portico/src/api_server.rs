@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -51,8 +50,9 @@ const MAX_REFUSING: usize = 64;
 /// Serve `handler` on `listener` until shutdown. `what` names the listener
 /// in logs; `refusal` is the whole HTTP/1.1 response a client past the cap
 /// gets (it must say `connection: close`). The handler is told each
-/// request's peer address.
-pub async fn serve<H, F>(
+/// request's peer address; its body type is its own (a whole buffer, or
+/// the Tower's change stream).
+pub async fn serve<H, F, B>(
     listener: TcpListener,
     what: &'static str,
     limits: ServerLimits,
@@ -61,7 +61,9 @@ pub async fn serve<H, F>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(IpAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
@@ -102,7 +104,7 @@ pub async fn serve<H, F>(
 
 /// One connection: hyper's HTTP/1.1 or HTTP/2, closed by the watchdog when
 /// a head is slow or nothing happens.
-async fn connection<H, F>(
+async fn connection<H, F, B>(
     stream: TcpStream,
     peer: IpAddr,
     what: &'static str,
@@ -110,7 +112,9 @@ async fn connection<H, F>(
     handler: H,
 ) where
     H: Fn(IpAddr, Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked {

@@ -394,6 +394,13 @@ pub struct RegistryArgs {
     #[arg(long, default_value_t = 768)]
     pub http_max_watches: usize,
 
+    /// Changes the Tower keeps for change streams (`?watch=1`), 16 to
+    /// 1,048,576, each encoded once and shared by every stream. A stream
+    /// that falls further behind (or resumes from an older index) gets the
+    /// whole document once instead; about 100 bytes a change.
+    #[arg(long, value_name = "N", default_value_t = crate::registry::DEFAULT_WATCH_LOG)]
+    pub http_watch_log: usize,
+
     /// Require REGISTER/DEREGISTER (UDP and HTTP) to be signed with the key
     /// in this file (HMAC-SHA256; reads stay open). A LIST signed with it
     /// gets the whole list in one UDP datagram, not the first 1,232 bytes.

@@ -612,6 +612,13 @@ pub fn tower_http_settings(a: &RegistryArgs) -> Result<HttpSettings, StartupErro
             return Err(flag(name, n.to_string(), "must be 1 to 1,000,000"));
         }
     }
+    if !(16..=1_048_576).contains(&a.http_watch_log) {
+        return Err(flag(
+            "--http-watch-log",
+            a.http_watch_log.to_string(),
+            "must be 16 to 1,048,576 changes",
+        ));
+    }
     for origin in &a.http_allow_origins {
         if !is_origin(origin) {
             return Err(flag(
@@ -628,6 +635,7 @@ pub fn tower_http_settings(a: &RegistryArgs) -> Result<HttpSettings, StartupErro
             max_connections: a.http_max_connections,
         },
         max_watches: a.http_max_watches,
+        watch_log: a.http_watch_log,
         allow_origins: a.http_allow_origins.clone(),
     })
 }

@@ -557,3 +557,185 @@ fn a_signed_list_to_a_tower_without_a_key_is_capped() {
     assert!(reply.len() <= 1232, "{} bytes", reply.len());
     assert!(reply.ends_with("|TRUNCATED|300"), "{reply}");
 }
+
+/// A change stream read line by line: HTTP/1.0, so the body is the bytes
+/// until the close, no chunk framing.
+struct Stream {
+    lines: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Stream {
+    fn open(addr: SocketAddr, query: &str) -> Stream {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        write!(s, "GET /v1/services?{query} HTTP/1.0\r\nHost: t\r\n\r\n").unwrap();
+        let mut lines = std::io::BufReader::new(s);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            lines.read_line(&mut line).unwrap();
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        assert!(
+            head.contains("content-type: application/x-ndjson"),
+            "{head}"
+        );
+        Stream { lines }
+    }
+
+    fn next(&mut self) -> portico::services_doc::StreamLine {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.lines.read_line(&mut line).unwrap();
+        assert!(line.ends_with('\n'), "a whole line: {line:?}");
+        portico::services_doc::decode_line(line.trim_end().as_bytes()).unwrap()
+    }
+
+    fn full(&mut self) -> portico::services_doc::ServicesDoc {
+        match self.next() {
+            portico::services_doc::StreamLine::Full(doc) => doc,
+            other => panic!("expected a full document, got {other:?}"),
+        }
+    }
+
+    /// The next change; asserts it is `want`'s index.
+    fn change(&mut self, want: u64) -> portico::services_doc::Change {
+        match self.next() {
+            portico::services_doc::StreamLine::Change { index, change } => {
+                assert_eq!(index, want, "consecutive indexes");
+                change
+            }
+            other => panic!("expected change {want}, got {other:?}"),
+        }
+    }
+}
+
+/// A document's endpoints, without their TTLs (which age).
+fn endpoints(doc: &portico::services_doc::ServicesDoc) -> Vec<(String, std::net::IpAddr, u16)> {
+    doc.services
+        .iter()
+        .flat_map(|(name, eps)| eps.iter().map(move |e| (name.clone(), e.ip, e.port)))
+        .collect()
+}
+
+fn services_doc(addr: SocketAddr) -> portico::services_doc::ServicesDoc {
+    let answer = http_get(addr, "/v1/services");
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(body).unwrap()
+}
+
+#[test]
+fn the_change_stream_sends_a_full_document_then_each_change_and_resumes() {
+    use portico::services_doc::Change;
+    let t = tower("30s");
+    register(t.addr, "web", "127.0.0.1:8001".parse().unwrap());
+    let mut s = Stream::open(t.addr, "watch=1");
+    let full = s.full();
+    let plain = services_doc(t.addr);
+    assert_eq!((full.index, full.epoch), (plain.index, plain.epoch));
+    assert_eq!(endpoints(&full), endpoints(&plain));
+    let i = full.index;
+    register(t.addr, "web", "127.0.0.1:8002".parse().unwrap());
+    assert_eq!(
+        udp(t.addr, b"DEREGISTER|web|127.0.0.1|8001"),
+        "OK|DEREGISTERED|web"
+    );
+    assert!(matches!(
+        s.change(i + 1),
+        Change::Add { ttl_ms: 30_000, .. }
+    ));
+    assert!(matches!(s.change(i + 2), Change::Remove { .. }));
+    drop(s);
+    // Resumed from the last index seen: no full, the next change.
+    register(t.addr, "api", "127.0.0.1:8003".parse().unwrap());
+    let mut s = Stream::open(
+        t.addr,
+        &format!("watch=1&index={}&epoch={}", i + 2, full.epoch),
+    );
+    assert!(matches!(s.change(i + 3), Change::Add { .. }));
+    // Another run's epoch: a full document.
+    let other = full.epoch.wrapping_add(1);
+    let mut s = Stream::open(t.addr, &format!("watch=1&index={}&epoch={other}", i + 2));
+    assert_eq!(s.full().index, i + 3);
+    // The document and the blocking query are unchanged beside streams.
+    let answer = http_get(t.addr, &format!("/v1/services?index={}&wait=1s", i + 3));
+    assert!(
+        answer.contains("content-type: application/json"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(&format!("x-portico-index: {}", i + 3)),
+        "{answer}"
+    );
+}
+
+#[test]
+fn a_watcher_resuming_past_the_change_log_gets_one_full_document() {
+    let t = Proc::start(
+        &[
+            "tower",
+            "--listen",
+            "127.0.0.1:0",
+            "--ttl",
+            "30s",
+            "--http-watch-log",
+            "16",
+        ],
+        "tower listening on udp ",
+    );
+    let first = Stream::open(t.addr, "watch=1").full();
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 256];
+    for i in 0..40 {
+        let msg = format!("REGISTER|svc-{}|127.0.0.1|{}", i % 7, 9000 + i);
+        s.send_to(msg.as_bytes(), t.addr).unwrap();
+        s.recv_from(&mut buf).unwrap();
+    }
+    let query = format!("watch=1&index={}&epoch={}", first.index, first.epoch);
+    let mut stream = Stream::open(t.addr, &query);
+    let full = stream.full();
+    let plain = services_doc(t.addr);
+    assert_eq!((full.index, full.epoch), (plain.index, plain.epoch));
+    assert_eq!(endpoints(&full), endpoints(&plain));
+    assert_eq!(full.index, first.index + 40);
+    register(t.addr, "late", "127.0.0.1:9999".parse().unwrap());
+    stream.change(full.index + 1);
+    // Within the log: no full.
+    let query = format!("watch=1&index={}&epoch={}", full.index - 5, first.epoch);
+    let mut stream = Stream::open(t.addr, &query);
+    for i in full.index - 4..=full.index + 1 {
+        stream.change(i);
+    }
+    let metrics = http_get(t.addr, "/metrics");
+    assert!(
+        metrics.contains("portico_tower_watch_streams "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portico_tower_changes_total 41"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_bad_watch_log_is_refused_at_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args(["tower", "--listen", "127.0.0.1:0", "--http-watch-log", "8"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--http-watch-log") && err.contains("16 to 1,048,576"),
+        "{err}"
+    );
+}

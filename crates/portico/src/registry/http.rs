@@ -4,6 +4,9 @@
 //! - `GET /v1/services?index=N&epoch=E&wait=30s`: a blocking query (as
 //!   Consul's): answers when the registry's index differs from N (or the
 //!   epoch from E: another run of the Tower), or when `wait` passes.
+//! - `GET /v1/services?watch=1[&index=N&epoch=E]`: the change stream
+//!   (NDJSON, `registry::stream`): a `full` document unless resuming after
+//!   N, then every change with its index, a `ping` after 10 s of silence.
 //! - `GET /v1/services/NAME`: one service's endpoints (404 if none).
 //! - `POST /v1/register`, `POST /v1/deregister`: `{"name","ip","port"}`,
 //!   plus `"ts_ms"` and `"hmac"` when the Tower requires signatures (the MAC
@@ -15,16 +18,16 @@
 //! Writes need `Content-Type: application/json` (415 otherwise), and a
 //! request with an `Origin` header, from a web page, is refused (403)
 //! unless `--http-allow-origin` lists it. Connections are capped and timed
-//! by `api_server`; blocking queries are capped by `--http-max-watches`.
+//! by `api_server`; blocking queries and streams are capped by
+//! `--http-max-watches`.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use portico_wire::{
     signing_prefix, Envelope, ErrorReply, Registration, Reply, Request as WireRequest, ServiceName,
@@ -34,37 +37,18 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use super::{unix_ms, Registry, View};
+use super::stream::{WatchBody, PING_EVERY};
+use super::{unix_ms, Registry};
 use crate::api_server::ServerLimits;
-use crate::services_doc::{EndpointDoc, ServicesDoc};
+use crate::services_doc::ServicesDoc;
 
 /// Longest a blocking query may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_BODY: usize = 4096;
 
-/// The Tower answers `GET /v1/services` with its view as of the request.
-impl From<View> for ServicesDoc {
-    fn from(v: View) -> Self {
-        let mut services: BTreeMap<String, Vec<EndpointDoc>> = BTreeMap::new();
-        for (name, addr, left) in v.endpoints {
-            services
-                .entry(name.to_string())
-                .or_default()
-                .push(EndpointDoc {
-                    ip: addr.ip(),
-                    port: addr.port(),
-                    ttl_left_ms: left.as_millis() as u64,
-                });
-        }
-        Self {
-            index: v.index,
-            epoch: v.epoch,
-            warm: v.warm,
-            services,
-        }
-    }
-}
+/// What the API answers with: a whole buffer, or a change stream.
+type ApiBody = Either<Full<Bytes>, WatchBody>;
 
 #[derive(Debug, Deserialize)]
 struct WriteDoc {
@@ -86,6 +70,8 @@ struct ErrorDoc<'a> {
 pub struct HttpSettings {
     pub limits: ServerLimits,
     pub max_watches: usize,
+    /// Change lines kept for streams (`--http-watch-log`).
+    pub watch_log: usize,
     /// As browsers send them: `https://ops.example.com`, `http://localhost:3000`.
     pub allow_origins: Vec<String>,
 }
@@ -100,6 +86,9 @@ struct Api {
     allow_origins: Arc<[String]>,
     /// A write's body must arrive within the header timeout too.
     body_timeout: Duration,
+    /// A stream's silence before a ping: within the idle timeout, which
+    /// would otherwise close a quiet stream's connection.
+    ping_every: Duration,
 }
 
 impl Api {
@@ -128,7 +117,9 @@ pub async fn serve(
         max_watches: settings.max_watches,
         allow_origins: settings.allow_origins.into(),
         body_timeout: settings.limits.header_timeout,
+        ping_every: PING_EVERY.min(settings.limits.idle_timeout / 2),
     };
+    api.registry.set_watch_log(settings.watch_log);
     let handler = move |peer, req| answer(api.clone(), peer, req);
     crate::api_server::serve(
         listener,
@@ -167,7 +158,7 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
 /// A request carrying an `Origin` comes from a web page (browsers add it to
 /// every cross-origin request and to every POST): refused unless listed,
 /// so that no page a person happens to open can rewrite the registry.
-async fn answer(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<ApiBody> {
     let origin = req.headers().get(header::ORIGIN).cloned();
     let Some(origin) = origin else {
         return route(api, peer, req).await;
@@ -176,10 +167,11 @@ async fn answer(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<Full
         return error(
             StatusCode::FORBIDDEN,
             "requests from web pages are refused unless their origin is listed with --http-allow-origin",
-        );
+        )
+        .map(Either::Left);
     }
     let mut resp = if req.method() == Method::OPTIONS {
-        preflight()
+        preflight().map(Either::Left)
     } else {
         route(api, peer, req).await
     };
@@ -210,7 +202,53 @@ fn preflight() -> Response<Full<Bytes>> {
     r
 }
 
-async fn route(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The change stream, or any other request.
+async fn route(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<ApiBody> {
+    if req.method() == Method::GET && req.uri().path() == "/v1/services" {
+        let query = req.uri().query().unwrap_or("");
+        if let Some(on) = query_param(query, "watch") {
+            return watch(&api, on, query);
+        }
+    }
+    route_whole(api, peer, req).await.map(Either::Left)
+}
+
+/// Answer the change stream: from `index=N&epoch=E` when the log covers
+/// it, else from a `full` document.
+fn watch(api: &Api, on: &str, query: &str) -> Response<ApiBody> {
+    if on != "1" && on != "true" {
+        return error(StatusCode::BAD_REQUEST, "watch takes 1 (or true)").map(Either::Left);
+    }
+    // A stream holds a connection and a task for as long as it lasts.
+    let Ok(slot) = api.watches.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many blocking queries and streams open (--http-max-watches); retry later",
+        )
+        .map(Either::Left);
+    };
+    let epoch = query_param(query, "epoch").and_then(|v| v.parse::<u64>().ok());
+    let resume = query_param(query, "index")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|_| epoch == Some(api.registry.epoch()));
+    let body = WatchBody::start(
+        api.registry.clone(),
+        resume,
+        slot,
+        api.shutdown.clone(),
+        api.ping_every,
+    );
+    let mut r = Response::new(Either::Right(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn route_whole(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let registry = &api.registry;
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
@@ -270,7 +308,7 @@ async fn services(api: &Api, query: &str) -> Response<Full<Bytes>> {
         None => DEFAULT_WAIT,
     };
     if let Some(index) = index {
-        let same_run = epoch.is_none_or(|e| e == registry.view(Instant::now()).epoch);
+        let same_run = epoch.is_none_or(|e| e == registry.epoch());
         if same_run {
             // Each waiting query holds a connection and a task for minutes:
             // past the cap, the client is told at once rather than queued.
@@ -289,10 +327,14 @@ async fn services(api: &Api, query: &str) -> Response<Full<Bytes>> {
             }
         }
     }
-    let doc = ServicesDoc::from(registry.view(Instant::now()));
-    let mut resp = json(StatusCode::OK, &doc);
-    resp.headers_mut()
-        .insert("x-portico-index", doc.index.into());
+    // The same bytes for every client at this index (and a stream's full).
+    let (index, doc) = registry.document(Instant::now());
+    let mut resp = Response::new(Full::new(doc));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert("x-portico-index", index.into());
     resp
 }
 
@@ -464,11 +506,32 @@ fn metrics(api: &Api) -> Response<Full<Bytes>> {
         &mut out,
         "portico_tower_watches",
         "gauge",
-        "Blocking queries waiting now (at most --http-max-watches).",
+        "Blocking queries waiting and change streams open now (together at most --http-max-watches).",
         &[(
             "",
             (api.max_watches - api.watches.available_permits()) as u64,
         )],
+    );
+    family(
+        &mut out,
+        "portico_tower_watch_streams",
+        "gauge",
+        "Change streams (?watch=1) open now.",
+        &[("", c.streams.load(Relaxed))],
+    );
+    family(
+        &mut out,
+        "portico_tower_changes_total",
+        "counter",
+        "Changes to the set of endpoints, each one line of the change stream.",
+        &[("", c.changes.load(Relaxed))],
+    );
+    family(
+        &mut out,
+        "portico_tower_watch_resyncs_total",
+        "counter",
+        "Full documents sent to a stream whose place fell out of the change log (--http-watch-log).",
+        &[("", c.resyncs.load(Relaxed))],
     );
     if let Some((owned, backlog)) = registry.store_backlog() {
         family(

@@ -8,9 +8,11 @@ pub mod etcd;
 pub mod http;
 pub mod ratelimit;
 pub mod store;
+pub mod stream;
 pub mod table;
 pub mod udp;
 
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,14 +26,17 @@ use portico_wire::{
 use tokio::sync::{watch, Notify};
 
 use crate::etcd::keys::{EndpointKey, Layout};
+use crate::services_doc::{encode_change, EndpointDoc, ServicesDoc};
 use admit::Admission;
 use auth::{Key, Verifier};
 use store::{Job, Outcome, StoreState};
 pub use table::{Limits, Table};
 
 /// The registry every transport of a Tower goes through: the table, the
-/// signature check for writes, and the revision watchers wait on. Locks are
-/// held only for the table's pure operations, never across I/O.
+/// signature check for writes, the revision watchers wait on, the log of
+/// the last changes (each encoded once) and the document cached per
+/// revision. Locks are held only for pure operations, never across I/O;
+/// the order is store state, table, change log.
 #[derive(Debug, Clone)]
 pub struct Registry {
     inner: Arc<Inner>,
@@ -57,6 +62,57 @@ struct Inner {
     /// revision stays and for at most `LIST_REUSE`. Its own lock, never
     /// held with the table's.
     list_cache: Mutex<[Option<ListCache>; 2]>,
+    /// The last changes as stream lines. Appended under the table's lock,
+    /// so its order is the table's; read by watchers without it.
+    log: Mutex<ChangeLog>,
+    /// The document (`GET /v1/services`, a stream's `full`) of the latest
+    /// revision asked for. Its own lock, never held with another.
+    doc_cache: Mutex<Option<DocCache>>,
+}
+
+/// How many change lines the log keeps unless told (`--http-watch-log`).
+pub const DEFAULT_WATCH_LOG: usize = 16_384;
+
+/// The last `capacity` changes, by index with no gap: `lines[0]` is change
+/// `first`. A watcher holds only its place in it.
+#[derive(Debug)]
+struct ChangeLog {
+    first: u64,
+    lines: VecDeque<Bytes>,
+    capacity: usize,
+}
+
+impl ChangeLog {
+    fn push(&mut self, line: Bytes) {
+        if self.lines.len() >= self.capacity {
+            self.lines.pop_front();
+            self.first += 1;
+        }
+        if self.capacity == 0 {
+            self.first += 1;
+            return;
+        }
+        self.lines.push_back(line);
+    }
+
+    fn shrink_to(&mut self, capacity: usize) {
+        self.capacity = capacity;
+        while self.lines.len() > capacity {
+            self.lines.pop_front();
+            self.first += 1;
+        }
+    }
+}
+
+/// A watcher's place fell out of the change log: it needs a whole document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Behind;
+
+#[derive(Debug)]
+struct DocCache {
+    index: u64,
+    built: Instant,
+    doc: Bytes,
 }
 
 /// How long one encoded LIST is reused while nothing changes. Its
@@ -107,6 +163,12 @@ pub struct Counters {
     pub errors: AtomicU64,
     pub unauthorized: AtomicU64,
     pub expiries: AtomicU64,
+    /// Changes to the set of endpoints (each one stream line).
+    pub changes: AtomicU64,
+    /// Change streams open now.
+    pub streams: AtomicU64,
+    /// `full` documents sent to a stream whose place fell out of the log.
+    pub resyncs: AtomicU64,
 }
 
 pub const COMMANDS: [&str; 5] = ["REGISTER", "LOOKUP", "DEREGISTER", "LIST", "PING"];
@@ -133,6 +195,29 @@ pub struct View {
     /// heartbeated to this Tower yet: what it lacks may still exist.
     pub warm: bool,
     pub endpoints: Vec<(ServiceName, SocketAddr, Duration)>,
+}
+
+/// The document of `GET /v1/services`: the view, by service.
+impl From<View> for ServicesDoc {
+    fn from(v: View) -> Self {
+        let mut services: BTreeMap<String, Vec<EndpointDoc>> = BTreeMap::new();
+        for (name, addr, left) in v.endpoints {
+            services
+                .entry(name.to_string())
+                .or_default()
+                .push(EndpointDoc {
+                    ip: addr.ip(),
+                    port: addr.port(),
+                    ttl_left_ms: left.as_millis() as u64,
+                });
+        }
+        Self {
+            index: v.index,
+            epoch: v.epoch,
+            warm: v.warm,
+            services,
+        }
+    }
 }
 
 impl Registry {
@@ -173,6 +258,12 @@ impl Registry {
                 store,
                 admission,
                 list_cache: Mutex::new([None, None]),
+                log: Mutex::new(ChangeLog {
+                    first: 1,
+                    lines: VecDeque::new(),
+                    capacity: DEFAULT_WATCH_LOG,
+                }),
+                doc_cache: Mutex::new(None),
             }),
         }
     }
@@ -218,12 +309,88 @@ impl Registry {
                 return reply;
             }
         }
+        self.mutate(|table| table.handle(envelope.request, now))
+    }
+
+    /// Run `f` on the table, then log what it changed (each change encoded
+    /// once, under the table's lock so the log keeps the table's order) and
+    /// wake the watchers. Every change of the table goes through here.
+    fn mutate<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
         let mut table = lock(&self.inner.table);
-        let reply = table.handle(envelope.request, now);
+        let out = f(&mut table);
+        let mut changes = table.drain_changes().peekable();
+        if changes.peek().is_none() {
+            return out;
+        }
+        let mut log = lock(&self.inner.log);
+        let mut n = 0;
+        for (index, change) in changes {
+            debug_assert_eq!(index, log.first + log.lines.len() as u64);
+            log.push(encode_change(index, &change));
+            n += 1;
+        }
+        drop(log);
         let revision = table.revision();
         drop(table);
+        self.inner.counters.changes.fetch_add(n, Ordering::Relaxed);
         self.publish(revision);
-        reply
+        out
+    }
+
+    /// Keep the last `capacity` changes for streams (`--http-watch-log`).
+    pub fn set_watch_log(&self, capacity: usize) {
+        lock(&self.inner.log).shrink_to(capacity);
+    }
+
+    /// Copy the change lines from index `from` on into `out`, at most
+    /// `max`; returns the index after the last one copied. `Behind` when
+    /// `from` fell out of the log.
+    pub fn read_log(&self, from: u64, max: usize, out: &mut Vec<Bytes>) -> Result<u64, Behind> {
+        let log = lock(&self.inner.log);
+        let Some(skip) = from.checked_sub(log.first) else {
+            return Err(Behind);
+        };
+        let start = usize::try_from(skip).unwrap_or(usize::MAX);
+        let lines = log.lines.iter().skip(start).take(max);
+        let before = out.len();
+        out.extend(lines.cloned());
+        Ok(from + (out.len() - before) as u64)
+    }
+
+    /// Whether the log still holds every change after `index` (the
+    /// current revision included: nothing after it yet).
+    pub fn log_covers(&self, index: u64) -> bool {
+        let revision = lock(&self.inner.table).revision();
+        index <= revision && lock(&self.inner.log).first <= index + 1
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// The JSON document of every live endpoint and its index: encoded
+    /// once per revision, and again at most once per `LIST_REUSE` while
+    /// the revision stays (its `ttl_left_ms` age). Every change after the
+    /// index is in the change log after it, so a stream may start here.
+    pub fn document(&self, now: Instant) -> (u64, Bytes) {
+        let revision = lock(&self.inner.table).revision();
+        if let Some(c) = lock(&self.inner.doc_cache).as_ref() {
+            if c.index == revision && now.saturating_duration_since(c.built) < LIST_REUSE {
+                return (c.index, c.doc.clone());
+            }
+        }
+        let view = self.view(now);
+        let index = view.index;
+        let doc = Bytes::from(serde_json::to_vec(&ServicesDoc::from(view)).unwrap_or_default());
+        let mut cache = lock(&self.inner.doc_cache);
+        if cache.as_ref().is_none_or(|c| c.index <= index) {
+            *cache = Some(DocCache {
+                index,
+                built: now,
+                doc: doc.clone(),
+            });
+        }
+        (index, doc)
     }
 
     /// The next replica of `name` by the Tower's round robin.
@@ -368,15 +535,13 @@ impl Registry {
 
     /// Add or remove one replica in the table served.
     fn show(&self, r: &Registration, visible: bool) {
-        let mut table = lock(&self.inner.table);
-        if visible {
-            table.hold(&r.name, r.addr);
-        } else {
-            table.release(&r.name, r.addr);
-        }
-        let revision = table.revision();
-        drop(table);
-        self.publish(revision);
+        self.mutate(|table| {
+            if visible {
+                table.hold(&r.name, r.addr);
+            } else {
+                table.release(&r.name, r.addr);
+            }
+        });
     }
 
     /// Make the table exactly what the store says is served, less what
@@ -385,11 +550,7 @@ impl Registry {
     fn show_all(&self, state: &StoreState, now: Instant) {
         let mut keys = state.visible_keys(now);
         keys.retain(|(_, addr)| self.inner.admission.serves(addr.ip()));
-        let mut table = lock(&self.inner.table);
-        table.set_held(&keys);
-        let revision = table.revision();
-        drop(table);
-        self.publish(revision);
+        self.mutate(|table| table.set_held(&keys));
     }
 
     /// Whether this Tower keeps its registrations in etcd.
@@ -479,27 +640,26 @@ impl Registry {
             }
             return (reaped, next);
         }
-        let mut table = lock(&self.inner.table);
-        let reaped = table.reap(now);
+        let ttl = self.limits().ttl;
+        let warm = self.is_warm(now, ttl);
+        let (reaped, next_expiry) = self.mutate(|table| {
+            let reaped = table.reap(now);
+            if warm && !self.inner.warm_announced.swap(true, Ordering::Relaxed) {
+                table.bump_revision();
+            }
+            (reaped, table.next_expiry())
+        });
         self.inner
             .counters
             .expiries
             .fetch_add(reaped as u64, Ordering::Relaxed);
-        let ttl = table.limits().ttl;
-        let warm = self.is_warm(now, ttl);
-        if warm && !self.inner.warm_announced.swap(true, Ordering::Relaxed) {
-            table.bump_revision();
-        }
         let mut next = now + period;
-        if let Some(expiry) = table.next_expiry() {
+        if let Some(expiry) = next_expiry {
             next = next.min(expiry);
         }
         if !warm {
             next = next.min(self.inner.started + ttl);
         }
-        let revision = table.revision();
-        drop(table);
-        self.publish(revision);
         (reaped, next)
     }
 
@@ -525,10 +685,14 @@ impl Registry {
         self.inner.revision.subscribe()
     }
 
+    /// Tell watchers of `revision`. Two writers publish in either order
+    /// once off the table's lock, so the value only moves forward.
     fn publish(&self, revision: u64) {
         self.inner.revision.send_if_modified(|r| {
-            let changed = *r != revision;
-            *r = revision;
+            let changed = revision > *r;
+            if changed {
+                *r = revision;
+            }
             changed
         });
     }
@@ -552,9 +716,20 @@ impl crate::etcd::watch::Sink for Registry {
         let Some(store) = &self.inner.store else {
             return;
         };
+        let now = Instant::now();
         let mut state = lock(&store.state);
-        state.apply(events, revision);
-        self.show_all(&state, Instant::now());
+        // Only the keys of the events can change what is served: each is
+        // shown or hidden on its own, not the whole table recomputed.
+        for (key, visible) in state.apply_seen(events, revision, now) {
+            let visible = visible && self.inner.admission.serves(key.1.ip());
+            self.show(
+                &Registration {
+                    name: key.0,
+                    addr: key.1,
+                },
+                visible,
+            );
+        }
     }
 
     fn revision(&self) -> i64 {
@@ -574,11 +749,7 @@ impl crate::etcd::watch::Sink for Registry {
         drop(state);
         if first {
             // The end of the warm-up, for watchers of this Tower.
-            let mut table = lock(&self.inner.table);
-            table.bump_revision();
-            let revision = table.revision();
-            drop(table);
-            self.publish(revision);
+            self.mutate(Table::bump_revision);
         }
         if returned {
             store.wake.notify_one();

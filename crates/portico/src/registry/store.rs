@@ -338,6 +338,32 @@ impl StoreState {
         self.forget_settled();
     }
 
+    /// `apply`, and the keys of the events whose visibility it changed,
+    /// each with whether it is served now: the Tower shows or hides those
+    /// alone rather than recomputing every key.
+    pub fn apply_seen(
+        &mut self,
+        events: &[Event],
+        revision: i64,
+        now: Instant,
+    ) -> Vec<(EndpointKey, bool)> {
+        let mut keys: Vec<EndpointKey> = events
+            .iter()
+            .filter_map(|ev| self.layout.parse(&ev.kv.key))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let was: Vec<bool> = keys.iter().map(|k| self.visible(k, now)).collect();
+        self.apply(events, revision);
+        keys.into_iter()
+            .zip(was)
+            .filter_map(|(k, was)| {
+                let is = self.visible(&k, now);
+                (is != was).then_some((k, is))
+            })
+            .collect()
+    }
+
     fn forget_settled(&mut self) {
         let cache = &self.cache;
         self.removals.retain(|key, r| !r.settled(cache, key));

@@ -1,12 +1,18 @@
 //! The registry table: a pure state machine over the Tower's requests. No
 //! sockets and no clock: the caller passes `now`, so TTL expiry is tested
 //! with a fake clock instead of sleeping.
+//!
+//! Every change to the set of endpoints goes through `record`, which gives
+//! it the next index: the caller drains them (`drain_changes`) into the
+//! change stream, one line per index, with no gap.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use portico_wire::{ErrorReply, ListEntry, Registration, Reply, Request, ServiceName};
+
+use crate::services_doc::Change;
 
 /// Caps that keep memory bounded whatever a client sends.
 #[derive(Debug, Clone, Copy)]
@@ -63,9 +69,33 @@ pub struct Table {
     services: HashMap<ServiceName, Vec<Entry>>,
     total: usize,
     serve_counter: u64,
-    /// Bumped on every change to the set of endpoints (not on a refresh), so
-    /// watchers can tell whether anything moved.
+    /// Bumped once per change to the set of endpoints (not on a refresh),
+    /// so watchers can tell whether anything moved and by how much.
     revision: u64,
+    /// The changes not yet drained, each with its revision.
+    changes: Vec<(u64, Change)>,
+    /// Every entry with an expiry, soonest first: the reaper and
+    /// `next_expiry` touch only what expires, whatever the table's size.
+    expiries: BTreeSet<(Instant, ServiceName, SocketAddr)>,
+}
+
+/// Move an entry's place in the expiry index (`None`: not in it).
+fn reindex(
+    expiries: &mut BTreeSet<(Instant, ServiceName, SocketAddr)>,
+    name: &ServiceName,
+    addr: SocketAddr,
+    old: Option<Instant>,
+    new: Option<Instant>,
+) {
+    if old == new {
+        return;
+    }
+    if let Some(t) = old {
+        expiries.remove(&(t, name.clone(), addr));
+    }
+    if let Some(t) = new {
+        expiries.insert((t, name.clone(), addr));
+    }
 }
 
 impl Table {
@@ -76,6 +106,28 @@ impl Table {
             total: 0,
             serve_counter: 0,
             revision: 0,
+            changes: Vec::new(),
+            expiries: BTreeSet::new(),
+        }
+    }
+
+    /// One change, at the next revision.
+    fn record(&mut self, change: Change) {
+        self.revision += 1;
+        self.changes.push((self.revision, change));
+    }
+
+    /// The changes since the last drain, oldest first; their revisions
+    /// follow each other with no gap.
+    pub fn drain_changes(&mut self) -> std::vec::Drain<'_, (u64, Change)> {
+        self.changes.drain(..)
+    }
+
+    fn added(&self, r: &Registration) -> Change {
+        Change::Add {
+            service: r.name.clone(),
+            addr: r.addr,
+            ttl_ms: self.limits.ttl.as_millis() as u64,
         }
     }
 
@@ -115,11 +167,13 @@ impl Table {
         let expires = now + self.limits.ttl;
         if let Some(entries) = self.services.get_mut(&r.name) {
             if let Some(e) = entries.iter_mut().find(|e| e.addr == r.addr) {
-                if !e.live(now) {
+                let was_live = e.live(now);
+                let old = e.expires.replace(expires);
+                reindex(&mut self.expiries, &r.name, r.addr, old, Some(expires));
+                if !was_live {
                     // Expired but not yet reaped: for watchers it is new again.
-                    self.revision += 1;
+                    self.record(self.added(r));
                 }
-                e.expires = Some(expires);
                 return Ok(());
             }
         }
@@ -142,8 +196,9 @@ impl Table {
                 expires: Some(expires),
                 last_served: 0,
             });
+        self.expiries.insert((expires, r.name.clone(), r.addr));
         self.total += 1;
-        self.revision += 1;
+        self.record(self.added(r));
         Ok(())
     }
 
@@ -155,12 +210,16 @@ impl Table {
         let Some(pos) = entries.iter().position(|e| e.addr == r.addr) else {
             return false;
         };
-        entries.swap_remove(pos);
+        let gone = entries.swap_remove(pos);
         if entries.is_empty() {
             self.services.remove(&r.name);
         }
+        reindex(&mut self.expiries, &r.name, r.addr, gone.expires, None);
         self.total -= 1;
-        self.revision += 1;
+        self.record(Change::Remove {
+            service: r.name.clone(),
+            addr: r.addr,
+        });
         true
     }
 
@@ -214,30 +273,39 @@ impl Table {
     /// When the next entry expires, if any: the reaper wakes then, so that
     /// watchers learn of an expiry at once rather than at the next sweep.
     pub fn next_expiry(&self) -> Option<Instant> {
-        self.services
-            .values()
-            .flatten()
-            .filter_map(|e| e.expires)
-            .min()
+        self.expiries.first().map(|(t, _, _)| *t)
     }
 
-    /// Mark a change that is not in the entries themselves (the Tower
-    /// finishing its warm-up), so that watchers fetch again.
+    /// Record the end of the Tower's warm-up, a change that is not in the
+    /// entries themselves, so that watchers hear of it.
     pub fn bump_revision(&mut self) {
-        self.revision += 1;
+        self.record(Change::Warm);
     }
 
-    /// Drop expired entries; returns how many went.
+    /// Drop expired entries, one change each; returns how many went.
+    /// Touches only the expired ones.
     pub fn reap(&mut self, now: Instant) -> usize {
-        let before = self.total;
-        self.services.retain(|_, entries| {
-            entries.retain(|e| e.live(now));
-            !entries.is_empty()
-        });
-        self.total = self.services.values().map(Vec::len).sum();
-        let reaped = before - self.total;
-        if reaped > 0 {
-            self.revision += 1;
+        let mut reaped = 0;
+        while self.expiries.first().is_some_and(|(t, _, _)| *t <= now) {
+            let Some((_, name, addr)) = self.expiries.pop_first() else {
+                break;
+            };
+            let Some(entries) = self.services.get_mut(&name) else {
+                continue;
+            };
+            let Some(pos) = entries.iter().position(|e| e.addr == addr) else {
+                continue;
+            };
+            entries.swap_remove(pos);
+            if entries.is_empty() {
+                self.services.remove(&name);
+            }
+            self.total -= 1;
+            reaped += 1;
+            self.record(Change::Remove {
+                service: name,
+                addr,
+            });
         }
         reaped
     }
@@ -252,7 +320,8 @@ impl Table {
     pub fn hold(&mut self, name: &ServiceName, addr: SocketAddr) -> bool {
         let entries = self.services.entry(name.clone()).or_default();
         if let Some(e) = entries.iter_mut().find(|e| e.addr == addr) {
-            e.expires = None;
+            let old = e.expires.take();
+            reindex(&mut self.expiries, name, addr, old, None);
             return false;
         }
         entries.push(Entry {
@@ -261,7 +330,10 @@ impl Table {
             last_served: 0,
         });
         self.total += 1;
-        self.revision += 1;
+        self.record(self.added(&Registration {
+            name: name.clone(),
+            addr,
+        }));
         true
     }
 
@@ -526,5 +598,85 @@ mod tests {
         assert_eq!(t.revision(), r1);
         t.handle(req("DEREGISTER|a|10.0.0.1|1"), now);
         assert!(t.revision() > r1);
+    }
+
+    /// Every entry the table holds, live or not yet reaped.
+    fn held(t: &Table) -> std::collections::BTreeSet<(ServiceName, SocketAddr)> {
+        t.services
+            .iter()
+            .flat_map(|(n, es)| es.iter().map(move |e| (n.clone(), e.addr)))
+            .collect()
+    }
+
+    #[test]
+    fn changes_are_gap_free_and_replay_to_the_table() {
+        let (mut t, start) = table();
+        let mut now = start;
+        let mut replayed = held(&t);
+        let mut last = t.revision();
+        let mut rng = fastrand::Rng::with_seed(21);
+        for step in 0..2000 {
+            let name = ServiceName::parse(&format!("s{}", rng.u8(0..4))).unwrap();
+            let addr: SocketAddr = format!("10.0.0.{}:80", rng.u8(1..6)).parse().unwrap();
+            let r = Registration { name, addr };
+            match rng.u8(0..10) {
+                0..=4 => drop(t.register(&r, now)),
+                5 | 6 => drop(t.deregister(&r)),
+                7 => drop(t.reap(now)),
+                8 => now += Duration::from_secs(rng.u64(1..20)),
+                _ => t.bump_revision(),
+            }
+            for (index, change) in t.drain_changes() {
+                assert_eq!(index, last + 1, "step {step}: a gap or a repeat");
+                last = index;
+                match change {
+                    Change::Add { service, addr, .. } => drop(replayed.insert((service, addr))),
+                    Change::Remove { service, addr } => drop(replayed.remove(&(service, addr))),
+                    Change::Warm => {}
+                }
+            }
+            assert_eq!(last, t.revision(), "step {step}");
+            assert_eq!(replayed, held(&t), "step {step}");
+            let soonest = t
+                .services
+                .values()
+                .flatten()
+                .filter_map(|e| e.expires)
+                .min();
+            assert_eq!(t.next_expiry(), soonest, "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_reap_of_k_entries_is_k_changes_and_a_comeback_is_an_add() {
+        let (mut t, now) = table();
+        for i in 1..=3 {
+            t.handle(req(&format!("REGISTER|web|10.0.0.{i}|80")), now);
+        }
+        t.drain_changes();
+        let r0 = t.revision();
+        let later = now + Duration::from_secs(30);
+        // Expired, not reaped: registering again is an add.
+        t.handle(req("REGISTER|web|10.0.0.1|80"), later);
+        assert_eq!(t.revision(), r0 + 1);
+        assert_eq!(t.reap(later), 2);
+        let changes: Vec<_> = t.drain_changes().collect();
+        assert_eq!(changes.len(), 3);
+        assert!(matches!(changes[0], (i, Change::Add { .. }) if i == r0 + 1));
+        assert!(matches!(changes[1], (_, Change::Remove { .. })));
+        assert!(matches!(changes[2], (i, Change::Remove { .. }) if i == r0 + 3));
+    }
+
+    #[test]
+    fn a_heartbeat_moves_only_its_own_expiry() {
+        let (mut t, now) = table();
+        t.handle(req("REGISTER|a|10.0.0.1|1"), now);
+        t.handle(req("REGISTER|b|10.0.0.1|2"), now + Duration::from_secs(5));
+        t.drain_changes();
+        t.handle(req("REGISTER|a|10.0.0.1|1"), now + Duration::from_secs(10));
+        assert_eq!(t.next_expiry(), Some(now + Duration::from_secs(35)));
+        assert_eq!(t.drain_changes().count(), 0, "a refresh is no change");
+        assert_eq!(t.reap(now + Duration::from_secs(35)), 1);
+        assert_eq!(t.next_expiry(), Some(now + Duration::from_secs(40)));
     }
 }
