@@ -5,7 +5,7 @@
 # HAProxy and no proxy ("direct") side by side and writes results.json,
 # summary.md and chart.svg.
 #
-#   bench/run.sh                 # the full run (about 10 minutes on 2 cores)
+#   bench/run.sh                 # the full run (about 12 minutes on 2 cores)
 #   bench/run.sh --publish       # ... and copy summary.md and chart.svg to docs/bench/
 #   bench/run.sh --smoke         # a minute: checks the benchmark works (CI); debug build
 #   bench/run.sh --rounds 3 ...  # any option of bench.py (bench/bench.py --help)
@@ -35,7 +35,10 @@ for a in "$@"; do
         --smoke)
             profile=debug
             args+=(--duration 1 --warmup 1 --conns 50 --rate 1000 --idle-conns 300
-                   --idle-hold 0.5 --churn-pairs 1 --latency-rounds 1) ;;
+                   --idle-hold 0.5 --churn-pairs 1 --latency-rounds 1
+                   --discovery-sizes 1000 --discovery-ingresses 2 --discovery-changes 20
+                   --discovery-idle-windows 1 --discovery-route-tries 3
+                   --discovery-heartbeat-seconds 1) ;;
         *) args+=("$a") ;;
     esac
 done
