@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Portico's benchmark, one command: installs wrk, nginx (with its Brotli
-# filter) and HAProxy from apt when missing, builds Portico and the load
+# filter), HAProxy and ss from apt when missing, builds Portico and the load
 # generator (release), and runs bench.py, which measures Portico, nginx,
 # HAProxy and no proxy ("direct") side by side and writes results.json,
 # summary.md and chart.svg.
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 missing=()
-for tool in wrk nginx haproxy taskset; do
+for tool in wrk nginx haproxy taskset ss; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 # The compression cell's nginx compresses with Brotli through this module.
@@ -21,6 +21,7 @@ done
     missing+=(libnginx-mod-http-brotli-filter)
 if ((${#missing[@]})); then
     pkgs=("${missing[@]/taskset/util-linux}")
+    pkgs=("${pkgs[@]/#ss/iproute2}")
     echo "installing: ${pkgs[*]}" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
