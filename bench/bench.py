@@ -30,6 +30,12 @@ Measured, each with the proxy started fresh:
            `gzip on` and its Brotli filter at the same levels: bytes on the
            wire and CPU per response, for gzip, br, zstd (Portico only)
            and none; each body checked against the page.
+  discovery  per registry size (--discovery-sizes endpoints over a tenth as
+           many services), a Tower watched by four ingresses: the CPU each
+           spends per registration change (schedstat, less an idle window),
+           the bytes the Tower sends per change, the time from a REGISTER
+           to the new replica answering through an ingress, and the
+           Tower's CPU per heartbeat datagram.
 
 Writes DIR/results.json, DIR/summary.md and DIR/chart.svg.
 """
@@ -37,9 +43,12 @@ Writes DIR/results.json, DIR/summary.md and DIR/chart.svg.
 import argparse
 import datetime
 import gzip
+import http.client
+import http.server
 import json
 import os
 import platform
+import random
 import re
 import resource
 import signal
@@ -255,7 +264,7 @@ class Bench:
         self.work = os.path.join(args.out, "work")
         os.makedirs(self.work, exist_ok=True)
         self.results = {"cells": [], "latency": [], "memory": [], "churn": None, "nagle": [],
-                        "compression": []}
+                        "compression": [], "discovery": []}
         body = "x" * args.body_bytes
         self.backend_ports = [free_port(), free_port()]
         self.backends = []
@@ -573,6 +582,454 @@ class Bench:
         log(f"  churn: {steady:.0f} -> {churned:.0f} req/s "
             f"({100 * self.results['churn']['cost']:.1f}% cost)")
 
+    def run_discovery(self):
+        """Discovery at scale (issue 21): per registry size, the CPU a
+        registration change costs each watching ingress and the Tower, how
+        soon a new replica is routed, and the Tower's CPU per heartbeat."""
+        a = self.a
+        rows = []
+        for n in a.discovery_sizes:
+            cell = DiscoveryCell(a, n)
+            try:
+                rows.append(cell.run())
+            finally:
+                cell.stop()
+        self.results["discovery"] = rows
+
+
+def cpu_ns(pid):
+    """CPU nanoseconds process `pid` has run so far, over all its threads:
+    schedstat counts in nanoseconds, where utime+stime's clock ticks (10 ms)
+    would swallow a change costing a fraction of a millisecond."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def tcp_bytes_sent(port):
+    """Bytes sent so far over the established TCP connections whose local
+    port is `port` (the kernel's count, from ss): what a server wrote to
+    its clients, whatever it wrote."""
+    out = subprocess.run(["ss", "-Htin", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, timeout=10).stdout
+    return sum(int(b) for b in re.findall(r"bytes_sent:(\d+)", out))
+
+
+def get_json(port, path, timeout=60):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"GET {path} on port {port} answered {r.status}: {body[:200]!r}")
+        return json.loads(body)
+    finally:
+        c.close()
+
+
+class TowerUdp:
+    """A UDP client of the Tower keeping at most `window` requests
+    unanswered: a burst past a socket buffer's worth would be dropped by
+    the kernel and a registration lost without a word."""
+
+    def __init__(self, port, window):
+        self.window = window
+        self.s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.s.connect(("127.0.0.1", port))
+        self.s.settimeout(2)
+        self.outstanding = 0
+        self.lost = 0
+        self.refused = []
+
+    def send(self, msg):
+        while self.outstanding >= self.window:
+            self.recv_one()
+        self.s.send(msg.encode())
+        self.outstanding += 1
+
+    def recv_one(self):
+        try:
+            reply = self.s.recv(65536).decode()
+        except socket.timeout:
+            # What went missing is found by comparing with the Tower's document.
+            self.lost += self.outstanding
+            self.outstanding = 0
+            return
+        self.outstanding -= 1
+        if not reply.startswith("OK|"):
+            self.refused.append(reply)
+
+    def poll(self):
+        """Read the replies already here, without waiting."""
+        self.s.setblocking(False)
+        try:
+            while self.outstanding:
+                reply = self.s.recv(65536).decode()
+                self.outstanding -= 1
+                if not reply.startswith("OK|"):
+                    self.refused.append(reply)
+        except BlockingIOError:
+            pass
+        finally:
+            self.s.settimeout(2)
+
+    def drain(self):
+        while self.outstanding:
+            self.recv_one()
+        if self.refused:
+            raise RuntimeError(f"the Tower refused {len(self.refused)} request(s), e.g. "
+                               f"{self.refused[0]!r}")
+
+    def close(self):
+        self.s.close()
+
+
+class NamedBackend:
+    """A tiny HTTP/1.1 backend answering every GET with its own name."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            body = self.server.name.encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    def __init__(self, name):
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.Handler)
+        self.server.daemon_threads = True
+        self.server.name = name
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Prober:
+    """One kept-alive connection to an ingress, asking GET /probe/."""
+
+    def __init__(self, port):
+        self.port = port
+        self.c = None
+
+    def ask(self):
+        for attempt in (0, 1):
+            if self.c is None:
+                self.c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                self.c.request("GET", "/probe/")
+                r = self.c.getresponse()
+                body = r.read().decode(errors="replace")
+                return body if r.status == 200 else f"status {r.status}"
+            except (OSError, http.client.HTTPException):
+                # The ingress closed the idle connection: one new one.
+                self.c.close()
+                self.c = None
+                if attempt:
+                    raise
+        return None
+
+    def wait_for(self, name, within=60):
+        deadline = time.monotonic() + within
+        while self.ask() != name:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ingress on {self.port} does not route to {name} "
+                                   f"after {within} s")
+
+    def wait_gone(self, name, within=60):
+        """Until `name` has not answered four times in a row: with round
+        robin over two replicas, one still in the table answers every
+        other request."""
+        deadline = time.monotonic() + within
+        streak = 0
+        while streak < 4:
+            streak = streak + 1 if self.ask() != name else 0
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ingress on {self.port} still routes to {name} "
+                                   f"after {within} s")
+
+    def close(self):
+        if self.c is not None:
+            self.c.close()
+
+
+def fleet_endpoint(i, j):
+    """Replica j of service i: distinct addresses in 10.0.0.0/8."""
+    return f"10.{(i >> 8) & 255}.{i & 255}.{j % 250 + 1}", 8000 + j // 250
+
+
+def sleep_until(t):
+    left = t - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+
+
+class DiscoveryCell:
+    """One Tower holding `n` endpoints over n/10 services, watched by
+    --discovery-ingresses ingresses; `probe` has two real replicas, A
+    (registered throughout) and B (registered to measure)."""
+
+    def __init__(self, a, n):
+        self.a = a
+        self.n = n
+        self.rng = random.Random(21 + n)
+        self.procs = []
+        self.probers = []
+        self.udp = None
+        self.backends = [NamedBackend("A"), NamedBackend("B")]
+        self.b_port = self.backends[1].port
+        self.services = {f"svc-{i}": [fleet_endpoint(i, j) for j in range(10)]
+                         for i in range(n // 10)}
+        self.next_replica = {name: 10 for name in self.services}
+
+    def stop(self):
+        for p in self.probers:
+            p.close()
+        if self.udp:
+            self.udp.close()
+        for p in self.procs:
+            p.stop()
+        for b in self.backends:
+            b.stop()
+
+    def expected(self):
+        return sum(len(v) for v in self.services.values()) + 1
+
+    def start_tower(self):
+        a = self.a
+        self.tower_port = free_port()
+        # A TTL of an hour: nothing expires and nothing needs a heartbeat
+        # while the changes are measured.
+        self.tower = Proc([a.portico, "tower", "--listen", f"127.0.0.1:{self.tower_port}",
+                           "--ttl", "1h", "--max-entries", str(max(65_536, 2 * self.n)),
+                           "--max-per-name", "1024", "--udp-rate-exempt", "127.0.0.0/8",
+                           "--log-level", "warn"], a.discovery_cpus)
+        self.procs.append(self.tower)
+        wait_listening(self.tower_port, self.tower)
+        self.udp = TowerUdp(self.tower_port, a.discovery_window)
+
+    def tower_count(self):
+        doc = get_json(self.tower_port, "/v1/services")
+        return doc, sum(len(v) for v in doc["services"].values())
+
+    def doc_bytes(self):
+        return len(json.dumps(get_json(self.tower_port, "/v1/services"), separators=(",", ":")))
+
+    def register_all(self):
+        t0 = time.monotonic()
+        self.udp.send(f"REGISTER|probe|127.0.0.1|{self.backends[0].port}")
+        for name, eps in self.services.items():
+            for ip, port in eps:
+                self.udp.send(f"REGISTER|{name}|{ip}|{port}")
+        self.udp.drain()
+        for _ in range(3):
+            doc, count = self.tower_count()
+            if count == self.expected():
+                break
+            held = {(s, e["ip"], e["port"]) for s, eps in doc["services"].items() for e in eps}
+            for name, eps in self.services.items():
+                for ip, port in eps:
+                    if (name, ip, port) not in held:
+                        self.udp.send(f"REGISTER|{name}|{ip}|{port}")
+            self.udp.drain()
+        else:
+            raise RuntimeError(f"the Tower holds {count} endpoints, not {self.expected()}")
+        return time.monotonic() - t0
+
+    def start_ingresses(self):
+        a = self.a
+        self.ingresses, self.admin_ports = [], []
+        for _ in range(a.discovery_ingresses):
+            port, admin = free_port(), free_port()
+            p = Proc([a.portico, "ingress", "--listen", f"127.0.0.1:{port}",
+                      "--tower", f"127.0.0.1:{self.tower_port}", "--discovery", "watch",
+                      "--route", "/probe:probe", "--threads", "1",
+                      "--admin", f"127.0.0.1:{admin}", "--log-level", "warn"], a.discovery_cpus)
+            self.procs.append(p)
+            self.ingresses.append(p)
+            self.admin_ports.append(admin)
+            wait_listening(port, p)
+            self.probers.append(Prober(port))
+
+    def ingress_count(self, admin):
+        return sum(len(v) for v in get_json(admin, "/endpoints").values())
+
+    def wait_synced(self, within=300):
+        """Until every ingress's table holds what the Tower holds."""
+        t0 = time.monotonic()
+        want = self.expected()
+        for admin in self.admin_ports:
+            while (have := self.ingress_count(admin)) != want:
+                if time.monotonic() - t0 > within:
+                    raise RuntimeError(f"ingress (admin {admin}) has {have} endpoints, the "
+                                       f"Tower {want}, after {within} s")
+                time.sleep(0.2)
+        return time.monotonic() - t0
+
+    def cpu(self):
+        """CPU ns of the Tower, then of each ingress, and last the bytes
+        the Tower has sent its watchers."""
+        return ([cpu_ns(self.tower.p.pid)] + [cpu_ns(p.p.pid) for p in self.ingresses] +
+                [tcp_bytes_sent(self.tower_port)])
+
+    def mark(self):
+        """Register B and wait until every ingress routes to it: the
+        ingresses apply changes in order, so each has then applied every
+        change sent before it."""
+        self.udp.send(f"REGISTER|probe|127.0.0.1|{self.b_port}")
+        for p in self.probers:
+            p.wait_for("B")
+        self.udp.drain()
+
+    def unmark(self):
+        self.udp.send(f"DEREGISTER|probe|127.0.0.1|{self.b_port}")
+        for p in self.probers:
+            p.wait_gone("B")
+        self.udp.drain()
+
+    def random_change(self):
+        name = self.rng.choice(list(self.services))
+        eps = self.services[name]
+        if len(eps) > 1 and self.rng.random() < 0.5:
+            ip, port = eps.pop(self.rng.randrange(len(eps)))
+            return f"DEREGISTER|{name}|{ip}|{port}"
+        i = int(name.split("-")[1])
+        ip, port = fleet_endpoint(i, self.next_replica[name])
+        self.next_replica[name] += 1
+        eps.append((ip, port))
+        return f"REGISTER|{name}|{ip}|{port}"
+
+    def window(self, changes):
+        """CPU per process over `changes` changes sent --discovery-interval-ms
+        apart (none: an idle window as long), ended by the marker change
+        once every ingress has applied them all."""
+        a = self.a
+        gap = a.discovery_interval_ms / 1000
+        c0, t0 = self.cpu(), time.monotonic()
+        for k in range(changes):
+            sleep_until(t0 + k * gap)
+            self.udp.send(self.random_change())
+            self.udp.poll()
+        sleep_until(t0 + a.discovery_changes * gap)
+        self.mark()
+        c1 = self.cpu()
+        elapsed = time.monotonic() - t0
+        self.unmark()
+        return [b - a_ for a_, b in zip(c0, c1)], elapsed
+
+    def route_latency(self):
+        """REGISTER B sent to B first answering through one ingress, kept
+        alive; B then deregistered and gone from every ingress."""
+        out = []
+        for _ in range(self.a.discovery_route_tries):
+            p = self.probers[0]
+            t0 = time.perf_counter()
+            self.udp.send(f"REGISTER|probe|127.0.0.1|{self.b_port}")
+            p.wait_for("B")
+            out.append((time.perf_counter() - t0) * 1000)
+            for q in self.probers[1:]:
+                q.wait_for("B")
+            self.udp.drain()
+            self.unmark()
+        return out
+
+    def heartbeats(self):
+        """Every endpoint refreshed in turn at the rate of a fleet
+        heartbeating every 10 s (a third of the default TTL), at least
+        1,000 a second: Tower CPU per datagram, less an idle window."""
+        a = self.a
+        rate = max(1000, self.n // 10)
+        seconds = a.discovery_heartbeat_seconds
+        flat = [(name, ip, port) for name, eps in self.services.items() for ip, port in eps]
+        c0, t0 = self.cpu(), time.monotonic()
+        sent = 0
+        while (now := time.monotonic()) < t0 + seconds:
+            due = int((now - t0) * rate)
+            while sent < due:
+                name, ip, port = flat[sent % len(flat)]
+                self.udp.send(f"REGISTER|{name}|{ip}|{port}")
+                sent += 1
+            self.udp.poll()
+            time.sleep(0.005)
+        self.udp.drain()
+        c1, t1 = self.cpu(), time.monotonic()
+        time.sleep(t1 - t0)
+        c2 = self.cpu()
+        busy = [b - a_ for a_, b in zip(c0, c1)]
+        idle = [b - a_ for a_, b in zip(c1, c2)]
+        net = [x - y for x, y in zip(busy, idle)][:-1]
+        return {"heartbeat_rate": rate, "heartbeat_datagrams": sent,
+                "heartbeat_seconds": t1 - t0,
+                "heartbeat_tower_us_per_datagram": net[0] / 1000 / max(sent, 1),
+                "heartbeat_ingress_us_per_datagram":
+                    statistics.mean(net[1:]) / 1000 / max(sent, 1)}
+
+    def run(self):
+        a = self.a
+        self.start_tower()
+        register_s = self.register_all()
+        self.start_ingresses()
+        sync_s = self.wait_synced()
+        doc_bytes = self.doc_bytes()
+        busy, elapsed = self.window(a.discovery_changes)
+        idles = [self.window(0)[0] for _ in range(a.discovery_idle_windows)]
+        # The least idle window per process: an idle one can only gain
+        # from chance (a blocking query's timeout, another helper's burst).
+        idle = [min(w[i] for w in idles) for i in range(len(busy))]
+        per_change = [(b - i) / 1e6 / a.discovery_changes for b, i in zip(busy, idle)]
+        sent_per_change = per_change.pop() * 1e6
+        routes = self.route_latency()
+        row = {
+            "endpoints": self.n, "services": len(self.services),
+            "ingresses": a.discovery_ingresses, "changes": a.discovery_changes,
+            "interval_ms": a.discovery_interval_ms, "window_s": elapsed,
+            "register_s": register_s, "ingress_sync_s": sync_s,
+            "tower_ms_per_change": per_change[0],
+            "ingress_ms_per_change": statistics.mean(per_change[1:]),
+            "ingress_ms_per_change_each": per_change[1:],
+            "idle_tower_ms": idle[0] / 1e6,
+            "idle_ingress_ms": statistics.mean(idle[1:-1]) / 1e6,
+            "doc_bytes": doc_bytes,
+            "tower_bytes_per_change": sent_per_change,
+            # Under a blocking query a watcher that cannot keep up gets the
+            # latest document, not one per change: below 1, the changes
+            # were coalesced and the CPU per change is less than one costs.
+            "docs_per_change": sent_per_change / doc_bytes / a.discovery_ingresses,
+            "route_ms": statistics.median(routes), "route_ms_min": min(routes),
+            "route_ms_max": max(routes), "route_tries": len(routes),
+            "udp_lost": self.udp.lost,
+        }
+        row.update(self.heartbeats())
+        self.wait_synced(within=60)
+        _, count = self.tower_count()
+        row["in_sync"] = count == self.expected()
+        log(f"  discovery {self.n:>7} endpoints: ingress {row['ingress_ms_per_change']:.3f} ms/change, "
+            f"Tower {row['tower_ms_per_change']:.3f} ms/change, routed in {row['route_ms']:.1f} ms "
+            f"({row['route_ms_min']:.1f}-{row['route_ms_max']:.1f}), heartbeat "
+            f"{row['heartbeat_tower_us_per_datagram']:.1f} us/datagram in the Tower; "
+            f"Tower sent {row['tower_bytes_per_change'] / 1024:.1f} KiB/change "
+            f"({row['docs_per_change']:.2f} documents per change per watcher); "
+            f"registered in {register_s:.1f} s, ingresses in sync in {sync_s:.1f} s")
+        return row
+
 
 BROTLI_MODULE = "/usr/lib/nginx/modules/ngx_http_brotli_filter_module.so"
 
@@ -770,7 +1227,9 @@ def summary(res, args):
         lines.append("")
     if res.get("compression"):
         lines += compression_summary(res, args)
-    lines += ["## Targets (issue 8)", ""] + targets(res, args, m) + [""]
+    if res.get("discovery"):
+        lines += discovery_summary(res, args)
+    lines += ["## Targets (issues 8 and 21)", ""] + targets(res, args, m) + [""]
     return "\n".join(lines)
 
 
@@ -796,6 +1255,76 @@ def compression_summary(res, args):
                      f"{fmt(extra)} | {'yes' if r['intact'] else 'NO'} | "
                      f"{r['non2xx'] + r['socket_errors']} |")
     return lines + [""]
+
+
+def discovery_summary(res, args):
+    rows = res["discovery"]
+    r0 = rows[0]
+    lines = ["## Discovery at scale (issue 21)", "",
+             f"One Tower (`--ttl 1h`: no heartbeat or expiry meanwhile) holding N endpoints "
+             f"over N/10 services, {r0['ingresses']} ingresses (`--discovery watch`, one "
+             f"thread each) watching it; Tower and ingresses on CPUs {args.discovery_cpus}. "
+             f"{r0['changes']} registration changes {r0['interval_ms']:g} ms apart (a new "
+             "replica or a deregistered one, on random services), ended by one marker change "
+             "(replica B of `probe` registered) polled through every ingress until each routes "
+             "to it, so that every change has been applied when the CPU is read. CPU is "
+             "schedstat's (every thread, ns), less the same processes' CPU over an idle window "
+             "as long without the changes but with the same marker (the least of "
+             f"{args.discovery_idle_windows}), divided by the changes. Routed: from B's "
+             "REGISTER sent to B's first answer through one ingress over a kept-alive "
+             f"connection (median of {r0['route_tries']}, range). Heartbeats: every endpoint "
+             "refreshed in turn at the rate of a fleet heartbeating every 10 s (at least "
+             "1,000/s), the Tower's CPU per datagram less an idle window as long. KiB sent: "
+             "what the Tower wrote to its watchers' TCP connections (ss's bytes_sent), less "
+             "the idle window's, per change; over the size of the whole document and the "
+             "watchers, it says how many documents a change cost: below 1, a watcher that "
+             "could not keep up was sent the latest document for several changes at once, "
+             "and the CPU per change is less than a change alone would cost.", "",
+             "| endpoints | services | ingress CPU ms/change (mean of each) | "
+             "Tower CPU ms/change (all watchers) | routed ms (range) | Tower KiB sent/change | "
+             "documents/change/watcher | heartbeats/s | "
+             "Tower µs/heartbeat | ingress µs/heartbeat | registered in s | ingresses in sync in s "
+             "| table equal at the end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['endpoints']:,} | {r['services']:,} | {r['ingress_ms_per_change']:.3f} | "
+            f"{r['tower_ms_per_change']:.3f} | {r['route_ms']:.1f} "
+            f"({r['route_ms_min']:.1f}-{r['route_ms_max']:.1f}) | "
+            f"{r['tower_bytes_per_change'] / 1024:.1f} | {r['docs_per_change']:.2f} | "
+            f"{r['heartbeat_rate']:,} | "
+            f"{r['heartbeat_tower_us_per_datagram']:.1f} | "
+            f"{r['heartbeat_ingress_us_per_datagram']:.1f} | {r['register_s']:.1f} | "
+            f"{r['ingress_sync_s']:.1f} | {'yes' if r['in_sync'] else 'NO'} |")
+    return lines + [""]
+
+
+def discovery_targets(rows):
+    """Issue 21's targets at 40,000 endpoints (or the largest size short of
+    it), and flatness: the largest size within 2x the smallest's figure,
+    or within the 40,000 target anyway."""
+    if not rows:
+        return []
+    out = []
+    at = [r for r in rows if r["endpoints"] == 40_000] or rows[-1:]
+    r = at[0]
+    n = f"{r['endpoints']:,} endpoints"
+    checks = (("ingress CPU per change", "ingress_ms_per_change", 0.5, "ms"),
+              ("Tower CPU per change, all watchers", "tower_ms_per_change", 1.0, "ms"),
+              ("routed after REGISTER", "route_ms", 10.0, "ms"))
+    for what, key, limit, unit in checks:
+        out.append(f"- discovery {n}: {what} {r[key]:.3f} {unit} (target <= {limit:g}): "
+                   f"{'met' if r[key] <= limit else 'NOT met'}")
+    if len(rows) > 1:
+        small, big = rows[0], rows[-1]
+        for what, key, limit, unit in checks:
+            ratio = big[key] / small[key] if small[key] > 0 else float("inf")
+            ok = ratio <= 2 or big[key] <= limit
+            out.append(f"- discovery flat, {what}: {big[key]:.3f} {unit} at "
+                       f"{big['endpoints']:,} endpoints, {ratio:.1f}x the {small['endpoints']:,} "
+                       f"figure (target <= 2x, or within {limit:g} {unit}): "
+                       f"{'met' if ok else 'NOT met'}")
+    return out
 
 
 def kernel_floor(m, mode, c):
@@ -873,7 +1402,7 @@ def targets(res, args, m):
         cost = res["churn"]["cost"]
         out.append(f"- churn: {100 * cost:.1f}% of throughput (target < 5%): "
                    f"{'met' if cost < 0.05 else 'NOT met'}")
-    return out
+    return out + discovery_targets(res.get("discovery") or [])
 
 
 def tick(v):
@@ -886,13 +1415,15 @@ def tick(v):
 
 
 COLORS = {"portico": "#2b6cb0", "nginx": "#38a169", "haproxy": "#dd6b20",
-          "direct": "#718096", "portico-lookup": "#90cdf4"}
+          "direct": "#718096", "portico-lookup": "#90cdf4",
+          "ingress": "#2b6cb0", "Tower": "#805ad5", "routed": "#d53f8c"}
 
 
 def chart(res, args):
     """Four panels of grouped bars, as a standalone SVG."""
     m = medians(res["cells"])
-    W, H = 1200, 980
+    disco = res.get("discovery") or []
+    W, H = 1200, 1200 if disco else 980
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
              f'font-family="sans-serif" font-size="12">',
              f'<rect width="{W}" height="{H}" fill="white"/>',
@@ -968,6 +1499,17 @@ def chart(res, args):
               [("portico", [m.get(("portico", k[1], k[2]), {}).get("cpu_us_per_req") for k in lmodes]),
                ("portico-lookup", [(look[k]["cpu_us_per_req"] or 0) + (look[k]["tower_cpu_us_per_req"] or 0)
                                    for k in lmodes])], "µs")
+    if disco:
+        sizes = [tick(r["endpoints"]) for r in disco]
+        # Two panels: a routing time in the hundreds of ms would flatten
+        # CPU bars of a few ms on a shared scale.
+        panel(70, 1030, 440, 150, f"Discovery: CPU ms per registration change, by endpoints "
+              f"({disco[0]['ingresses']} ingresses watching)", sizes,
+              # Less an idle window, a cost within noise can come out below zero.
+              [("ingress", [max(0, r["ingress_ms_per_change"]) for r in disco]),
+               ("Tower", [max(0, r["tower_ms_per_change"]) for r in disco])], "ms")
+        panel(650, 1030, 440, 150, "Discovery: ms from a REGISTER to the replica routed",
+              sizes, [("routed", [r["route_ms"] for r in disco])], "ms")
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -1003,8 +1545,26 @@ def main():
     ap.add_argument("--brotli-level", type=int, default=4)
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
+    ap.add_argument("--discovery-sizes", default="1000,10000,40000,100000",
+                    help="endpoints in the Tower, one discovery cell each (over a tenth as "
+                         "many services)")
+    ap.add_argument("--discovery-ingresses", type=int, default=4,
+                    help="ingresses watching the Tower in each discovery cell")
+    ap.add_argument("--discovery-changes", type=int, default=100)
+    ap.add_argument("--discovery-interval-ms", type=float, default=20,
+                    help="time between two registration changes")
+    ap.add_argument("--discovery-idle-windows", type=int, default=3,
+                    help="idle windows measured; the least is taken from the changes' CPU")
+    ap.add_argument("--discovery-route-tries", type=int, default=10,
+                    help="REGISTERs timed until routed; the report gives the median")
+    ap.add_argument("--discovery-heartbeat-seconds", type=float, default=3)
+    ap.add_argument("--discovery-window", type=int, default=128,
+                    help="UDP requests to the Tower left unanswered at most")
+    ap.add_argument("--discovery-cpus", default=f"0-{(os.cpu_count() or 1) - 1}",
+                    help="CPUs the Tower and ingresses of the discovery cells may run on")
     ap.add_argument("--skip", default="",
-                    help="comma list of: cells,latency,memory,nagle,compression,churn,lookup")
+                    help="comma list of: cells,latency,memory,nagle,compression,churn,lookup,"
+                         "discovery")
     a = ap.parse_args()
     if a.report:
         with open(os.path.join(a.out, "results.json")) as f:
@@ -1013,12 +1573,13 @@ def main():
             setattr(a, k, v)
         write_reports(res, a)
         return
-    if not a.portico or not a.loadgen:
+    skip = set(filter(None, a.skip.split(",")))
+    if not a.portico or (not a.loadgen and not {"latency", "memory"} <= skip):
         ap.error("--portico and --loadgen are needed to run (bench/run.sh passes them)")
     a.proxies = a.proxies.split(",")
     a.modes = a.modes.split(",")
     a.conns = [int(c) for c in a.conns.split(",")]
-    skip = set(filter(None, a.skip.split(",")))
+    a.discovery_sizes = [int(n) for n in a.discovery_sizes.split(",")]
     a.lookup = "lookup" not in skip
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     a.nofile = hard
@@ -1035,7 +1596,9 @@ def main():
         "proxies", "modes", "conns", "duration", "rounds", "rate", "rate_conns", "latency_rounds",
         "idle_conns",
         "churn_pairs", "body_bytes", "proxy_cpu", "load_cpu", "compress_conns", "gzip_level",
-        "brotli_level")}
+        "brotli_level", "discovery_sizes", "discovery_ingresses", "discovery_changes",
+        "discovery_interval_ms", "discovery_idle_windows", "discovery_route_tries",
+        "discovery_heartbeat_seconds", "discovery_cpus")}
     try:
         if "cells" not in skip:
             log("cells:")
@@ -1055,6 +1618,9 @@ def main():
         if "churn" not in skip and "portico" in a.proxies:
             log("churn:")
             b.run_churn()
+        if "discovery" not in skip:
+            log("discovery:")
+            b.run_discovery()
     finally:
         b.stop()
     with open(os.path.join(a.out, "results.json"), "w") as f:
