@@ -1,17 +1,20 @@
 //! An ingress watching etcd directly: the same list-then-watch as a Tower
-//! over etcd, feeding the same lock-free snapshot as the Tower watch. While
+//! over etcd, feeding the same lock-free snapshot as the Tower watch: a
+//! listing replaces it, each watch answer's events change only the
+//! services they name. While
 //! etcd is away the last snapshot keeps serving and `/readyz` says so.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::Watched;
-use crate::etcd::keys::{Cache, Layout};
+use crate::etcd::keys::{Cache, EndpointKey, Layout};
 use crate::etcd::watch::Sink;
 use crate::etcd::{Event, KeyValue};
 use crate::registry::admit::Admission;
 use crate::registry::View;
-use crate::services_doc::ServicesDoc;
+use crate::services_doc::{Change, ServicesDoc};
 
 #[derive(Debug)]
 pub struct EtcdSource {
@@ -66,9 +69,37 @@ impl Sink for EtcdSource {
 
     fn apply(&self, events: &[Event], revision: i64) {
         let mut cache = self.cache();
-        if cache.apply(&self.layout, events, revision) {
-            self.install(&cache);
+        // The keys the events name, and whether each was there before.
+        let mut before: HashMap<EndpointKey, bool> = HashMap::new();
+        for ev in events {
+            if let Some(key) = self.layout.parse(&ev.kv.key) {
+                let was = cache.get(&key).is_some();
+                before.entry(key).or_insert(was);
+            }
         }
+        if !cache.apply(&self.layout, events, revision) {
+            return;
+        }
+        let changes: Vec<Change> = before
+            .into_iter()
+            .filter(|((_, addr), _)| Admission::default().serves(addr.ip()))
+            .filter_map(|(key, was)| {
+                let is = cache.get(&key).is_some();
+                let (service, addr) = key;
+                match (was, is) {
+                    (false, true) => Some(Change::Add {
+                        service,
+                        addr,
+                        ttl_ms: 0,
+                    }),
+                    (true, false) => Some(Change::Remove { service, addr }),
+                    _ => None,
+                }
+            })
+            .collect();
+        let index = cache.revision().max(0) as u64;
+        drop(cache);
+        self.watched.apply(&changes, index);
     }
 
     fn revision(&self) -> i64 {

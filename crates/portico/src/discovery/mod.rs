@@ -9,6 +9,7 @@ pub mod confirm;
 pub mod etcd;
 pub mod health;
 pub mod snapshot;
+pub mod stream;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -147,14 +148,30 @@ impl Watched {
     /// Swap in the snapshot for a new document and wake requests waiting
     /// for a newer table.
     pub fn install(&self, doc: &crate::services_doc::ServicesDoc) {
-        let previous = self.table.load();
-        let next = Snapshot::from_doc(doc, &previous);
+        let next = Snapshot::from_doc(doc, &self.table.load());
         tracing::debug!(
             index = doc.index,
             warm = doc.warm,
             endpoints = next.endpoint_count(),
             "discovery: new snapshot"
         );
+        self.swap(next);
+    }
+
+    /// Swap in the snapshot after `changes` (now at `index`): the cost is
+    /// that of the services they touch, not of the table.
+    pub fn apply(&self, changes: &[crate::services_doc::Change], index: u64) {
+        let next = self.table.load().apply(changes, index);
+        tracing::debug!(
+            index,
+            changes = changes.len(),
+            endpoints = next.endpoint_count(),
+            "discovery: changes applied"
+        );
+        self.swap(next);
+    }
+
+    fn swap(&self, next: Snapshot) {
         self.table.store(Arc::new(next));
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.swapped.notify_waiters();

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 
-use super::{Mode, TowerSource};
+use super::{stream, Mode, TowerSource, Watched};
 use crate::services_doc::ServicesDoc;
 
 /// How the ingress learns endpoints (`--discovery`): `Auto` probes the
@@ -30,7 +30,8 @@ pub enum DiscoveryMode {
 
 /// How long one blocking query waits at the Tower.
 const WAIT: Duration = Duration::from_secs(30);
-const MAX_DOC: usize = 64 * 1024 * 1024;
+/// The largest document (or stream line) taken from a Tower.
+pub(super) const MAX_DOC: usize = 64 * 1024 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -42,13 +43,15 @@ pub enum WatchError {
     Timeout(SocketAddr),
     #[error("the Tower's HTTP API answered {0}")]
     Status(http::StatusCode),
+    #[error("the Tower ended its change stream")]
+    Ended,
     #[error("the Tower's answer broke off")]
     Body(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the Tower's answer is not its services document")]
     Json(#[source] serde_json::Error),
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+pub(super) type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 fn client() -> HttpClient {
     let mut connector = HttpConnector::new();
@@ -156,49 +159,143 @@ pub async fn run(
     watch_loop(&source, &client, shutdown).await;
 }
 
+/// Follow the Tower's change stream; with a Tower that has none, make
+/// blocking queries instead (and try the stream again after an error: the
+/// Tower may have been upgraded).
 async fn watch_loop(
     source: &TowerSource,
     client: &HttpClient,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
-    let mut logged_down = false;
+    let mut state = LoopState {
+        backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
+        logged_down: false,
+        warned_corrupt: false,
+        told_no_stream: false,
+        stream: true,
+        fresh: true,
+    };
     loop {
         let watched = source.watched();
-        let after = watched.is_synced().then(|| {
-            let s = watched.snapshot();
-            (s.index, s.epoch)
-        });
-        let fetched = tokio::select! {
-            f = fetch(client, source.http_addr, after) => f,
-            _ = shutdown.wait_for(|s| *s) => return,
+        let pause = if state.stream {
+            let resume = (!state.fresh && watched.ever_synced()).then(|| {
+                let s = watched.snapshot();
+                (s.index, s.epoch)
+            });
+            let mut progress = stream::Progress::default();
+            let ended = tokio::select! {
+                e = stream::follow(client, source.http_addr, watched, resume, &mut progress) => e,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            state.stream_ended(source, ended, &progress)
+        } else {
+            let after = watched.is_synced().then(|| {
+                let s = watched.snapshot();
+                (s.index, s.epoch)
+            });
+            let fetched = tokio::select! {
+                f = fetch(client, source.http_addr, after) => f,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            state.fetched(watched, fetched)
         };
-        match fetched {
-            Ok(doc) => {
-                let was_synced = watched.is_synced();
-                watched.install(&doc);
-                if !was_synced {
+        if pause && !state.backoff.pause(&mut shutdown).await {
+            return;
+        }
+    }
+}
+
+/// What the watch loop remembers between connections.
+struct LoopState {
+    backoff: Backoff,
+    /// Said once per outage that the Tower is away.
+    logged_down: bool,
+    /// Said once that a stream was not to be trusted, until one delivers.
+    warned_corrupt: bool,
+    told_no_stream: bool,
+    /// Whether to ask for the change stream (false: blocking queries).
+    stream: bool,
+    /// The next stream starts from a full document.
+    fresh: bool,
+}
+
+impl LoopState {
+    /// After a stream: what to do next. True to pause before it.
+    fn stream_ended(
+        &mut self,
+        source: &TowerSource,
+        ended: stream::Ended,
+        progress: &stream::Progress,
+    ) -> bool {
+        let watched = source.watched();
+        if progress.changes > 0 {
+            self.warned_corrupt = false;
+        }
+        if progress.documents + progress.changes > 0 {
+            self.logged_down = false;
+            self.backoff.reset();
+        }
+        match ended {
+            stream::Ended::NoStream(doc) => {
+                stream::install(watched, &doc);
+                self.stream = false;
+                if !self.told_no_stream {
                     tracing::info!(
-                        endpoints = watched.snapshot().endpoint_count(),
-                        "discovery: in sync with the Tower"
+                        "discovery: the Tower at http://{} has no change stream; using blocking queries",
+                        source.http_addr
                     );
+                    self.told_no_stream = true;
                 }
-                logged_down = false;
-                backoff.reset();
+                self.backoff.reset();
+                false
             }
-            Err(e) => {
-                watched.set_unsynced();
-                if !logged_down {
-                    tracing::warn!(
-                        "discovery: lost the Tower's watch ({}); serving the last known endpoints and reconnecting",
+            stream::Ended::Corrupt(e) => {
+                if self.warned_corrupt {
+                    tracing::debug!(
+                        "discovery: {}; starting again from the full document",
                         crate::error_chain::chain(&e)
                     );
-                    logged_down = true;
+                } else {
+                    tracing::warn!("discovery: {}; starting again from the full document (said once until a stream delivers)", crate::error_chain::chain(&e));
+                    self.warned_corrupt = true;
                 }
-                if !backoff.pause(&mut shutdown).await {
-                    return;
-                }
+                self.fresh = true;
+                true
             }
+            stream::Ended::Lost(e) => {
+                self.fresh = false;
+                self.lost(watched, &e);
+                true
+            }
+        }
+    }
+
+    /// After a blocking query. True to pause before the next.
+    fn fetched(&mut self, watched: &Watched, fetched: Result<ServicesDoc, WatchError>) -> bool {
+        match fetched {
+            Ok(doc) => {
+                stream::install(watched, &doc);
+                self.logged_down = false;
+                self.backoff.reset();
+                false
+            }
+            Err(e) => {
+                self.lost(watched, &e);
+                self.stream = true;
+                self.fresh = true;
+                true
+            }
+        }
+    }
+
+    fn lost(&mut self, watched: &Watched, e: &WatchError) {
+        watched.set_unsynced();
+        if !self.logged_down {
+            tracing::warn!(
+                "discovery: lost the Tower's watch ({}); serving the last known endpoints and reconnecting",
+                crate::error_chain::chain(e)
+            );
+            self.logged_down = true;
         }
     }
 }
