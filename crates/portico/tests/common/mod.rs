@@ -523,6 +523,42 @@ impl Client {
         Client { sender }
     }
 
+    /// Over a connection already open; an error, not a panic, if the
+    /// handshake fails (for load that counts failures).
+    pub async fn over(stream: tokio::net::TcpStream) -> Result<Client, String> {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(Client { sender })
+    }
+
+    /// A GET whose failure is an error, not a panic.
+    pub async fn try_get(&mut self, path: &str) -> Result<Answer, String> {
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("ready: {e}"))?;
+        let resp = self
+            .sender
+            .send_request(get_req(path, &[]))
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
     pub async fn send(
         &mut self,
         req: Request<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>,
