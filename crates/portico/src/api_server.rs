@@ -22,6 +22,9 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::netio::{answer_and_close, Tap, Tapped};
 
+/// The send buffer of each connection (the kernel doubles it).
+const SEND_BUFFER: usize = 128 * 1024;
+
 /// How long a client may hold one connection, and how many it may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLimits {
@@ -81,6 +84,9 @@ pub async fn serve<H, F, B>(
                 continue;
             }
         };
+        // A client that stops reading (a stalled watcher) holds at most this
+        // much of the Tower's memory in the kernel, not the autotuned 4 MiB.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let handler = handler.clone();
