@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use portico::services_doc::{encode_change, Change, EndpointDoc, ServicesDoc, FULL_PREFIX};
+use portico::services_doc::{
+    encode_change, encode_ping, Change, EndpointDoc, ServicesDoc, FULL_PREFIX,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
@@ -837,6 +839,32 @@ async fn bad_lines_from_the_tower_fall_back_to_the_full_document() {
     .await;
     // Said once for the four bad streams, not once a reconnection.
     logged_times(&ing, "WARN", 1).await;
+}
+
+/// A Tower that claims the last index there is: before, the ingress's
+/// discovery task died on the overflow (debug) and never asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_document_at_the_last_index_is_refused_and_the_watch_goes_on() {
+    let mut tower = ScriptedTower::start().await;
+    let ing = ingress(tower.addr, &["/:svc"], &["--discovery", "watch"]);
+    let admin = admin(&ing);
+    let asked = tower.next(&ing).await;
+    let last = full_line(&doc(u64::MAX, &[("svc", "10.0.0.7:80")]));
+    let ping = encode_ping(u64::MAX).to_vec();
+    asked.answer(Reply::Stream(vec![last, ping], End::Hold));
+    let asked = tower.next(&ing).await;
+    assert!(!asked.asks_for("index"), "{}", asked.line);
+    assert_eq!(ingress_table(admin).await, table(&[]));
+    let entries = [("svc", "10.0.0.1:80")];
+    asked.answer(Reply::Stream(vec![full_line(&doc(5, &entries))], End::Hold));
+    wait_for_value(
+        "the ingress's table",
+        &table(&entries),
+        Duration::from_millis(10),
+        || ingress_table(admin),
+    )
+    .await;
+    logged_times(&ing, "the last there can be", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,8 @@ pub enum StreamError {
     Truncated,
     #[error("a line of the Tower's change stream is over {MAX_DOC} bytes")]
     TooLong,
+    #[error("the Tower's change stream gave index {0}, the last there can be")]
+    LastIndex(u64),
 }
 
 /// How a stream ended.
@@ -63,18 +65,26 @@ impl Cursor {
     /// Check one line against the stream so far, and move on past it.
     fn admit(&mut self, line: &StreamLine) -> Result<(), StreamError> {
         match (line, self.0) {
+            // No Tower reaches the last index; one that says so cannot be
+            // followed past it.
             (StreamLine::Full(doc), _) => {
-                self.0 = Some(doc.index + 1);
+                self.0 = Some(
+                    doc.index
+                        .checked_add(1)
+                        .ok_or(StreamError::LastIndex(doc.index))?,
+                );
                 Ok(())
             }
             (StreamLine::Change { .. } | StreamLine::Ping { .. }, None) => {
                 Err(StreamError::NoDocument)
             }
             (StreamLine::Change { index, .. }, Some(next)) if *index == next => {
-                self.0 = Some(next + 1);
+                self.0 = Some(next.checked_add(1).ok_or(StreamError::LastIndex(next))?);
                 Ok(())
             }
-            (StreamLine::Ping { index }, Some(next)) if *index + 1 == next => Ok(()),
+            (StreamLine::Ping { index }, Some(next)) if index.checked_add(1) == Some(next) => {
+                Ok(())
+            }
             (StreamLine::Change { index, .. } | StreamLine::Ping { index }, Some(next)) => {
                 Err(StreamError::Gap {
                     expected: next,
@@ -152,7 +162,7 @@ pub async fn follow(
     if !is_stream {
         return plain_document(addr, resp.into_body()).await;
     }
-    let mut cursor = Cursor(resume.map(|(index, _)| index + 1));
+    let mut cursor = Cursor(resume.and_then(|(index, _)| index.checked_add(1)));
     if resume.is_some() {
         // The Tower took our index: the table is current until it says more.
         let was_synced = watched.is_synced();
@@ -364,6 +374,7 @@ mod tests {
             StreamError::NoDocument => "no document",
             StreamError::Truncated => "truncated",
             StreamError::TooLong => "too long",
+            StreamError::LastIndex(_) => "last index",
         };
         let cases = [
             (add(7, "10.0.0.2:80"), "gap"),
