@@ -22,6 +22,10 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::netio::{answer_and_close, Tap, Tapped};
 
+/// hyper's read and write buffers at most: a request head is refused (431)
+/// past it.
+const MAX_BUF: usize = 64 * 1024;
+
 /// The send buffer of each connection (the kernel doubles it).
 const SEND_BUFFER: usize = 128 * 1024;
 
@@ -141,6 +145,9 @@ async fn connection<H, F, B>(
     // The watchdog times heads: hyper's timer would also cut the wait for
     // the next request on a keep-alive connection, which the idle timeout owns.
     builder.http1().header_read_timeout(None);
+    // Requests here are small; a client that stops reading (a stalled
+    // watcher) leaves at most this much queued in hyper, not 400 KB.
+    builder.http1().max_buf_size(MAX_BUF);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     // A quarter of the shorter timeout: closes within 25% of it, and a

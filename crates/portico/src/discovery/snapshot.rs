@@ -162,9 +162,12 @@ pub struct Snapshot {
     /// Picks the shard; the same for a snapshot and its successors.
     hasher: RandomState,
     endpoints: usize,
-    /// Endpoints carried over from before a Tower restart, by service.
-    inherited: Arc<HashMap<ServiceName, Vec<SocketAddr>>>,
+    /// Endpoints carried over from before a Tower restart, by service, in
+    /// the services' shards: a change copies one shard's, not all.
+    inherited: Vec<Arc<Carried>>,
 }
+
+type Carried = HashMap<ServiceName, Vec<SocketAddr>>;
 
 impl Default for Snapshot {
     fn default() -> Self {
@@ -175,7 +178,7 @@ impl Default for Snapshot {
             shards: vec![Arc::default(); SHARDS],
             hasher: RandomState::new(),
             endpoints: 0,
-            inherited: Arc::default(),
+            inherited: vec![Arc::default(); SHARDS],
         }
     }
 }
@@ -218,8 +221,12 @@ impl Snapshot {
             shards: vec![Arc::default(); SHARDS],
             hasher: previous.hasher.clone(),
             endpoints: 0,
-            inherited: Arc::new(inherited),
+            inherited: vec![Arc::default(); SHARDS],
         };
+        for (name, addrs) in inherited {
+            let shard = next.shard_of(&name);
+            Arc::make_mut(&mut next.inherited[shard]).insert(name, addrs);
+        }
         for (name, mut list) in services {
             if list.is_empty() {
                 continue;
@@ -299,12 +306,15 @@ impl Snapshot {
 
     /// A replica the source now speaks of is no longer carried over.
     fn disinherit(&mut self, name: &ServiceName, addr: SocketAddr) {
-        let carried = self
-            .inherited
+        if self.warm {
+            return;
+        }
+        let shard = self.shard_of(name);
+        let carried = self.inherited[shard]
             .get(name)
             .is_some_and(|list| list.contains(&addr));
         if carried {
-            let inherited = Arc::make_mut(&mut self.inherited);
+            let inherited = Arc::make_mut(&mut self.inherited[shard]);
             if let Some(list) = inherited.get_mut(name) {
                 list.retain(|a| *a != addr);
                 if list.is_empty() {
@@ -317,9 +327,9 @@ impl Snapshot {
     /// The source is warm: what it lacks, carried over, goes.
     fn end_carry_over(&mut self) {
         self.warm = true;
-        let carried = std::mem::take(Arc::make_mut(&mut self.inherited));
-        for (name, addrs) in carried {
-            self.edit(&name, |list| list.retain(|e| !addrs.contains(&e.addr)));
+        let shards = std::mem::replace(&mut self.inherited, vec![Arc::default(); SHARDS]);
+        for (name, addrs) in shards.iter().flat_map(|shard| shard.iter()) {
+            self.edit(name, |list| list.retain(|e| !addrs.contains(&e.addr)));
         }
     }
 
@@ -348,7 +358,7 @@ fn carry_over(
 ) -> HashMap<ServiceName, Vec<SocketAddr>> {
     let mut inherited: HashMap<ServiceName, Vec<SocketAddr>> = HashMap::new();
     for (name, set) in previous.services() {
-        let carried_before = previous.inherited.get(name);
+        let carried_before = previous.inherited[previous.shard_of(name)].get(name);
         for e in &set.endpoints {
             let carry = restarted || carried_before.is_some_and(|c| c.contains(&e.addr));
             let list = services.entry(name.clone()).or_default();
@@ -656,6 +666,10 @@ mod tests {
         let cold = Snapshot::from_doc(&doc_of(2, false, &[("a", "10.0.0.9:80")]), &before);
         // The carried replica heartbeats to the new Tower: now its own...
         let c1 = cold.apply(&[add("a", "10.0.0.1:80"), add("b", "10.0.0.4:80")], 2);
+        let copied = (0..SHARDS)
+            .filter(|&i| !Arc::ptr_eq(&cold.inherited[i], &c1.inherited[i]))
+            .count();
+        assert_eq!(copied, 1, "only the shard of the replica no longer carried");
         assert_eq!(addrs(&c1, "a"), ["10.0.0.1:80", "10.0.0.9:80"]);
         assert_eq!(addrs(&c1, "b"), ["10.0.0.3:80", "10.0.0.4:80"]);
         // ...and at warm-up, only what was never heard of goes.

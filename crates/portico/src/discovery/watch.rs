@@ -231,9 +231,14 @@ impl LoopState {
         if progress.changes > 0 {
             self.warned_corrupt = false;
         }
+        let corrupt = matches!(ended, stream::Ended::Corrupt(_));
         if progress.documents + progress.changes > 0 {
             self.logged_down = false;
-            self.backoff.reset();
+            // A Tower whose streams keep going bad after a document is
+            // asked again ever more slowly: each ask may cost 64 MiB.
+            if !corrupt {
+                self.backoff.reset();
+            }
         }
         match ended {
             stream::Ended::NoStream(doc) => {

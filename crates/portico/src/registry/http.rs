@@ -206,7 +206,8 @@ fn preflight() -> Response<Full<Bytes>> {
 async fn route(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<ApiBody> {
     if req.method() == Method::GET && req.uri().path() == "/v1/services" {
         let query = req.uri().query().unwrap_or("");
-        if let Some(on) = query_param(query, "watch") {
+        // `watch=0` or `false` is a plain read, as Kubernetes reads it.
+        if let Some(on) = query_param(query, "watch").filter(|v| !matches!(*v, "0" | "false")) {
             return watch(&api, on, query);
         }
     }
@@ -217,7 +218,11 @@ async fn route(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response<ApiBo
 /// it, else from a `full` document.
 fn watch(api: &Api, on: &str, query: &str) -> Response<ApiBody> {
     if on != "1" && on != "true" {
-        return error(StatusCode::BAD_REQUEST, "watch takes 1 (or true)").map(Either::Left);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "watch takes 1 or true (0 or false for the plain document)",
+        )
+        .map(Either::Left);
     }
     // A stream holds a connection and a task for as long as it lasts.
     let Ok(slot) = api.watches.clone().try_acquire_owned() else {

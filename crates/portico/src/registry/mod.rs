@@ -88,10 +88,6 @@ impl ChangeLog {
             self.lines.pop_front();
             self.first += 1;
         }
-        if self.capacity == 0 {
-            self.first += 1;
-            return;
-        }
         self.lines.push_back(line);
     }
 

@@ -28,7 +28,7 @@ pub const PING_EVERY: Duration = Duration::from_secs(10);
 
 /// Lines taken out of the log at once, and sent as one frame: a watcher
 /// catching up writes large frames, not one per change.
-const BATCH_LINES: usize = 512;
+const BATCH_LINES: usize = 128;
 
 /// One watcher's stream.
 pub struct WatchBody {
