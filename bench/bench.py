@@ -279,13 +279,15 @@ def h2load(port, conns, streams, seconds, cpu):
     if not (req and codes and took):
         raise RuntimeError(f"h2load printed no result: {out!r}")
     done, failed, errored, timeout = (int(req.group(i)) for i in (3, 5, 6, 7))
-    ok = int(codes.group(1))
+    ok, other = int(codes.group(1)), sum(int(codes.group(i)) for i in (2, 3, 4))
     proto = m.group(1) if (m := re.search(r"Application protocol: (\S+)", out)) else "?"
     times = re.search(r"time for request:\s+\S+\s+(\S+)\s+(\S+)", out)
     return {
         "requests": done,
         "ok": ok,
-        "non2xx": done - ok,
+        # From the status counts, not done less 2xx: a response whose
+        # status came in as -D ended is counted there and not in done.
+        "non2xx": other,
         # Requests still in flight when -D ends are neither done nor failed.
         "socket_errors": failed + errored + timeout,
         "protocol": proto,
@@ -1409,7 +1411,8 @@ def front_summary(rows, front, args):
                  f"{streams} concurrent streams on each connection, HTTP/1.1 to the same two "
                  f"nginx replicas. {args.duration:g} s per cell, median of {rounds} round(s)."]
     lines += ["CPU is the proxy's utime+stime over the run divided by the responses with "
-              "status 2xx (user + kernel).", ""]
+              "status 2xx (user + kernel, each the median of its own, so they need not add up "
+              "to the total).", ""]
     head = "| connections | " + " | ".join(f"{p} req/s" for p in proxies) + " | " + \
         " | ".join(f"{p} CPU µs/req (user + kernel)" for p in proxies) + \
         " | Portico CPU / nginx | Portico CPU / HAProxy | Portico req/s / nginx | " \
