@@ -21,6 +21,12 @@ Measured, each with the proxy started fresh:
            100 ms, against the same load without.
   lookup   Portico in the seed's per-request LOOKUP mode (CPU includes the
            Tower's).
+  tls      wrk over https, keep-alive (--tls-conns): each proxy terminating
+           TLS with the same self-signed ECDSA P-256 certificate, plain
+           HTTP/1.1 to the same replicas: requests/s and CPU per request.
+  h2       h2load over h2c (HTTP/2 by prior knowledge, no TLS), --h2-conns
+           connections of --h2-streams concurrent streams each, HTTP/1.1 to
+           the same replicas: requests/s and CPU per request.
   nagle    one connection to python3's http.server (head and body in two
            writes, Nagle on), direct and through each proxy: a proxy that
            delays its ACK of the head stalls each reused connection's
@@ -228,7 +234,7 @@ def parse_duration_us(text):
     return v * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
 
 
-def wrk(port, conns, seconds, close, cpu, threads=1, headers=()):
+def wrk(port, conns, seconds, close, cpu, threads=1, headers=(), scheme="http"):
     # wrk takes whole seconds.
     seconds = max(1, round(seconds))
     argv = ["taskset", "-c", cpu, "wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s",
@@ -237,7 +243,7 @@ def wrk(port, conns, seconds, close, cpu, threads=1, headers=()):
         argv += ["-H", "Connection: close"]
     for h in headers:
         argv += ["-H", h]
-    argv.append(f"http://127.0.0.1:{port}/")
+    argv.append(f"{scheme}://127.0.0.1:{port}/")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
     found = re.search(r"(\d+) requests in", out)
     if not found:
@@ -258,13 +264,77 @@ def wrk(port, conns, seconds, close, cpu, threads=1, headers=()):
     }
 
 
+def h2load(port, conns, streams, seconds, cpu):
+    """h2load over h2c for `seconds` (or, with seconds None, a warm-up of
+    1,000 requests on one connection): requests, 2xx, failures."""
+    argv = ["taskset", "-c", cpu, "h2load", "-t1", f"-c{conns}", f"-m{streams}", "-T2"]
+    argv += [f"-D{max(1, round(seconds))}"] if seconds else ["-n1000"]
+    argv.append(f"http://127.0.0.1:{port}/")
+    out = subprocess.run(argv, capture_output=True, text=True,
+                         timeout=(seconds or 10) + 60).stdout
+    req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                    r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    took = re.search(r"finished in ([\d.]+)(ms|s)", out)
+    if not (req and codes and took):
+        raise RuntimeError(f"h2load printed no result: {out!r}")
+    done, failed, errored, timeout = (int(req.group(i)) for i in (3, 5, 6, 7))
+    ok, other = int(codes.group(1)), sum(int(codes.group(i)) for i in (2, 3, 4))
+    proto = m.group(1) if (m := re.search(r"Application protocol: (\S+)", out)) else "?"
+    times = re.search(r"time for request:\s+\S+\s+(\S+)\s+(\S+)", out)
+    return {
+        "requests": done,
+        "ok": ok,
+        # From the status counts, not done less 2xx: a response whose
+        # status came in as -D ended is counted there and not in done.
+        "non2xx": other,
+        # Requests still in flight when -D ends are neither done nor failed.
+        "socket_errors": failed + errored + timeout,
+        "protocol": proto,
+        "seconds": float(took.group(1)) / (1000 if took.group(2) == "ms" else 1),
+        "max_us": parse_duration_us(times.group(1)) if times else None,
+        "mean_us": parse_duration_us(times.group(2)) if times else None,
+    }
+
+
+def tls_session(port):
+    """What an OpenSSL client (as wrk is) negotiates with the listener on
+    `port`: protocol, cipher suite, key exchange group."""
+    out = subprocess.run(["openssl", "s_client", "-brief", "-connect", f"127.0.0.1:{port}"],
+                         input="", capture_output=True, text=True, timeout=30)
+    text = out.stdout + out.stderr
+
+    def field(name):
+        m = re.search(rf"^{name}: (.+)$", text, re.M)
+        return m.group(1).strip() if m else "?"
+    return {"tls_protocol": field("Protocol version"), "cipher": field("Ciphersuite"),
+            "group": field("Server Temp Key")}
+
+
+def make_certificate(d):
+    """One self-signed ECDSA P-256 certificate for 127.0.0.1 that every
+    proxy serves: (cert, key, both in one file for HAProxy)."""
+    os.makedirs(d, exist_ok=True)
+    cert, key, both = (os.path.join(d, f) for f in ("cert.pem", "key.pem", "both.pem"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "7", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], capture_output=True, check=True, timeout=30)
+    with open(both, "w") as f:
+        for part in (cert, key):
+            with open(part) as g:
+                f.write(g.read())
+    return cert, key, both
+
+
 class Bench:
     def __init__(self, args):
         self.a = args
         self.work = os.path.join(args.out, "work")
         os.makedirs(self.work, exist_ok=True)
         self.results = {"cells": [], "latency": [], "memory": [], "churn": None, "nagle": [],
-                        "compression": [], "discovery": []}
+                        "compression": [], "discovery": [], "tls": [], "h2": []}
+        self.certificate = None
         body = "x" * args.body_bytes
         self.backend_ports = [free_port(), free_port()]
         self.backends = []
@@ -283,10 +353,14 @@ class Bench:
         for b in self.backends:
             b.stop()
 
-    def start(self, name, tower=None, b1=None, b2=None):
+    def start(self, name, tower=None, b1=None, b2=None, front="http"):
         """Start proxy `name` fresh, in front of the two nginx replicas or
-        the given ones: (port, Proc or None)."""
+        the given ones, its clients speaking `front`: http (HTTP/1.1), tls
+        (HTTP/1.1 over TLS) or h2c: (port, Proc or None)."""
         a = self.a
+        if front == "tls" and self.certificate is None:
+            self.certificate = make_certificate(os.path.join(self.work, "tls"))
+        cert, key, both = self.certificate or (None, None, None)
         tower = tower or self.tower
         b1, b2 = b1 or self.backend_ports[0], b2 or self.backend_ports[1]
         if name == "direct":
@@ -295,22 +369,31 @@ class Bench:
         d = os.path.join(self.work, name)
         os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
         if name in ("portico", "portico-lookup"):
-            argv = [a.portico, "ingress", "--listen", f"127.0.0.1:{port}",
-                    "--tower", f"127.0.0.1:{tower.port}", "--route", f"/:{tower.service}",
-                    "--threads", "1", "--admin", "off", "--log-level", "warn",
-                    "--max-connections", str(a.nofile - 1000)]
+            # h2c needs no flag: Portico tells it by the connection's first bytes.
+            listen = ["--tls-listen", f"127.0.0.1:{port}", "--tls-cert", cert, "--tls-key", key] \
+                if front == "tls" else ["--listen", f"127.0.0.1:{port}"]
+            argv = [a.portico, "ingress"] + listen + [
+                "--tower", f"127.0.0.1:{tower.port}", "--route", f"/:{tower.service}",
+                "--threads", "1", "--admin", "off", "--log-level", "warn",
+                "--max-connections", str(a.nofile - 1000)]
             if name == "portico-lookup":
                 argv += ["--discovery", "lookup"]
             p = Proc(argv, a.proxy_cpu)
         elif name == "nginx":
             render("proxy.nginx.conf.in", os.path.join(d, "nginx.conf"), NOFILE=a.nofile,
-                   CONNS=a.nofile - 100, PORT=port, B1=b1, B2=b2)
+                   CONNS=a.nofile - 100, PORT=port, B1=b1, B2=b2,
+                   LISTEN={"http": "", "tls": " ssl", "h2c": " http2"}[front],
+                   # nginx before 1.23.4 leaves TLS 1.3 out of its default
+                   # protocols; the others offer 1.2 and 1.3.
+                   TLS=f"ssl_certificate {cert}; ssl_certificate_key {key}; "
+                   "ssl_protocols TLSv1.2 TLSv1.3;" if front == "tls" else "")
             p = Proc(["nginx", "-p", d, "-c", "nginx.conf"], a.proxy_cpu)
         elif name == "haproxy":
             # HAProxy sizes its descriptors from maxconn (two per connection)
             # and refuses to start past the open-file limit.
             render("proxy.haproxy.cfg.in", os.path.join(d, "haproxy.cfg"),
-                   MAXCONN=self.haproxy_maxconn(), PORT=port, B1=b1, B2=b2)
+                   MAXCONN=self.haproxy_maxconn(), PORT=port, B1=b1, B2=b2,
+                   BIND={"http": "", "tls": f" ssl crt {both}", "h2c": " proto h2"}[front])
             p = Proc(["haproxy", "-db", "-f", os.path.join(d, "haproxy.cfg")], a.proxy_cpu)
         else:
             raise ValueError(name)
@@ -372,6 +455,54 @@ class Bench:
                     r = self.cell("portico-lookup", mode, 50)
                     r["round"] = rnd
                     self.results["cells"].append(r)
+
+    def front_cell(self, name, front, conns):
+        """One proxy under keep-alive load from clients speaking `front`:
+        wrk over https (tls) or h2load over h2c (h2c)."""
+        a = self.a
+        port, proc = self.start(name, front=front)
+        try:
+            if front == "tls":
+                session = tls_session(port)
+                wrk(port, 1, a.warmup, False, a.load_cpu, scheme="https")
+            else:
+                session = {}
+                h2load(port, 1, 1, None, a.load_cpu)
+            pids = proc.pids()
+            c0 = cpu_seconds(pids)
+            if front == "tls":
+                r = wrk(port, conns, a.duration, False, a.load_cpu, scheme="https")
+                r["seconds"] = max(1, round(a.duration))
+            else:
+                r = h2load(port, conns, a.h2_streams, a.duration, a.load_cpu)
+            c1 = cpu_seconds(pids)
+        finally:
+            proc.stop()
+        ok = max(r["ok"], 1)
+        user, kernel = ((c1[i] - c0[i]) * 1e6 / ok for i in (0, 1))
+        r.update(session)
+        r.update({"proxy": name, "front": front, "conns": conns,
+                  "streams": a.h2_streams if front == "h2c" else 1,
+                  "rps": r["ok"] / r["seconds"], "cpu_us_per_req": user + kernel,
+                  "user_us_per_req": user, "kernel_us_per_req": kernel})
+        what = r.get("cipher") if front == "tls" else r.get("protocol")
+        log(f"  {front:4} c={conns:<5} {name:10} {r['rps']:9.0f} req/s  "
+            f"cpu {fmt(r['cpu_us_per_req'])} us/req ({what})  "
+            f"errors {r['non2xx'] + r['socket_errors']}")
+        return r
+
+    def run_front(self, front, conns):
+        """Every proxy but direct, rounds interleaved as the cells are."""
+        proxies = [p for p in self.a.proxies if p != "direct"]
+        rows = []
+        for rnd in range(self.a.rounds):
+            for c in conns:
+                k = rnd % len(proxies)
+                for name in proxies[k:] + proxies[:k]:
+                    r = self.front_cell(name, front, c)
+                    r["round"] = rnd
+                    rows.append(r)
+        return rows
 
     def run_latency(self):
         """Several interleaved samples per proxy: one sample's p99 rests on
@@ -1214,6 +1345,9 @@ def summary(res, args):
             lines.append(f"| {mode} | {c} | {fmt(v['rps'], 0)} | {fmt(v['cpu_us_per_req'])} | "
                          f"{fmt(v['tower_cpu_us_per_req'])} |")
         lines.append("")
+    for front in ("tls", "h2"):
+        if res.get(front):
+            lines += front_summary(res[front], front, args)
     if res.get("nagle"):
         lines += ["## A backend that writes head and body apart (python3 http.server)", "",
                   "One keep-alive connection (wrk -c1). Nagle holds the body until the head "
@@ -1231,6 +1365,95 @@ def summary(res, args):
         lines += discovery_summary(res, args)
     lines += ["## Targets (issues 8 and 21)", ""] + targets(res, args, m) + [""]
     return "\n".join(lines)
+
+
+def front_medians(rows):
+    """One row per (proxy, conns) of a tls or h2 cell: the median over
+    rounds, the errors summed, and what each negotiated."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["proxy"], r["conns"]), []).append(r)
+    out = {}
+    for k, rs in groups.items():
+        out[k] = {f: statistics.median(r[f] for r in rs)
+                  for f in ("rps", "cpu_us_per_req", "user_us_per_req", "kernel_us_per_req")}
+        out[k]["errors"] = sum(r["non2xx"] + r["socket_errors"] for r in rs)
+        out[k]["requests"] = sum(r["requests"] for r in rs)
+        out[k]["session"] = sorted({" ".join(str(r.get(f, "?")) for f in (
+            ("tls_protocol", "cipher", "group") if r["front"] == "tls" else ("protocol",)))
+            for r in rs})
+    return out
+
+
+def ratio(a, b, digits=2):
+    return fmt(a / b, digits) if a and b else "-"
+
+
+def front_summary(rows, front, args):
+    m = front_medians(rows)
+    proxies = list(dict.fromkeys(r["proxy"] for r in rows))
+    conns = sorted({r["conns"] for r in rows})
+    rounds = len({r["round"] for r in rows})
+    if front == "tls":
+        lines = ["## TLS, keep-alive (wrk over https)", "",
+                 "Each proxy terminates TLS with the same self-signed ECDSA P-256 certificate "
+                 "(openssl, in the run's work directory), offering TLS 1.2 and 1.3 (set for nginx, "
+                 "whose 1.22 leaves 1.3 out by default), at its own defaults otherwise, and speaks "
+                 "plain HTTP/1.1 to the same two nginx replicas. wrk keeps its connections "
+                 "for the whole run: the handshakes (one per connection) are in the CPU but "
+                 f"spread over every request. {args.duration:g} s per cell, median of "
+                 f"{rounds} round(s)."]
+    else:
+        streams = rows[0]["streams"]
+        lines = ["## HTTP/2 (h2load over h2c)", "",
+                 f"h2load -t1 -m{streams}: HTTP/2 by prior knowledge without TLS (nginx "
+                 "`listen ... http2`, HAProxy `bind ... proto h2`, Portico by the preface), "
+                 f"{streams} concurrent streams on each connection, HTTP/1.1 to the same two "
+                 f"nginx replicas. {args.duration:g} s per cell, median of {rounds} round(s)."]
+    lines += ["CPU is the proxy's utime+stime over the run divided by the responses with "
+              "status 2xx (user + kernel, each the median of its own, so they need not add up "
+              "to the total).", ""]
+    head = "| connections | " + " | ".join(f"{p} req/s" for p in proxies) + " | " + \
+        " | ".join(f"{p} CPU µs/req (user + kernel)" for p in proxies) + \
+        " | Portico CPU / nginx | Portico CPU / HAProxy | Portico req/s / nginx | " \
+        "Portico req/s / HAProxy |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in conns:
+        g = {p: m.get((p, c), {}) for p in proxies + ["portico", "nginx", "haproxy"]}
+        row = [str(c)] + [fmt(g[p].get("rps"), 0) for p in proxies]
+        row += [f"{fmt(g[p].get('cpu_us_per_req'))} ({fmt(g[p].get('user_us_per_req'))} + "
+                f"{fmt(g[p].get('kernel_us_per_req'))})" if g[p] else "-" for p in proxies]
+        pc, pr = g["portico"].get("cpu_us_per_req"), g["portico"].get("rps")
+        row += [ratio(pc, g["nginx"].get("cpu_us_per_req")),
+                ratio(pc, g["haproxy"].get("cpu_us_per_req")),
+                ratio(pr, g["nginx"].get("rps")), ratio(pr, g["haproxy"].get("rps"))]
+        lines.append("| " + " | ".join(row) + " |")
+    what = "Negotiated with an OpenSSL client (openssl s_client, as wrk)" if front == "tls" \
+        else "Protocol h2load spoke"
+    lines += ["", what + ": " + "; ".join(
+        f"{p} {', '.join(m[(p, conns[0])]['session'])}" for p in proxies) + ".", "",
+        "Errors (non-2xx + socket errors, of all requests): " + ", ".join(
+            f"{p} {sum(m[(p, c)]['errors'] for c in conns)} of "
+            f"{sum(m[(p, c)]['requests'] for c in conns)}" for p in proxies), ""]
+    return lines
+
+
+def front_targets(res):
+    """Issue 20 asks the tls and h2 cells for no regression; the ratios
+    are given against its bar for the other cells (at most 1.0x)."""
+    out = []
+    for front, label in (("tls", "TLS keep-alive"), ("h2", "h2c")):
+        m = front_medians(res.get(front) or [])
+        for c in sorted({k[1] for k in m}):
+            p, n, h = (m.get((x, c), {}) for x in ("portico", "nginx", "haproxy"))
+            pc, nc, hc = (v.get("cpu_us_per_req") for v in (p, n, h))
+            best = max(n.get("rps") or 0, h.get("rps") or 0)
+            if pc and nc and hc and best:
+                out.append(f"- {label} c={c} (no target but no regression; for reference, the "
+                           f"other cells' bar is <= 1.0x): CPU {pc / nc:.2f}x nginx, "
+                           f"{pc / hc:.2f}x HAProxy; req/s {p['rps'] / best:.2f}x the better "
+                           "of the two")
+    return out
 
 
 def compression_summary(res, args):
@@ -1402,7 +1625,7 @@ def targets(res, args, m):
         cost = res["churn"]["cost"]
         out.append(f"- churn: {100 * cost:.1f}% of throughput (target < 5%): "
                    f"{'met' if cost < 0.05 else 'NOT met'}")
-    return out + discovery_targets(res.get("discovery") or [])
+    return out + front_targets(res) + discovery_targets(res.get("discovery") or [])
 
 
 def tick(v):
@@ -1423,7 +1646,11 @@ def chart(res, args):
     """Four panels of grouped bars, as a standalone SVG."""
     m = medians(res["cells"])
     disco = res.get("discovery") or []
+    fronts = [(f, front_medians(res.get(f) or [])) for f in ("tls", "h2")]
+    fronts = [(f, fm) for f, fm in fronts if fm]
     W, H = 1200, 1200 if disco else 980
+    front_y = H + 50
+    H += 230 if fronts else 0
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
              f'font-family="sans-serif" font-size="12">',
              f'<rect width="{W}" height="{H}" fill="white"/>',
@@ -1510,6 +1737,19 @@ def chart(res, args):
                ("Tower", [max(0, r["tower_ms_per_change"]) for r in disco])], "ms")
         panel(650, 1030, 440, 150, "Discovery: ms from a REGISTER to the replica routed",
               sizes, [("routed", [r["route_ms"] for r in disco])], "ms")
+    if fronts:
+        keys = [(f, c) for f, fm in fronts for c in sorted({k[1] for k in fm})]
+        fm = dict(fronts)
+        names = list(dict.fromkeys(k[0] for _, v in fronts for k in v))
+        groups = [f"{'TLS' if f == 'tls' else 'h2c'} {c}" for f, c in keys]
+
+        def series(field):
+            return [(p, [fm[f].get((p, c), {}).get(field) for f, c in keys]) for p in names]
+        panel(70, front_y, 440, 150, "Req/s, TLS keep-alive (wrk) and h2c (h2load) (higher is better)",
+              groups, series("rps"), "req/s")
+        panel(650, front_y, 440, 150, "Proxy CPU µs/req, TLS and h2c (lower is better; darker: kernel)",
+              groups, series("cpu_us_per_req"), "µs",
+              lower=[vs for _, vs in series("kernel_us_per_req")])
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -1562,9 +1802,15 @@ def main():
                     help="UDP requests to the Tower left unanswered at most")
     ap.add_argument("--discovery-cpus", default=f"0-{(os.cpu_count() or 1) - 1}",
                     help="CPUs the Tower and ingresses of the discovery cells may run on")
+    ap.add_argument("--tls-conns", default="50",
+                    help="connection counts of the TLS keep-alive cell (wrk over https)")
+    ap.add_argument("--h2-conns", default="50",
+                    help="connection counts of the h2 cell (h2load over h2c)")
+    ap.add_argument("--h2-streams", type=int, default=10,
+                    help="concurrent streams per connection in the h2 cell (h2load -m)")
     ap.add_argument("--skip", default="",
-                    help="comma list of: cells,latency,memory,nagle,compression,churn,lookup,"
-                         "discovery")
+                    help="comma list of: cells,latency,memory,tls,h2,nagle,compression,churn,"
+                         "lookup,discovery")
     a = ap.parse_args()
     if a.report:
         with open(os.path.join(a.out, "results.json")) as f:
@@ -1580,11 +1826,13 @@ def main():
     a.modes = a.modes.split(",")
     a.conns = [int(c) for c in a.conns.split(",")]
     a.discovery_sizes = [int(n) for n in a.discovery_sizes.split(",")]
+    a.tls_conns = [int(c) for c in a.tls_conns.split(",")]
+    a.h2_conns = [int(c) for c in a.h2_conns.split(",")]
     a.lookup = "lookup" not in skip
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     a.nofile = hard
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    need = max(a.conns + [a.idle_conns]) + 500
+    need = max(a.conns + a.tls_conns + a.h2_conns + [a.idle_conns]) + 500
     if hard < need:
         sys.exit(f"the open-file limit is {hard}; this run needs {need} (lower --conns/--idle-conns)")
     os.makedirs(a.out, exist_ok=True)
@@ -1598,7 +1846,7 @@ def main():
         "churn_pairs", "body_bytes", "proxy_cpu", "load_cpu", "compress_conns", "gzip_level",
         "brotli_level", "discovery_sizes", "discovery_ingresses", "discovery_changes",
         "discovery_interval_ms", "discovery_idle_windows", "discovery_route_tries",
-        "discovery_heartbeat_seconds", "discovery_cpus")}
+        "discovery_heartbeat_seconds", "discovery_cpus", "tls_conns", "h2_conns", "h2_streams")}
     try:
         if "cells" not in skip:
             log("cells:")
@@ -1609,6 +1857,12 @@ def main():
         if "memory" not in skip:
             log("memory:")
             b.run_memory()
+        if "tls" not in skip:
+            log("tls (wrk over https, keep-alive):")
+            res["tls"] = b.run_front("tls", a.tls_conns)
+        if "h2" not in skip:
+            log(f"h2 (h2load over h2c, {a.h2_streams} streams per connection):")
+            res["h2"] = b.run_front("h2c", a.h2_conns)
         if "nagle" not in skip:
             log("nagle:")
             b.run_nagle()

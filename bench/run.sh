@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Portico's benchmark, one command: installs wrk, nginx (with its Brotli
-# filter), HAProxy and ss from apt when missing, builds Portico and the load
-# generator (release), and runs bench.py, which measures Portico, nginx,
-# HAProxy and no proxy ("direct") side by side and writes results.json,
-# summary.md and chart.svg.
+# filter), HAProxy, h2load, openssl and ss from apt when missing, builds
+# Portico and the load generator (release), and runs bench.py, which
+# measures Portico, nginx, HAProxy and no proxy ("direct") side by side and
+# writes results.json, summary.md and chart.svg.
 #
-#   bench/run.sh                 # the full run (about 12 minutes on 2 cores)
+#   bench/run.sh                 # the full run (about 13 minutes on 2 cores)
 #   bench/run.sh --publish       # ... and copy summary.md and chart.svg to docs/bench/
 #   bench/run.sh --smoke         # a minute: checks the benchmark works (CI); debug build
 #   bench/run.sh --rounds 3 ...  # any option of bench.py (bench/bench.py --help)
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 missing=()
-for tool in wrk nginx haproxy taskset ss; do
+for tool in wrk nginx haproxy taskset ss h2load openssl; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 # The compression cell's nginx compresses with Brotli through this module.
@@ -22,6 +22,7 @@ done
 if ((${#missing[@]})); then
     pkgs=("${missing[@]/taskset/util-linux}")
     pkgs=("${pkgs[@]/#ss/iproute2}")
+    pkgs=("${pkgs[@]/#h2load/nghttp2-client}")
     echo "installing: ${pkgs[*]}" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
@@ -39,7 +40,8 @@ for a in "$@"; do
                    --idle-hold 0.5 --churn-pairs 1 --latency-rounds 1
                    --discovery-sizes 1000 --discovery-ingresses 2 --discovery-changes 20
                    --discovery-idle-windows 1 --discovery-route-tries 3
-                   --discovery-heartbeat-seconds 1) ;;
+                   --discovery-heartbeat-seconds 1 --tls-conns 10 --h2-conns 10
+                   --h2-streams 4) ;;
         *) args+=("$a") ;;
     esac
 done
