@@ -739,3 +739,45 @@ fn a_bad_watch_log_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// How many registrations the Tower holds, by its metrics.
+fn registrations(addr: SocketAddr) -> usize {
+    let metrics = http_get(addr, "/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("portico_tower_registrations "))
+        .expect("the registrations gauge");
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_burst_while_the_tower_is_descheduled_is_not_dropped() {
+    // 40,000 replicas heartbeat thousands of datagrams a second; a Tower
+    // off the CPU for a few milliseconds must find them queued, not lost
+    // (the kernel's default receive buffer holds about 300).
+    let t = tower("60s");
+    t.signal(nix::sys::signal::Signal::SIGSTOP);
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // The kernel queues at most twice net.core.rmem_max, about 1.7 KiB a
+    // small datagram on loopback: stay within it where it is low.
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .map_or(4 << 20, |v| v.trim().parse().unwrap());
+    let n = (rmem_max * 2 / 2048).min(3000);
+    for i in 0..n {
+        let msg = format!(
+            "REGISTER|burst-{}|10.9.{}.{}|80",
+            i % 300,
+            i / 250,
+            1 + i % 250
+        );
+        s.send_to(msg.as_bytes(), t.addr).unwrap();
+    }
+    t.signal(nix::sys::signal::Signal::SIGCONT);
+    let deadline = Instant::now() + DEADLINE;
+    let mut held = registrations(t.addr);
+    while held < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        held = registrations(t.addr);
+    }
+    assert_eq!(held, n, "registrations sent while the Tower was stopped");
+}

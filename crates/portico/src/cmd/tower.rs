@@ -96,6 +96,7 @@ async fn bind(
         let udp = UdpSocket::bind(addr)
             .await
             .map_err(|e| bind_err("the Tower (UDP)", addr, e))?;
+        crate::registry::udp::widen_receive_buffer(&udp);
         let local = udp.local_addr().unwrap_or(addr);
         let tcp_at = match http {
             HttpAt::Off => None,

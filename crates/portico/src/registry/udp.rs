@@ -19,6 +19,34 @@ use tokio::sync::watch;
 use super::ratelimit::{ReplyLimit, ReplyLimiter};
 use super::{unix_ms, Registry};
 
+/// The receive buffer the Tower asks for: room for tens of thousands of
+/// heartbeats queued while the loop is off the CPU (the kernel's default,
+/// about 200 KiB, holds some 300 datagrams: a few milliseconds of 40,000
+/// replicas heartbeating). Memory is taken only as datagrams queue.
+pub const RECV_BUFFER: usize = 8 << 20;
+
+/// Widen the socket's receive buffer to `RECV_BUFFER`, as far as the
+/// kernel allows (`net.core.rmem_max` caps it); says once when it is
+/// capped, since a burst past it is dropped before the Tower sees it.
+pub fn widen_receive_buffer(socket: &UdpSocket) {
+    let raw = socket2::SockRef::from(socket);
+    if let Err(e) = raw.set_recv_buffer_size(RECV_BUFFER) {
+        tracing::warn!(error = %e, "tower: cannot widen the UDP receive buffer; bursts of registrations may be dropped");
+        return;
+    }
+    // Linux grants twice what is asked (room for its per-datagram overhead)
+    // and reports that: below RECV_BUFFER, the cap cut it to under half.
+    match raw.recv_buffer_size() {
+        Ok(got) if got < RECV_BUFFER => tracing::warn!(
+            kib = got / 1024,
+            "tower: the kernel caps the UDP receive buffer below {} KiB; bursts of registrations past it are dropped (raise net.core.rmem_max)",
+            RECV_BUFFER / 1024
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "tower: UDP receive buffer size unknown"),
+    }
+}
+
 /// Serve the UDP protocol until `shutdown` flips to true.
 pub async fn serve(
     socket: UdpSocket,
