@@ -40,7 +40,6 @@ use tokio::sync::{watch, Semaphore};
 use super::stream::{WatchBody, PING_EVERY};
 use super::{unix_ms, Registry};
 use crate::api_server::ServerLimits;
-use crate::services_doc::ServicesDoc;
 
 /// Longest a blocking query may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -283,11 +282,13 @@ async fn route_whole(api: Api, peer: IpAddr, req: Request<Incoming>) -> Response
             services(&api, &query).await
         }
         (&Method::GET, p) if p.starts_with("/v1/services/") => {
-            let name = &p["/v1/services/".len()..];
-            let doc = ServicesDoc::from(registry.view(Instant::now()));
-            match doc.services.get(name) {
-                Some(endpoints) => json(StatusCode::OK, endpoints),
-                None => error(StatusCode::NOT_FOUND, "no live endpoint under that name"),
+            let endpoints = ServiceName::parse(&p["/v1/services/".len()..])
+                .map(|name| registry.service_view(&name, Instant::now()))
+                .unwrap_or_default();
+            if endpoints.is_empty() {
+                error(StatusCode::NOT_FOUND, "no live endpoint under that name")
+            } else {
+                json(StatusCode::OK, &endpoints)
             }
         }
         (&Method::POST, "/v1/register") => write(&api, peer, req, WireRequest::Register).await,

@@ -389,6 +389,21 @@ impl Registry {
         (index, doc)
     }
 
+    /// One service's live endpoints, sorted by address: the table's lock
+    /// is held for that service's entries only.
+    pub fn service_view(&self, name: &ServiceName, now: Instant) -> Vec<EndpointDoc> {
+        let mut endpoints = lock(&self.inner.table).service_endpoints(name, now);
+        endpoints.sort_unstable_by_key(|(addr, _)| *addr);
+        endpoints
+            .into_iter()
+            .map(|(addr, left)| EndpointDoc {
+                ip: addr.ip(),
+                port: addr.port(),
+                ttl_left_ms: left.as_millis() as u64,
+            })
+            .collect()
+    }
+
     /// The next replica of `name` by the Tower's round robin.
     pub fn lookup(&self, name: &ServiceName, now: Instant) -> Option<SocketAddr> {
         lock(&self.inner.table).lookup(name, now)

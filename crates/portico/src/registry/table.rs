@@ -243,6 +243,22 @@ impl Table {
         out
     }
 
+    /// The live replicas of one service, with the time left, in no order.
+    pub fn service_endpoints(
+        &self,
+        name: &ServiceName,
+        now: Instant,
+    ) -> Vec<(SocketAddr, Duration)> {
+        let ttl = self.limits.ttl;
+        self.services.get(name).map_or_else(Vec::new, |entries| {
+            entries
+                .iter()
+                .filter(|e| e.live(now))
+                .map(|e| (e.addr, e.left(now, ttl)))
+                .collect()
+        })
+    }
+
     /// Every live replica in no order: the copy a caller takes under the
     /// lock, to sort after letting go of it.
     pub fn endpoints_unsorted(&self, now: Instant) -> Vec<(ServiceName, SocketAddr, Duration)> {

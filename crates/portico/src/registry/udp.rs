@@ -135,10 +135,16 @@ fn answer(registry: &Registry, datagram: &[u8], from: SocketAddr, now: Instant) 
 /// Drop expired entries until shutdown: at every expiry (so that watchers
 /// hear of it at once) and at least every `period`.
 pub async fn reap(registry: Registry, period: Duration, mut shutdown: watch::Receiver<bool>) {
+    // Expiries come one instant at a time; the log says how many at most
+    // every 10 s.
+    let mut unlogged = 0;
+    let mut last_log: Option<Instant> = None;
     loop {
         let (reaped, next) = registry.reap(Instant::now(), period);
-        if reaped > 0 {
-            tracing::info!(expired = reaped, "tower: reaped expired registrations");
+        unlogged += reaped;
+        if unlogged > 0 && due(&mut last_log) {
+            tracing::info!(expired = unlogged, "tower: reaped expired registrations");
+            unlogged = 0;
         }
         tokio::select! {
             _ = tokio::time::sleep_until(next.into()) => {}
