@@ -330,7 +330,7 @@ def make_certificate(d):
 class Bench:
     def __init__(self, args):
         self.a = args
-        self.work = os.path.join(args.out, "work")
+        self.work = os.path.abspath(os.path.join(args.out, "work"))
         os.makedirs(self.work, exist_ok=True)
         self.results = {"cells": [], "latency": [], "memory": [], "churn": None, "nagle": [],
                         "compression": [], "discovery": [], "tls": [], "h2": []}
