@@ -24,7 +24,7 @@ target_dir="$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
-for target in wire_decode registry_table route_match header_rewrite h1_response proxy_header compress_head stream_line; do
+for target in wire_decode registry_table route_match header_rewrite h1_response proxy_header compress_head stream_line h1_differential; do
     cp -r "corpus/$target" "$scratch/$target"
     mkdir -p "artifacts/$target"
     echo "fuzz: $target for ${seconds}s"

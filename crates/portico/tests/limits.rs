@@ -718,3 +718,85 @@ async fn read_until(s: &mut tokio::net::TcpStream, done: impl Fn(&[u8]) -> bool)
     }
     got
 }
+
+/// One GET on `s`, its response read whole (a Content-Length body).
+async fn keep_alive_get(s: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.parse().ok())
+            .expect("a content-length");
+        if body.len() >= length {
+            return;
+        }
+    }
+}
+
+/// A keep-alive connection between requests holds its socket and a small
+/// state, no read or write buffer (hyper's held 8 KiB and more each): the
+/// ingress's RSS grows by well under the 4 KiB of one buffer per
+/// connection held. Memory, not speed: the bound is set far from both.
+#[tokio::test]
+async fn idle_keep_alive_connections_hold_no_buffers() {
+    const HELD: usize = 2_000;
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    let want = limit.0.max(3 * HELD as u64).min(limit.1);
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, limit.1)
+        .expect("raise the test's own descriptor limit");
+    let t = tower("30s");
+    let b = Backend::start("b").await;
+    register(t.addr, "svc", b.addr);
+    let ing = ingress(t.addr, &["/:svc"], &[]);
+    let connect = || tokio::net::TcpStream::connect(ing.addr);
+    let mut warm = connect().await.expect("connect");
+    wait_for_value("routed", &true, Duration::from_millis(20), || async {
+        let mut s = connect().await.expect("connect");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        out.starts_with(b"HTTP/1.1 200")
+    })
+    .await;
+    // The allocator's and the runtime's first growth happens here.
+    let mut held = Vec::with_capacity(2 * HELD);
+    for _ in 0..HELD / 4 {
+        let mut s = connect().await.expect("connect");
+        keep_alive_get(&mut s).await;
+        held.push(s);
+    }
+    keep_alive_get(&mut warm).await;
+    let before = rss_kib(ing.child.id());
+    for _ in 0..HELD {
+        let mut s = connect().await.expect("connect");
+        keep_alive_get(&mut s).await;
+        held.push(s);
+    }
+    // Every connection is idle and kept: one more request on the first.
+    keep_alive_get(&mut warm).await;
+    let after = rss_kib(ing.child.id());
+    let per_connection = (after.saturating_sub(before) * 1024) as usize / HELD;
+    println!("{HELD} idle keep-alive connections: RSS {before} -> {after} KiB, {per_connection} bytes each");
+    assert!(
+        per_connection < 3 * 1024,
+        "an idle connection holds {per_connection} bytes"
+    );
+}

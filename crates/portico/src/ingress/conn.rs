@@ -100,6 +100,9 @@ pub struct ConnState {
     multiplexed: AtomicBool,
     /// Requests begun on this connection.
     served: AtomicU32,
+    /// Our HTTP/1.1 path: a graceful shutdown was asked; the connection
+    /// closes between requests.
+    closing: AtomicBool,
     /// The next write is the last response, whole: it may wait for the FIN.
     hold_next_write: AtomicBool,
     /// HTTP/1.1: the client ended its side (a FIN) while its request was in
@@ -142,6 +145,7 @@ impl ConnState {
             head_started: AtomicU64::new(1),
             multiplexed: AtomicBool::new(false),
             served: AtomicU32::new(0),
+            closing: AtomicBool::new(false),
             hold_next_write: AtomicBool::new(false),
             eof_held: AtomicBool::new(false),
             body: AtomicU8::new(BODY_DONE),
@@ -174,6 +178,37 @@ impl ConnState {
             self.head_started.store(now + 1, Ordering::Relaxed);
         }
         head_starts
+    }
+
+    /// Ask our HTTP/1.1 path to close the connection between requests
+    /// (a graceful shutdown; the next poll sees it).
+    pub fn close_gracefully(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    /// Bytes were read (our HTTP/1.1 path); true when they begin a head.
+    pub fn touch_read(&self) -> bool {
+        self.touch(true)
+    }
+
+    /// Bytes were written (our HTTP/1.1 path).
+    pub fn touch_write(&self) {
+        self.touch(false);
+    }
+
+    /// Whether the next write is a held last response (see
+    /// `hold_last_response`).
+    pub fn holds_next_write(&self) -> bool {
+        self.hold_next_write.load(Ordering::Relaxed)
+    }
+
+    /// The held write was made.
+    pub fn write_held(&self) {
+        self.hold_next_write.store(false, Ordering::Relaxed);
     }
 
     /// The connection was upgraded (a 101): from now on its bytes are the

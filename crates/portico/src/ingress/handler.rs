@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use hyper::upgrade::OnUpgrade;
 
 use super::access_log::{AccessLog, Record};
@@ -28,7 +28,7 @@ use super::failover::Failover;
 use super::headers::{self, Forwarding};
 use super::route::{self, Route, RouteTable, UpstreamProtocol};
 use super::tunnel;
-use super::upstream::{Capped, Clients, FaultNote, Outgoing, UpstreamBody};
+use super::upstream::{Capped, ClientBody, Clients, FaultNote, Outgoing, UpstreamBody};
 use super::websocket_h2::{self, Handshake};
 use crate::discovery::Discovery;
 use crate::error_chain::chain;
@@ -114,7 +114,7 @@ struct Seen {
 }
 
 impl Seen {
-    fn of(req: &Request<Incoming>, logged: bool) -> Self {
+    fn of<B>(req: &Request<B>, logged: bool) -> Self {
         let field = |name| logged.then(|| req.headers().get(name).cloned()).flatten();
         Self {
             method: req.method().clone(),
@@ -137,7 +137,7 @@ impl Seen {
 pub fn handle(
     shared: Arc<Shared>,
     client: Client,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> impl Future<Output = Result<Response<DownstreamBody>, Infallible>> + Send + 'static {
     // In flight from the moment hyper hands the request over, before the
     // future's first poll: hyper may read on (and find the client's end of
@@ -264,7 +264,7 @@ impl<'a> Pass<'a> {
     /// the reason given at `handle`.)
     fn run(
         &mut self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
     ) -> impl Future<Output = Result<Response<DownstreamBody>, ProxyError>> + Send + use<'_, 'a>
     {
         // Split before the state machine, which then holds the parts once.
@@ -392,7 +392,7 @@ impl<'a> Pass<'a> {
     /// forwarded.
     async fn request_body(
         &self,
-        body: Incoming,
+        body: ClientBody,
         client_version: Version,
     ) -> Result<(Capped, Option<Arc<FaultNote>>), ProxyError> {
         let limit = self.shared.limits.max_body_bytes.unwrap_or(u64::MAX);

@@ -9,6 +9,7 @@ pub mod compress;
 pub mod conn;
 pub mod error;
 pub mod failover;
+pub mod fast;
 pub mod front;
 pub mod h1;
 pub mod handler;
@@ -24,6 +25,7 @@ pub mod websocket_h2;
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,6 +95,9 @@ struct Serving {
     refusing: Arc<Semaphore>,
     timeouts: ConnTimeouts,
     proxy_protocol_from: proxy_protocol::TrustedProxies,
+    /// Our HTTP/1.1 path's limits on a request head, as hyper's.
+    max_head: usize,
+    max_headers: usize,
 }
 
 /// Serve clients from `listeners` until `shutdown` flips to true, then stop
@@ -112,6 +117,8 @@ pub async fn serve(
         refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
         timeouts: settings.timeouts,
         proxy_protocol_from: settings.proxy_protocol_from.clone(),
+        max_head: settings.max_header_bytes.max(8192),
+        max_headers: settings.max_headers,
     });
     let sweeper = tokio::spawn(sweep_pool(proxy.upstream.pool.clone()));
     let loops: Vec<_> = listeners
@@ -266,12 +273,12 @@ async fn serve_tls(
             }
             // HTTP/2 over TLS is chosen by ALPN.
             let h2 = alpn == Some(b"h2");
-            serve_connection(
+            let (state, client) = client_state(peer, slot, true);
+            serve_hyper(
                 tls,
                 Bytes::new(),
-                peer,
-                slot,
-                true,
+                state,
+                client,
                 h2,
                 serving,
                 proxy,
@@ -431,38 +438,52 @@ async fn serve_plain(
     if proxy_protocol::opens_with_header(&first) {
         proxy.metrics.proxy_protocol_refused("untrusted");
         tracing::debug!(%peer, "refusing a PROXY protocol header from a source not trusted");
-        crate::netio::answer_and_close(&mut stream, UNTRUSTED_HEADER).await;
+        // Boxed: its drain buffer would otherwise be part of every
+        // connection's future.
+        Box::pin(crate::netio::answer_and_close(
+            &mut stream,
+            UNTRUSTED_HEADER,
+        ))
+        .await;
         return;
     }
+    let (state, client) = client_state(peer, slot, false);
     if h2 {
         // Boxed: an HTTP/2 connection's state is large, and HTTP/1.1
         // connections are the many.
-        Box::pin(serve_connection(
-            stream, first, peer, slot, false, true, serving, proxy, shutdown,
-        ))
-        .await
-    } else {
-        serve_connection(
-            stream, first, peer, slot, false, false, serving, proxy, shutdown,
-        )
-        .await
+        let hyper = serve_hyper(stream, first, state, client, true, serving, proxy, shutdown);
+        return Box::pin(hyper).await;
+    }
+    let conn = fast::FastConn {
+        stream: &stream,
+        state: &state,
+        client: &client,
+        proxy: &proxy,
+        front: &serving.front,
+        max_head: serving.max_head,
+        max_headers: serving.max_headers,
+    };
+    let mut ended = fast::Ended::Closed;
+    let fast = async {
+        ended = fast::serve(conn, first).await;
+        Ok::<(), std::convert::Infallible>(())
+    };
+    // On shutdown the fast path closes between requests: at once when
+    // idle, after the response otherwise.
+    let graceful = |_: Pin<&mut _>| state.close_gracefully();
+    let timeouts = serving.timeouts;
+    conn::supervise(fast, graceful, &state, timeouts, peer, shutdown.clone()).await;
+    if let fast::Ended::HandOver(read) = ended {
+        // Boxed: hyper's connection state is kilobytes, and only
+        // connections that need hyper pay for it.
+        let hyper = serve_hyper(stream, read, state, client, false, serving, proxy, shutdown);
+        Box::pin(hyper).await
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve_connection<IO>(
-    stream: IO,
-    first: Bytes,
-    peer: SocketAddr,
-    slot: Slot,
-    tls: bool,
-    h2: bool,
-    serving: &Serving,
-    proxy: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + conn::HoldWrite + Unpin + Send + 'static,
-{
+/// A client connection's shared state, holding its slot, and what the
+/// request path knows of it.
+fn client_state(peer: SocketAddr, slot: Slot, tls: bool) -> (Arc<ConnState>, Client) {
     let state = ConnState::holding(slot);
     let client = Client {
         addr: peer,
@@ -470,6 +491,25 @@ async fn serve_connection<IO>(
         tls,
         ip: headers::address_value(peer.ip()),
     };
+    (state, client)
+}
+
+/// A connection served by hyper: HTTP/2, TLS, and HTTP/1.1 from the first
+/// request our own path does not take. `first`: bytes already read.
+#[allow(clippy::too_many_arguments)]
+async fn serve_hyper<IO>(
+    stream: IO,
+    first: Bytes,
+    state: Arc<ConnState>,
+    client: Client,
+    h2: bool,
+    serving: &Serving,
+    proxy: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + conn::HoldWrite + Unpin + Send + 'static,
+{
+    let peer = client.addr;
     // The request's future is boxed: hyper keeps a slot for it for the
     // connection's whole life, and an idle keep-alive connection should not
     // hold kilobytes for a request it is not serving.
@@ -483,7 +523,7 @@ async fn serve_connection<IO>(
         None => Either::Right(Box::pin(handler::handle(
             proxy.clone(),
             client.clone(),
-            req,
+            req.map(upstream::ClientBody::Hyper),
         ))),
     });
     let mut io = Tracked::new(stream, state.clone(), first);
@@ -582,6 +622,31 @@ mod tests {
             "an accepted connection should not acknowledge the request on its own"
         );
         assert!(sock.tcp_nodelay().expect("read TCP_NODELAY"));
+    }
+
+    /// The size of the future `f` returns, without making one.
+    fn future_size<A, B, C, D, E, G, F: std::future::Future>(
+        _: fn(A, B, C, D, E, G) -> F,
+    ) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A plain connection's task is this future (boxed once): all of it
+    /// is held for the connection's life, idle or not. Requests and
+    /// hyper's connection are boxed apart, so it stays small.
+    #[test]
+    fn a_plain_connection_future_is_small() {
+        let size = future_size::<
+            tokio::net::TcpStream,
+            std::net::SocketAddr,
+            super::Slot,
+            &'static super::Serving,
+            std::sync::Arc<super::Shared>,
+            tokio::sync::watch::Receiver<bool>,
+            _,
+        >(super::serve_plain);
+        println!("serve_plain's future: {size} bytes");
+        assert!(size <= 1024, "serve_plain's future is {size} bytes");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod chunked;
 pub mod client;
+pub mod server;
 
 use std::mem::MaybeUninit;
 

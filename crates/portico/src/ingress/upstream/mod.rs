@@ -36,7 +36,7 @@ use super::headers::Forwarding;
 use super::route::UpstreamProtocol;
 
 pub use pool::{Pool, PoolSettings};
-pub use request_body::{Capped, FaultNote};
+pub use request_body::{Capped, ClientBody, FaultNote};
 pub use response_body::{AnyBodyError, UpstreamBody};
 
 /// What we send to a backend through hyper's clients: the client's

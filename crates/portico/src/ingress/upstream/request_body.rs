@@ -40,12 +40,49 @@ impl FaultNote {
     }
 }
 
+/// The body of a client's request: hyper's, or none at all (a request our
+/// own HTTP/1.1 path parsed, which takes only bodiless requests).
+#[derive(Debug)]
+pub enum ClientBody {
+    Hyper(Incoming),
+    None,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::None => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::None => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// A client's request body with a byte limit (`--max-body-bytes`), whose
 /// errors are the client's. Past the limit, or on bad framing, the body
 /// fails, which aborts the upstream request and discards its connection,
 /// and the note says why, so the client gets 413 or 400 rather than 502.
 pub struct Capped {
-    inner: Incoming,
+    inner: ClientBody,
     /// Frames `read_ahead` took before a backend was chosen; sent first.
     ahead: std::collections::VecDeque<Frame<Bytes>>,
     /// `inner` ended during `read_ahead`.
@@ -60,7 +97,7 @@ pub struct Capped {
 }
 
 impl Capped {
-    pub fn new(inner: Incoming, limit: u64) -> (Self, Option<Arc<FaultNote>>) {
+    pub fn new(inner: ClientBody, limit: u64) -> (Self, Option<Arc<FaultNote>>) {
         let fault = (!inner.is_end_stream()).then(|| Arc::new(FaultNote::default()));
         let capped = Self {
             inner,
