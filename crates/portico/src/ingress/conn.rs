@@ -713,8 +713,12 @@ impl<T: AsyncWrite + HoldWrite> AsyncWrite for Tracked<T> {
 /// atomic loads there (the third for a held end of input): its timer and
 /// the shutdown signal are polled (which registers them) only when armed
 /// anew or when they have fired.
+///
+/// The connection is pinned by the caller: a future passed by value would
+/// be held twice in this one's state (as the argument and as the pinned
+/// local), for the connection's whole life.
 pub async fn supervise<F, E>(
-    conn: F,
+    mut conn: Pin<&mut F>,
     graceful: impl FnOnce(Pin<&mut F>),
     state: &ConnState,
     timeouts: ConnTimeouts,
@@ -724,7 +728,6 @@ pub async fn supervise<F, E>(
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(conn);
     let mut graceful = Some(graceful);
     let Some(first) = state.next_deadline(&timeouts, coarse_ms()) else {
         return;

@@ -69,7 +69,7 @@ struct Input {
 /// Serve requests from `first` (the bytes read when the protocol was
 /// told) until the connection ends or hyper must take it. A graceful
 /// shutdown (`ConnState::close_gracefully`) closes it between requests.
-pub async fn serve(conn: FastConn<'_>, first: Bytes) -> Ended {
+pub async fn serve(conn: &FastConn<'_>, first: Bytes) -> Ended {
     let mut line = LineGuard::new(conn.proxy.limits.max_uri_bytes);
     let mut input = Input {
         pending: first
@@ -83,7 +83,7 @@ pub async fn serve(conn: FastConn<'_>, first: Bytes) -> Ended {
         return Ended::Closed;
     }
     loop {
-        let request = match next_head(&conn, &mut input, &mut line).await {
+        let request = match next_head(conn, &mut input, &mut line).await {
             Next::Request(request) => request,
             Next::HandOver => return Ended::HandOver(input.pending.freeze()),
             Next::Closed => return Ended::Closed,
@@ -91,7 +91,7 @@ pub async fn serve(conn: FastConn<'_>, first: Bytes) -> Ended {
         let last = conn.state.closing();
         // Boxed: the request's state lives as long as its exchange, and
         // the connection's future stays small between requests.
-        let keep = Box::pin(exchange(&conn, request, &mut input, last)).await;
+        let keep = Box::pin(exchange(conn, request, &mut input, last)).await;
         if !keep || conn.state.closing() {
             let _ = SockRef::from(conn.stream).shutdown(std::net::Shutdown::Write);
             return Ended::Closed;

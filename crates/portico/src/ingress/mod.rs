@@ -25,7 +25,7 @@ pub mod websocket_h2;
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -465,14 +465,22 @@ async fn serve_plain(
     };
     let mut ended = fast::Ended::Closed;
     let fast = async {
-        ended = fast::serve(conn, first).await;
+        ended = fast::serve(&conn, first).await;
         Ok::<(), std::convert::Infallible>(())
     };
     // On shutdown the fast path closes between requests: at once when
     // idle, after the response otherwise.
     let graceful = |_: Pin<&mut _>| state.close_gracefully();
     let timeouts = serving.timeouts;
-    conn::supervise(fast, graceful, &state, timeouts, peer, shutdown.clone()).await;
+    conn::supervise(
+        pin!(fast),
+        graceful,
+        &state,
+        timeouts,
+        peer,
+        shutdown.clone(),
+    )
+    .await;
     if let fast::Ended::HandOver(read) = ended {
         // Boxed: hyper's connection state is kilobytes, and only
         // connections that need hyper pay for it.
@@ -533,7 +541,7 @@ async fn serve_hyper<IO>(
     let io = TokioIo::new(io);
     let (protocols, timeouts) = (&serving.protocols, serving.timeouts);
     if h2 {
-        let conn = protocols.h2.serve_connection(io, service);
+        let conn = pin!(protocols.h2.serve_connection(io, service));
         conn::supervise(
             conn,
             |c| c.graceful_shutdown(),
@@ -544,7 +552,7 @@ async fn serve_hyper<IO>(
         )
         .await;
     } else {
-        let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+        let conn = pin!(protocols.h1.serve_connection(io, service).with_upgrades());
         conn::supervise(
             conn,
             |c| c.graceful_shutdown(),
@@ -646,7 +654,10 @@ mod tests {
             _,
         >(super::serve_plain);
         println!("serve_plain's future: {size} bytes");
-        assert!(size <= 1024, "serve_plain's future is {size} bytes");
+        // 1424 bytes in a debug build when this was written, with hyper's
+        // path boxed apart; an idle connection whose future held a buffer
+        // or hyper's state would be several times that.
+        assert!(size <= 1536, "serve_plain's future is {size} bytes");
     }
 
     #[test]
