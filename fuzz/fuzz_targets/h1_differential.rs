@@ -56,7 +56,7 @@ fn hyper_sees(bytes: Bytes) -> Option<Seen> {
 
 fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::from(data);
-    let Head::Fast { request, len } = parse_head(&mut buf, MAX_BUF, MAX_HEADERS) else {
+    let Head::Fast { request, len, .. } = parse_head(&mut buf, MAX_BUF, MAX_HEADERS) else {
         return;
     };
     let (parts, ()) = request.into_parts();

@@ -508,6 +508,11 @@ async fn sigterm_drains_in_flight_requests() {
     b.release.notify_one();
     let a = in_flight.await.unwrap();
     assert_eq!((a.status, a.body.as_str()), (200, "backend=b gate\n"));
+    // The keep-alive client is told this was the connection's last.
+    assert_eq!(
+        a.headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     let status = ing.wait_exit(DEADLINE);
     assert!(status.success(), "{status:?}");
     assert!(ing.log_text().contains("drained"), "{}", ing.log_text());

@@ -13,14 +13,15 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Response, Version};
+use http::Response;
 use hyper::body::{Body, Frame};
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::body::DownstreamBody;
@@ -31,8 +32,8 @@ use super::handler::{self, Client, Shared};
 use super::request_line::{LineGuard, URI_TOO_LONG};
 use super::upstream::ClientBody;
 
-/// What a request's input buffer grows by: a usual head in one read.
-const READ_SCRATCH: usize = 4096;
+/// The most one read takes: a usual head in one read.
+const READ_SCRATCH: usize = 2048;
 
 /// Response bytes gathered before they are written: the head and a body
 /// in hand go out in one write, a streamed body in writes of up to this.
@@ -83,15 +84,12 @@ pub async fn serve(conn: &FastConn<'_>, first: Bytes) -> Ended {
         return Ended::Closed;
     }
     loop {
-        let request = match next_head(conn, &mut input, &mut line).await {
-            Next::Request(request) => request,
+        let (request, asked) = match next_head(conn, &mut input, &mut line).await {
+            Next::Request(request, asked) => (request, asked),
             Next::HandOver => return Ended::HandOver(input.pending.freeze()),
             Next::Closed => return Ended::Closed,
         };
-        let last = conn.state.closing();
-        // Boxed: the request's state lives as long as its exchange, and
-        // the connection's future stays small between requests.
-        let keep = Box::pin(exchange(conn, request, &mut input, last)).await;
+        let keep = begin(conn, request, asked, &mut input).await;
         if !keep || conn.state.closing() {
             let _ = SockRef::from(conn.stream).shutdown(std::net::Shutdown::Write);
             return Ended::Closed;
@@ -115,7 +113,7 @@ pub async fn serve(conn: &FastConn<'_>, first: Bytes) -> Ended {
 // As `h1::server::Head`: moved once, not worth a box.
 #[allow(clippy::large_enum_variant)]
 enum Next {
-    Request(http::Request<()>),
+    Request(http::Request<()>, Asked),
     HandOver,
     Closed,
 }
@@ -128,7 +126,7 @@ async fn next_head(conn: &FastConn<'_>, input: &mut Input, line: &mut LineGuard)
     loop {
         if !input.pending.is_empty() {
             match server::parse_head(&mut input.pending, conn.max_head, conn.max_headers) {
-                Head::Fast { request, .. } => return Next::Request(request),
+                Head::Fast { request, asked, .. } => return Next::Request(request, asked),
                 Head::HandOver => return Next::HandOver,
                 Head::Partial => {}
             }
@@ -163,9 +161,14 @@ async fn next_head(conn: &FastConn<'_>, input: &mut Input, line: &mut LineGuard)
     }
 }
 
-/// One read from the socket into `into`, which grows by a read's worth
-/// when it has little room: the buffer is the request's, and goes with it.
-/// Ok(0) is the client's end of input.
+/// One read from the socket into `into`, through a scratch buffer on the
+/// stack: `into` grows by what came, an allocation of a head's own size
+/// (a block of a few KiB per read would take the allocator's slow path,
+/// and be held by the request's head). Ok(0) is the client's end of input.
+///
+/// A read that does not fill the scratch has drained the socket, and
+/// clears its readiness (as tokio's own `poll_read` does): the next wait
+/// is for the kernel's next event, not a system call that finds nothing.
 fn poll_read_into(
     stream: &TcpStream,
     cx: &mut Context<'_>,
@@ -173,12 +176,25 @@ fn poll_read_into(
 ) -> Poll<io::Result<usize>> {
     loop {
         std::task::ready!(stream.poll_read_ready(cx))?;
-        if into.capacity() - into.len() < READ_SCRATCH / 4 {
-            into.reserve(READ_SCRATCH);
-        }
-        match stream.try_read_buf(into) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            read => return Poll::Ready(read),
+        // Zeroed, not uninitialised: safe code, and cheap next to a read.
+        let mut scratch = [0u8; READ_SCRATCH];
+        let mut got = None;
+        let read = stream.try_io(Interest::READABLE, || {
+            let n = stream.try_read(&mut scratch)?;
+            got = Some(n);
+            match n > 0 && n < READ_SCRATCH {
+                // Bytes in hand, and the readiness cleared with them.
+                true => Err(io::ErrorKind::WouldBlock.into()),
+                false => Ok(n),
+            }
+        });
+        match (read, got) {
+            (_, Some(n)) => {
+                into.extend_from_slice(&scratch[..n]);
+                return Poll::Ready(Ok(n));
+            }
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+            (read, None) => return Poll::Ready(read.map(|_| 0)),
         }
     }
 }
@@ -202,24 +218,40 @@ fn poll_client(conn: &FastConn<'_>, input: &mut Input, cx: &mut Context<'_>) -> 
     Poll::Pending
 }
 
+/// The exchange of one request, boxed: its state lives as long as it does,
+/// and the connection's future stays small between requests. A plain
+/// function, so that the request is moved into the box here and no slot
+/// for it is kept in the connection's future.
+fn begin<'a>(
+    conn: &'a FastConn<'a>,
+    request: http::Request<()>,
+    asked: Asked,
+    input: &'a mut Input,
+) -> Pin<Box<impl Future<Output = bool> + 'a>> {
+    let asked = Asked {
+        close: asked.close || conn.state.closing(),
+        ..asked
+    };
+    Box::pin(exchange(conn, request, asked, input))
+}
+
 /// Answer one request; true if the connection may carry another.
 async fn exchange(
     conn: &FastConn<'_>,
     request: http::Request<()>,
+    asked: Asked,
     input: &mut Input,
-    last: bool,
 ) -> bool {
-    let asked = Asked {
-        head: request.method() == Method::HEAD,
-        trailers: super::headers::wants_trailers(request.headers()),
-    };
-    let closes = super::headers::request_closes(Version::HTTP_11, request.headers());
     let request = request.map(|()| ClientBody::None);
     let response = match conn.front.answer(conn.proxy, conn.client, &request) {
         Some(answer) => answer,
         None => {
+            // Boxed apart from the exchange: the request path's future is
+            // large, and boxing the exchange with it inline would copy it
+            // twice (the exchange into its box, then the request path into
+            // its place in the exchange).
             let handled = handler::handle(conn.proxy.clone(), conn.client.clone(), request);
-            let mut handled = pin!(handled);
+            let mut handled = Box::pin(handled);
             let polled = poll_fn(|cx| match handled.as_mut().poll(cx) {
                 Poll::Ready(Ok(response)) => Poll::Ready(Some(response)),
                 Poll::Ready(Err(never)) => match never {},
@@ -231,7 +263,7 @@ async fn exchange(
             }
         }
     };
-    let written = respond(conn, response, asked, last || closes, input).await;
+    let written = respond(conn, response, asked, input).await;
     // After the client's end of input, what it pipelined before it is
     // still answered (`next_head` stops at the end).
     matches!(written, Ok(true))
@@ -249,7 +281,6 @@ async fn respond(
     conn: &FastConn<'_>,
     response: Response<DownstreamBody>,
     asked: Asked,
-    last: bool,
     input: &mut Input,
 ) -> Result<bool, WriteFailed> {
     let (parts, body) = response.into_parts();
@@ -261,7 +292,10 @@ async fn respond(
             None => BodyLength::Unknown,
         }
     };
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
+    // A graceful shutdown asked while the request was served: this is the
+    // connection's last response, and says so.
+    let last = asked.close || conn.state.closing();
+    let mut batch = Batch::new(256 + parts.headers.len() * 48);
     let encoded = date::with(|date| {
         server::encode_response_head(
             parts.status,
@@ -270,25 +304,32 @@ async fn respond(
             asked,
             last,
             date,
-            &mut out,
+            &mut batch.out,
         )
     });
     let (framing, closes) = match encoded {
         Ok(encoded) => encoded,
         Err(e) => {
             tracing::warn!(error = %e, status = %parts.status, "response head cannot be written; closing the connection");
-            write_all(conn, b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await?;
+            batch.out.clear();
+            batch.out.extend_from_slice(SERVER_ERROR);
+            write_batch(conn, &mut batch).await?;
             return Ok(false);
         }
     };
     drop(parts);
     let mut body = pin!(body);
     let mut sender = Sender::new(framing);
+    if length == BodyLength::Empty {
+        sender.end(&mut batch)?;
+        write_batch(conn, &mut batch).await?;
+        return Ok(!closes);
+    }
     loop {
         let next = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(Some(frame)),
             // Nothing more in hand: what is gathered goes out first.
-            Poll::Pending if !out.is_empty() => Poll::Ready(None),
+            Poll::Pending if !batch.is_empty() => Poll::Ready(None),
             Poll::Pending => match poll_client(conn, input, cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Some(Err(client_gone())))),
                 Poll::Pending => Poll::Pending,
@@ -296,15 +337,21 @@ async fn respond(
         })
         .await;
         match next {
-            None => {
-                write_all(conn, &out).await?;
-                out.clear();
-            }
+            None => write_batch(conn, &mut batch).await?,
             Some(Some(Ok(frame))) => {
-                sender.frame(frame, &mut out)?;
-                if out.len() >= WRITE_BATCH {
-                    write_all(conn, &out).await?;
-                    out.clear();
+                if batch.data.is_some() {
+                    write_batch(conn, &mut batch).await?;
+                }
+                sender.frame(frame, &mut batch)?;
+                // A body in hand (most) ends with its frame: the head and
+                // the body go out in one write, with no poll to learn it.
+                if body.is_end_stream() {
+                    sender.end(&mut batch)?;
+                    write_batch(conn, &mut batch).await?;
+                    return Ok(!closes);
+                }
+                if batch.len() >= WRITE_BATCH {
+                    write_batch(conn, &mut batch).await?;
                 }
             }
             Some(Some(Err(e))) => {
@@ -312,16 +359,56 @@ async fn respond(
                 return Err(WriteFailed::Body);
             }
             Some(None) => {
-                sender.end(&mut out)?;
-                write_all(conn, &out).await?;
+                sender.end(&mut batch)?;
+                write_batch(conn, &mut batch).await?;
                 return Ok(!closes);
             }
         }
     }
 }
 
+/// The answer when a response head cannot be written as it stands.
+const SERVER_ERROR: &[u8] =
+    b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
 fn client_gone() -> super::upstream::AnyBodyError {
     Box::new(io::Error::from(io::ErrorKind::ConnectionReset))
+}
+
+/// What the next write sends, in order: the head and any framing gathered
+/// in `out`, at most one data frame as it came (never copied), and a short
+/// tail (the CRLF after a chunk, the last chunk). Written with one
+/// vectored write.
+struct Batch {
+    out: Vec<u8>,
+    data: Option<Bytes>,
+    tail: [u8; 8],
+    tail_len: usize,
+}
+
+impl Batch {
+    fn new(capacity: usize) -> Self {
+        Self {
+            out: Vec::with_capacity(capacity),
+            data: None,
+            tail: [0; 8],
+            tail_len: 0,
+        }
+    }
+
+    fn tail(&mut self, bytes: &[u8]) {
+        let end = self.tail_len + bytes.len();
+        self.tail[self.tail_len..end].copy_from_slice(bytes);
+        self.tail_len = end;
+    }
+
+    fn len(&self) -> usize {
+        self.out.len() + self.data.as_ref().map_or(0, Bytes::len) + self.tail_len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The body's frames in the response's framing.
@@ -345,9 +432,10 @@ impl Sender {
         }
     }
 
-    fn frame(&mut self, frame: Frame<Bytes>, out: &mut Vec<u8>) -> Result<(), WriteFailed> {
+    /// Add a frame to `batch`, whose data part is free.
+    fn frame(&mut self, frame: Frame<Bytes>, batch: &mut Batch) -> Result<(), WriteFailed> {
         let frame = match frame.into_data() {
-            Ok(data) => return self.data(&data, out),
+            Ok(data) => return self.data(data, batch),
             Err(frame) => frame,
         };
         let Ok(trailers) = frame.into_trailers() else {
@@ -357,13 +445,13 @@ impl Sender {
             trailers: Some(declared),
         } = &self.framing
         {
-            server::encode_trailers(&trailers, declared, out);
+            server::encode_trailers(&trailers, declared, &mut batch.out);
             self.ended = true;
         }
         Ok(())
     }
 
-    fn data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), WriteFailed> {
+    fn data(&mut self, data: Bytes, batch: &mut Batch) -> Result<(), WriteFailed> {
         if data.is_empty() {
             return Ok(());
         }
@@ -379,19 +467,19 @@ impl Sender {
                     return Err(WriteFailed::Body);
                 }
                 self.left -= n;
-                out.extend_from_slice(data);
+                batch.data = Some(data);
             }
             BodyFraming::Chunked { .. } => {
                 use std::io::Write as _;
-                let _ = write!(out, "{:x}\r\n", data.len());
-                out.extend_from_slice(data);
-                out.extend_from_slice(b"\r\n");
+                let _ = write!(batch.out, "{:x}\r\n", data.len());
+                batch.data = Some(data);
+                batch.tail(b"\r\n");
             }
         }
         Ok(())
     }
 
-    fn end(&mut self, out: &mut Vec<u8>) -> Result<(), WriteFailed> {
+    fn end(&mut self, batch: &mut Batch) -> Result<(), WriteFailed> {
         match self.framing {
             BodyFraming::Length(_) if self.left > 0 => {
                 tracing::debug!(
@@ -401,7 +489,12 @@ impl Sender {
                 Err(WriteFailed::Body)
             }
             BodyFraming::Chunked { .. } if !self.ended => {
-                out.extend_from_slice(b"0\r\n\r\n");
+                const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+                match batch.data {
+                    Some(_) => batch.tail(LAST_CHUNK),
+                    None => batch.out.extend_from_slice(LAST_CHUNK),
+                }
+                self.ended = true;
                 Ok(())
             }
             _ => Ok(()),
@@ -409,25 +502,40 @@ impl Sender {
     }
 }
 
-/// Write all of `bytes`. The connection's last response, when whole in
-/// hand, goes with MSG_MORE (`ConnState::hold_last_response`).
-async fn write_all(conn: &FastConn<'_>, mut bytes: &[u8]) -> Result<(), WriteFailed> {
-    while !bytes.is_empty() {
-        let n = poll_fn(|cx| poll_write(conn, cx, bytes))
+/// Write all of `batch`, and empty it. The connection's last response,
+/// when whole in hand, goes with MSG_MORE (`ConnState::hold_last_response`).
+async fn write_batch(conn: &FastConn<'_>, batch: &mut Batch) -> Result<(), WriteFailed> {
+    let data = batch.data.take();
+    let mut parts = [
+        io::IoSlice::new(&batch.out),
+        io::IoSlice::new(data.as_deref().unwrap_or_default()),
+        io::IoSlice::new(&batch.tail[..batch.tail_len]),
+    ];
+    let mut left: usize = parts.iter().map(|p| p.len()).sum();
+    let mut slices = &mut parts[..];
+    while left > 0 {
+        let n = poll_fn(|cx| poll_write(conn, cx, slices))
             .await
             .map_err(|_| WriteFailed::Client)?;
         if n == 0 {
             return Err(WriteFailed::Client);
         }
         conn.state.touch_write();
-        bytes = &bytes[n..];
+        left -= n;
+        io::IoSlice::advance_slices(&mut slices, n);
     }
+    batch.out.clear();
+    batch.tail_len = 0;
     Ok(())
 }
 
-fn poll_write(conn: &FastConn<'_>, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+fn poll_write(
+    conn: &FastConn<'_>,
+    cx: &mut Context<'_>,
+    slices: &[io::IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
     if conn.state.holds_next_write() {
-        if let Some(polled) = conn.stream.poll_write_held(cx, &[io::IoSlice::new(bytes)]) {
+        if let Some(polled) = conn.stream.poll_write_held(cx, slices) {
             if polled.is_ready() {
                 // One write only: anything after it goes out at once.
                 conn.state.write_held();
@@ -437,7 +545,7 @@ fn poll_write(conn: &FastConn<'_>, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<i
     }
     loop {
         std::task::ready!(conn.stream.poll_write_ready(cx))?;
-        match conn.stream.try_write(bytes) {
+        match conn.stream.try_write_vectored(slices) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             written => return Poll::Ready(written),
         }
@@ -487,31 +595,36 @@ mod date {
 mod tests {
     use super::*;
 
+    fn sent(batch: &Batch) -> Vec<u8> {
+        let data = batch.data.as_deref().unwrap_or_default();
+        [&batch.out[..], data, &batch.tail[..batch.tail_len]].concat()
+    }
+
     #[test]
     fn a_body_is_framed_as_its_head_says() {
-        let mut out = Vec::new();
+        let mut batch = Batch::new(0);
         let mut chunked = Sender::new(BodyFraming::Chunked { trailers: None });
-        chunked.data(b"hello", &mut out).ok();
-        chunked.end(&mut out).ok();
-        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
+        assert!(chunked
+            .data(Bytes::from_static(b"hello"), &mut batch)
+            .is_ok());
+        assert!(chunked.end(&mut batch).is_ok());
+        assert_eq!(sent(&batch), b"5\r\nhello\r\n0\r\n\r\n");
 
+        let mut batch = Batch::new(0);
         let mut length = Sender::new(BodyFraming::Length(3));
-        assert!(
-            length.data(b"abcd", &mut Vec::new()).is_err(),
-            "longer than declared"
-        );
+        let long = length.data(Bytes::from_static(b"abcd"), &mut batch);
+        assert!(long.is_err(), "longer than declared");
         let mut length = Sender::new(BodyFraming::Length(3));
-        length.data(b"ab", &mut Vec::new()).ok();
-        assert!(
-            length.end(&mut Vec::new()).is_err(),
-            "shorter than declared"
-        );
+        assert!(length.data(Bytes::from_static(b"ab"), &mut batch).is_ok());
+        assert!(length.end(&mut batch).is_err(), "shorter than declared");
 
+        let mut batch = Batch::new(0);
         let mut none = Sender::new(BodyFraming::None);
-        let mut out = Vec::new();
-        none.data(b"not for HEAD", &mut out).ok();
-        none.end(&mut out).ok();
-        assert!(out.is_empty());
+        assert!(none
+            .data(Bytes::from_static(b"not for HEAD"), &mut batch)
+            .is_ok());
+        assert!(none.end(&mut batch).is_ok());
+        assert!(batch.is_empty());
     }
 
     #[test]

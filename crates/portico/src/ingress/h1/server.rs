@@ -29,7 +29,11 @@ const MAX_TARGET: usize = u16::MAX as usize - 1;
 #[derive(Debug)]
 pub enum Head {
     /// A whole request head of `len` bytes this path serves.
-    Fast { request: Request<()>, len: usize },
+    Fast {
+        request: Request<()>,
+        len: usize,
+        asked: Asked,
+    },
     /// The start of a head: read more.
     Partial,
     /// Not for this path (a body, an upgrade, an error, a head too large
@@ -59,9 +63,14 @@ pub fn parse_head(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> He
     let Some(plan) = plan(buf, &req) else {
         return Head::HandOver;
     };
+    let asked = plan.asked;
     let head = buf.split_to(len).freeze();
     match plan.build(&head) {
-        Some(request) => Head::Fast { request, len },
+        Some(request) => Head::Fast {
+            request,
+            len,
+            asked,
+        },
         None => {
             // Values `http` refuses though httparse took them: never seen,
             // but hyper is the judge of such a head.
@@ -76,6 +85,7 @@ pub fn parse_head(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> He
 /// A request this path serves, as places in its head: the fields are
 /// copied out only once the head's bytes are frozen and can be shared.
 struct Plan {
+    asked: Asked,
     method: Method,
     target: (usize, usize),
     fields: Vec<(HeaderName, usize, usize)>,
@@ -100,16 +110,28 @@ fn plan(buf: &[u8], req: &httparse::Request<'_, '_>) -> Option<Plan> {
         let start = s.as_ptr() as usize - base;
         (start, start + s.len())
     };
+    let mut asked = Asked {
+        head: method == Method::HEAD,
+        trailers: false,
+        close: false,
+    };
     let mut fields = Vec::with_capacity(req.headers.len());
     for field in req.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
         if !plain_field(&name, field.value) {
             return None;
         }
+        // Noted as they pass, so that the response need not look them up.
+        if name == header::CONNECTION {
+            asked.close |= field.value.eq_ignore_ascii_case(b"close");
+        } else if name == header::TE {
+            asked.trailers |= has_token(field.value, b"trailers");
+        }
         let (start, end) = place(field.value);
         fields.push((name, start, end));
     }
     Some(Plan {
+        asked,
         method,
         target: place(target.as_bytes()),
         fields,
@@ -175,6 +197,15 @@ pub struct Asked {
     pub head: bool,
     /// `TE: trailers`.
     pub trailers: bool,
+    /// `Connection: close`: the response is the connection's last.
+    pub close: bool,
+}
+
+/// Whether a comma-separated field value lists `token` (any case).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// The response head could not be written as it stands.
@@ -332,19 +363,26 @@ fn field(name: &[u8], value: &[u8], dst: &mut Vec<u8>) {
     dst.extend_from_slice(b"\r\n");
 }
 
-/// A Content-Length value: digits only (a list of equal values is hyper's
-/// too, but no response of ours or a backend's parsed by us carries one).
+/// A Content-Length value as our HTTP/1.1 client and hyper take it: digits,
+/// or a list of equal ones (RFC 9110 8.6); the value is written as it came.
 fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
+    let mut length = None;
+    for part in value.split(|b| *b == b',') {
+        let digits = part.trim_ascii();
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+        if length.is_some_and(|l| l != n) {
+            return None;
+        }
+        length = Some(n);
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    length
 }
 
 fn connection_close(value: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    has_token(value, b"close")
 }
 
 /// The Transfer-Encoding values as one field, chunked last: the body is
@@ -410,11 +448,22 @@ mod tests {
     fn a_plain_get_is_served_here_and_its_values_share_the_head() {
         let text = "GET /a?b=c HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\nGET /next";
         let mut buf = BytesMut::from(text.as_bytes());
-        let Head::Fast { request, len } = parse_head(&mut buf, 8192, 100) else {
+        let Head::Fast {
+            request,
+            len,
+            asked,
+        } = parse_head(&mut buf, 8192, 100)
+        else {
             panic!("a plain GET is this path's");
         };
         assert_eq!(len, text.find("GET /next").unwrap_or_default());
         assert_eq!(&buf[..], b"GET /next", "the head is taken out");
+        assert!(!asked.head && !asked.close && !asked.trailers);
+        let text = "HEAD / HTTP/1.1\r\nTE: gzip, Trailers\r\nConnection: close\r\n\r\n";
+        let Head::Fast { asked, .. } = parse(text) else {
+            panic!("a plain HEAD is this path's");
+        };
+        assert!(asked.head && asked.close && asked.trailers);
         assert_eq!(request.uri(), "/a?b=c");
         assert_eq!(request.headers()["host"], "x");
         assert_eq!(request.headers().len(), 2);
@@ -497,6 +546,7 @@ mod tests {
     const GET: Asked = Asked {
         head: false,
         trailers: false,
+        close: false,
     };
 
     #[test]
@@ -525,6 +575,7 @@ mod tests {
             Asked {
                 head: true,
                 trailers: false,
+                close: false,
             },
             false,
         );
@@ -543,6 +594,20 @@ mod tests {
             text,
             "HTTP/1.1 200 OK\r\ncontent-length: 0\r\ndate: D\r\n\r\n"
         );
+
+        let (text, framing, _) = encode(
+            200,
+            &[("content-length", "5, 5")],
+            BodyLength::Unknown,
+            GET,
+            false,
+        );
+        assert_eq!(
+            framing,
+            BodyFraming::Length(5),
+            "a list of equal lengths, as our client takes"
+        );
+        assert!(text.contains("content-length: 5, 5\r\n"), "{text}");
 
         let (_, _, closes) = encode(
             200,
@@ -564,6 +629,7 @@ mod tests {
             Asked {
                 head: false,
                 trailers: true,
+                close: false,
             },
             false,
         );
