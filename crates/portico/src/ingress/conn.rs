@@ -721,24 +721,22 @@ pub async fn supervise<F, E>(
     mut conn: Pin<&mut F>,
     graceful: impl FnOnce(Pin<&mut F>),
     state: &ConnState,
-    timeouts: ConnTimeouts,
-    peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    timeouts: &ConnTimeouts,
+    peer: &SocketAddr,
+    shutdown: &watch::Receiver<bool>,
 ) where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let mut graceful = Some(graceful);
-    let Some(first) = state.next_deadline(&timeouts, coarse_ms()) else {
+    let Some(first) = state.next_deadline(timeouts, coarse_ms()) else {
         return;
     };
     let timer = tokio::time::sleep(first);
     tokio::pin!(timer);
     let mut timer_armed = false;
-    // A sender gone counts as a shutdown, as the signal itself does.
-    let shutdown_seen = shutdown.clone();
-    let stop = async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
+    let stop = async {
+        let _ = shutdown.clone().wait_for(|stop| *stop).await;
     };
     tokio::pin!(stop);
     let mut stop_armed = false;
@@ -754,8 +752,7 @@ pub async fn supervise<F, E>(
             // reads it now and closes.
             continue;
         }
-        if graceful.is_some() && (!stop_armed || !matches!(shutdown_seen.has_changed(), Ok(false)))
-        {
+        if graceful.is_some() && (!stop_armed || !matches!(shutdown.has_changed(), Ok(false))) {
             stop_armed = true;
             if stop.as_mut().poll(cx).is_ready() {
                 if let Some(g) = graceful.take() {
@@ -772,7 +769,7 @@ pub async fn supervise<F, E>(
             timer_armed = true;
             return Poll::Pending;
         }
-        let Some(wait) = state.next_deadline(&timeouts, coarse_ms()) else {
+        let Some(wait) = state.next_deadline(timeouts, coarse_ms()) else {
             tracing::debug!(%peer, "closing connection: header or idle timeout");
             return Poll::Ready(());
         };
