@@ -18,7 +18,7 @@ use bytes::{Buf, Bytes};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -706,6 +706,44 @@ impl<T: AsyncWrite + HoldWrite> AsyncWrite for Tracked<T> {
     }
 }
 
+/// The shutdown as every connection sees it: a flag, and a `Notify` that
+/// wakes the connections waiting on it. Each connection's wait is a
+/// `Notified` (64 bytes), where a `watch` receiver's would be three times
+/// that, for the connection's whole life.
+#[derive(Debug, Default)]
+pub struct Shutdown {
+    asked: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Shutdown {
+    /// Ask every connection to finish: those waiting wake now, the others
+    /// see the flag when next they look.
+    pub fn fire(&self) {
+        self.asked.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_asked(&self) -> bool {
+        self.asked.load(Ordering::SeqCst)
+    }
+
+    /// Ready once shutdown is asked.
+    pub async fn asked(&self) {
+        loop {
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the flag is read: a `fire` in between
+            // still wakes this wait.
+            notified.as_mut().enable();
+            if self.is_asked() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Drive one connection future until it ends, a timeout passes, or shutdown
 /// is asked (then it is closed gracefully: in-flight requests finish).
 ///
@@ -723,7 +761,7 @@ pub async fn supervise<F, E>(
     state: &ConnState,
     timeouts: &ConnTimeouts,
     peer: &SocketAddr,
-    shutdown: &watch::Receiver<bool>,
+    shutdown: &Shutdown,
 ) where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
@@ -735,9 +773,7 @@ pub async fn supervise<F, E>(
     let timer = tokio::time::sleep(first);
     tokio::pin!(timer);
     let mut timer_armed = false;
-    let stop = async {
-        let _ = shutdown.clone().wait_for(|stop| *stop).await;
-    };
+    let stop = shutdown.asked();
     tokio::pin!(stop);
     let mut stop_armed = false;
     std::future::poll_fn(|cx| loop {
@@ -752,7 +788,7 @@ pub async fn supervise<F, E>(
             // reads it now and closes.
             continue;
         }
-        if graceful.is_some() && (!stop_armed || !matches!(shutdown.has_changed(), Ok(false))) {
+        if graceful.is_some() && (!stop_armed || shutdown.is_asked()) {
             stop_armed = true;
             if stop.as_mut().poll(cx).is_ready() {
                 if let Some(g) = graceful.take() {

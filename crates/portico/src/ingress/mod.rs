@@ -95,6 +95,8 @@ struct Serving {
     refusing: Arc<Semaphore>,
     timeouts: ConnTimeouts,
     proxy_protocol_from: proxy_protocol::TrustedProxies,
+    /// The shutdown as connections see it (fired from the watch).
+    stop: Arc<conn::Shutdown>,
     /// Our HTTP/1.1 path's limits on a request head, as hyper's.
     max_head: usize,
     max_headers: usize,
@@ -117,10 +119,18 @@ pub async fn serve(
         refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
         timeouts: settings.timeouts,
         proxy_protocol_from: settings.proxy_protocol_from.clone(),
+        stop: Arc::new(conn::Shutdown::default()),
         max_head: settings.max_header_bytes.max(8192),
         max_headers: settings.max_headers,
     });
     let sweeper = tokio::spawn(sweep_pool(proxy.upstream.pool.clone()));
+    let stop = serving.stop.clone();
+    let mut signal = shutdown.clone();
+    let relay = tokio::spawn(async move {
+        // A sender gone counts as a shutdown, as the signal itself does.
+        let _ = signal.wait_for(|stop| *stop).await;
+        stop.fire();
+    });
     let loops: Vec<_> = listeners
         .into_iter()
         .map(|l| {
@@ -138,6 +148,9 @@ pub async fn serve(
         }
     }
     sweeper.abort();
+    // The accept loops end on the same signal: the relay has fired or is
+    // about to, and connections already asked are not asked again.
+    let _ = relay.await;
 
     let slots = &serving.slots;
     let open = settings.max_connections - slots.available_permits();
@@ -195,45 +208,16 @@ async fn accept_loop(
                 let from_proxy = serving.proxy_protocol_from.trusts(peer.ip());
                 let serving = serving.clone();
                 let proxy = proxy.clone();
-                let shutdown = shutdown.clone();
                 proxy.metrics.connections.inc();
                 // Given back when the connection is gone, however it ends
                 // (an upgraded one when its tunnel closes).
                 let slot = Slot::new(permit, proxy.metrics.active_connections.clone());
                 let tls = listener.tls.clone();
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    // Boxed: only connections from a front proxy pay for
-                    // the header's reading state.
-                    let peer = if from_proxy {
-                        let read = client_of(&mut stream, peer, serving.timeouts.header, &proxy);
-                        let Some(client) = Box::pin(read).await else {
-                            return;
-                        };
-                        client
-                    } else {
-                        peer
-                    };
-                    match tls {
-                        // Boxed: the connection's state is kilobytes, and
-                        // spawning moves the task's future by value several
-                        // times on its way into the task; a box is written
-                        // once, at the first poll.
-                        None => {
-                            Box::pin(serve_plain(stream, peer, slot, &serving, proxy, shutdown))
-                                .await
-                        }
-                        // The handshake runs here, off the accept loop. Boxed:
-                        // a TLS session is kilobytes, and every plain
-                        // connection's task would otherwise be sized for it.
-                        Some(tls) => {
-                            Box::pin(serve_tls(
-                                stream, peer, slot, tls, &serving, proxy, shutdown,
-                            ))
-                            .await
-                        }
-                    }
-                });
+                // The task's future is the connection's whole state, in
+                // the task's own allocation: each value in it once.
+                tokio::spawn(serve_client(
+                    stream, peer, from_proxy, slot, tls, serving, proxy,
+                ));
             }
             Err(_) => {
                 proxy.metrics.refused_at_capacity.inc();
@@ -261,7 +245,6 @@ async fn serve_tls(
     tls: TlsTermination,
     serving: &Serving,
     proxy: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
 ) {
     let limit = tls.handshake_timeout;
     match tokio::time::timeout(limit, tls.acceptor.accept(stream)).await {
@@ -274,17 +257,7 @@ async fn serve_tls(
             // HTTP/2 over TLS is chosen by ALPN.
             let h2 = alpn == Some(b"h2");
             let (state, client) = client_state(peer, slot, true);
-            serve_hyper(
-                tls,
-                Bytes::new(),
-                state,
-                client,
-                h2,
-                serving,
-                proxy,
-                shutdown,
-            )
-            .await
+            serve_hyper(tls, Bytes::new(), state, client, h2, serving, proxy).await
         }
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "tls handshake failed")
@@ -412,25 +385,78 @@ fn poll_read_some(
     std::task::Poll::Ready(Ok(buf.filled().len()))
 }
 
-/// A plain TCP connection: HTTP/1.1, or h2c with prior knowledge.
-async fn serve_plain(
+/// One accepted connection, its whole life: the PROXY protocol header
+/// from a trusted front proxy, then TLS, or plain HTTP/1.1 (our path, then
+/// hyper's if it must) or h2c with prior knowledge. Only the first of
+/// these is this future's own state; TLS, h2c and hyper's HTTP/1.1 are
+/// boxed, so that an idle plain connection holds little.
+#[allow(clippy::too_many_arguments)]
+async fn serve_client(
     mut stream: TcpStream,
     peer: SocketAddr,
+    from_proxy: bool,
     slot: Slot,
-    serving: &Serving,
+    tls: Option<TlsTermination>,
+    serving: Arc<Serving>,
     proxy: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
 ) {
+    let peer = match from_proxy {
+        // Boxed: only connections from a front proxy pay for the header's
+        // reading state.
+        true => match Box::pin(client_of(
+            &mut stream,
+            peer,
+            serving.timeouts.header,
+            &proxy,
+        ))
+        .await
+        {
+            Some(client) => client,
+            None => return,
+        },
+        false => peer,
+    };
+    if let Some(tls) = tls {
+        // The handshake runs here, off the accept loop. Boxed: a TLS
+        // session is kilobytes.
+        let tls = serve_tls(stream, peer, slot, tls, &serving, proxy);
+        return Box::pin(tls).await;
+    }
+    let Some((first, h2)) = sniff(&mut stream, &peer, &serving, &proxy).await else {
+        return;
+    };
+    let (state, client) = client_state(peer, slot, false);
+    let first = match h2 {
+        false => serve_fast(&stream, first, &state, &client, &serving, &proxy).await,
+        true => Some(first),
+    };
+    if let Some(first) = first {
+        // Boxed: hyper's connection state is kilobytes, and only the
+        // connections that need hyper pay for it.
+        let hyper = serve_hyper(stream, first, state, client, h2, &serving, proxy);
+        Box::pin(hyper).await
+    }
+}
+
+/// The first bytes of a plain connection, and whether they are the HTTP/2
+/// preface; `None` when the connection is done (closed, silent past the
+/// header timeout, shut down, or refused for a PROXY protocol header).
+async fn sniff(
+    stream: &mut TcpStream,
+    peer: &SocketAddr,
+    serving: &Serving,
+    proxy: &Shared,
+) -> Option<(Bytes, bool)> {
     let sniffed = tokio::select! {
-        s = tokio::time::timeout(serving.timeouts.header, read_first(&mut stream)) => s,
-        _ = shutdown.wait_for(|stop| *stop) => return,
+        s = tokio::time::timeout(serving.timeouts.header, read_first(stream)) => s,
+        _ = serving.stop.asked() => return None,
     };
     let (first, h2) = match sniffed {
         Ok(Some(read)) => read,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(_) => {
             tracing::debug!(%peer, "closing connection: nothing sent within the header timeout");
-            return;
+            return None;
         }
     };
     // From a trusted proxy its header is read by now: another one is the
@@ -440,25 +466,27 @@ async fn serve_plain(
         tracing::debug!(%peer, "refusing a PROXY protocol header from a source not trusted");
         // Boxed: its drain buffer would otherwise be part of every
         // connection's future.
-        Box::pin(crate::netio::answer_and_close(
-            &mut stream,
-            UNTRUSTED_HEADER,
-        ))
-        .await;
-        return;
+        Box::pin(crate::netio::answer_and_close(stream, UNTRUSTED_HEADER)).await;
+        return None;
     }
-    let (state, client) = client_state(peer, slot, false);
-    if h2 {
-        // Boxed: an HTTP/2 connection's state is large, and HTTP/1.1
-        // connections are the many.
-        let hyper = serve_hyper(stream, first, state, client, true, serving, proxy, shutdown);
-        return Box::pin(hyper).await;
-    }
+    Some((first, h2))
+}
+
+/// A plain HTTP/1.1 connection on our own path, under the watchdog; the
+/// bytes to hand hyper with the connection if it must take it.
+async fn serve_fast(
+    stream: &TcpStream,
+    first: Bytes,
+    state: &Arc<ConnState>,
+    client: &Client,
+    serving: &Serving,
+    proxy: &Arc<Shared>,
+) -> Option<Bytes> {
     let conn = fast::FastConn {
-        stream: &stream,
-        state: &state,
-        client: &client,
-        proxy: &proxy,
+        stream,
+        state,
+        client,
+        proxy,
         front: &serving.front,
         max_head: serving.max_head,
         max_headers: serving.max_headers,
@@ -472,12 +500,11 @@ async fn serve_plain(
     // idle, after the response otherwise.
     let graceful = |_: Pin<&mut _>| state.close_gracefully();
     let timeouts = &serving.timeouts;
-    conn::supervise(pin!(fast), graceful, &state, timeouts, &peer, &shutdown).await;
-    if let fast::Ended::HandOver(read) = ended {
-        // Boxed: hyper's connection state is kilobytes, and only
-        // connections that need hyper pay for it.
-        let hyper = serve_hyper(stream, read, state, client, false, serving, proxy, shutdown);
-        Box::pin(hyper).await
+    let stop = &serving.stop;
+    conn::supervise(pin!(fast), graceful, state, timeouts, &client.addr, stop).await;
+    match ended {
+        fast::Ended::HandOver(read) => Some(read),
+        fast::Ended::Closed => None,
     }
 }
 
@@ -505,7 +532,6 @@ async fn serve_hyper<IO>(
     h2: bool,
     serving: &Serving,
     proxy: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + conn::HoldWrite + Unpin + Send + 'static,
 {
@@ -540,7 +566,7 @@ async fn serve_hyper<IO>(
             &state,
             timeouts,
             &peer,
-            &shutdown,
+            &serving.stop,
         )
         .await;
     } else {
@@ -551,7 +577,7 @@ async fn serve_hyper<IO>(
             &state,
             timeouts,
             &peer,
-            &shutdown,
+            &serving.stop,
         )
         .await;
     }
@@ -625,31 +651,33 @@ mod tests {
     }
 
     /// The size of the future `f` returns, without making one.
-    fn future_size<A, B, C, D, E, G, F: std::future::Future>(
-        _: fn(A, B, C, D, E, G) -> F,
+    #[allow(clippy::type_complexity)]
+    fn future_size<A, B, C, D, E, G, H, F: std::future::Future>(
+        _: fn(A, B, C, D, E, G, H) -> F,
     ) -> usize {
         std::mem::size_of::<F>()
     }
 
-    /// A plain connection's task is this future (boxed once): all of it
-    /// is held for the connection's life, idle or not. Requests and
-    /// hyper's connection are boxed apart, so it stays small.
+    /// A connection's task is this future: all of it is held for the
+    /// connection's life, idle or not. Requests, TLS, h2c and hyper's
+    /// connection are boxed apart, so that it stays small.
     #[test]
-    fn a_plain_connection_future_is_small() {
+    fn a_connection_future_is_small() {
         let size = future_size::<
             tokio::net::TcpStream,
             std::net::SocketAddr,
+            bool,
             super::Slot,
-            &'static super::Serving,
+            Option<super::TlsTermination>,
+            std::sync::Arc<super::Serving>,
             std::sync::Arc<super::Shared>,
-            tokio::sync::watch::Receiver<bool>,
             _,
-        >(super::serve_plain);
-        println!("serve_plain's future: {size} bytes");
-        // 1256 bytes in a debug build when this was written, with hyper's
-        // path boxed apart; an idle connection whose future held a buffer
-        // or hyper's state would be several times that.
-        assert!(size <= 1400, "serve_plain's future is {size} bytes");
+        >(super::serve_client);
+        println!("serve_client's future: {size} bytes");
+        // 1240 bytes in a debug build when this was written; an idle
+        // connection whose future held a buffer or hyper's state would be
+        // several times that.
+        assert!(size <= 1300, "serve_client's future is {size} bytes");
     }
 
     #[test]
