@@ -706,14 +706,16 @@ impl<T: AsyncWrite + HoldWrite> AsyncWrite for Tracked<T> {
     }
 }
 
-/// The shutdown as every connection sees it: a flag, and a `Notify` that
-/// wakes the connections waiting on it. Each connection's wait is a
+/// The shutdown as every connection sees it: a flag, and `Notify`s that
+/// wake the connections waiting on it. Each connection's wait is a
 /// `Notified` (64 bytes), where a `watch` receiver's would be three times
-/// that, for the connection's whole life.
+/// that, for the connection's whole life. The waiters are spread over
+/// several `Notify`s by a key (as `watch` spreads its own), so that
+/// connections coming and going do not all take one lock.
 #[derive(Debug, Default)]
 pub struct Shutdown {
     asked: AtomicBool,
-    notify: tokio::sync::Notify,
+    notify: [tokio::sync::Notify; 8],
 }
 
 impl Shutdown {
@@ -721,17 +723,21 @@ impl Shutdown {
     /// see the flag when next they look.
     pub fn fire(&self) {
         self.asked.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
+        for notify in &self.notify {
+            notify.notify_waiters();
+        }
     }
 
     pub fn is_asked(&self) -> bool {
         self.asked.load(Ordering::SeqCst)
     }
 
-    /// Ready once shutdown is asked.
-    pub async fn asked(&self) {
+    /// Ready once shutdown is asked. `key` spreads the waiters (any number
+    /// that differs between connections: the client's port).
+    pub async fn asked(&self, key: usize) {
+        let notify = &self.notify[key % self.notify.len()];
         loop {
-            let notified = self.notify.notified();
+            let notified = notify.notified();
             let mut notified = std::pin::pin!(notified);
             // Registered before the flag is read: a `fire` in between
             // still wakes this wait.
@@ -755,33 +761,35 @@ impl Shutdown {
 /// The connection is pinned by the caller: a future passed by value would
 /// be held twice in this one's state (as the argument and as the pinned
 /// local), for the connection's whole life.
-pub async fn supervise<F, E>(
+pub async fn supervise<F, T, E>(
     mut conn: Pin<&mut F>,
     graceful: impl FnOnce(Pin<&mut F>),
     state: &ConnState,
     timeouts: &ConnTimeouts,
     peer: &SocketAddr,
     shutdown: &Shutdown,
-) where
-    F: Future<Output = Result<(), E>>,
+) -> Option<T>
+where
+    F: Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
     let mut graceful = Some(graceful);
-    let Some(first) = state.next_deadline(timeouts, coarse_ms()) else {
-        return;
-    };
+    let first = state.next_deadline(timeouts, coarse_ms())?;
     let timer = tokio::time::sleep(first);
     tokio::pin!(timer);
     let mut timer_armed = false;
-    let stop = shutdown.asked();
+    let stop = shutdown.asked(usize::from(peer.port()));
     tokio::pin!(stop);
     let mut stop_armed = false;
     std::future::poll_fn(|cx| loop {
         if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
-            if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-            }
-            return Poll::Ready(());
+            return Poll::Ready(match ended {
+                Ok(done) => Some(done),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    None
+                }
+            });
         }
         if state.release_eof() {
             // The client's end of input, held while it was served: hyper
@@ -807,7 +815,7 @@ pub async fn supervise<F, E>(
         }
         let Some(wait) = state.next_deadline(timeouts, coarse_ms()) else {
             tracing::debug!(%peer, "closing connection: header or idle timeout");
-            return Poll::Ready(());
+            return Poll::Ready(None);
         };
         timer.as_mut().reset(tokio::time::Instant::now() + wait);
         timer_armed = false;

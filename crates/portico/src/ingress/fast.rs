@@ -11,6 +11,7 @@
 //! hyper keeps its 8 KiB read buffer and more for as long as the
 //! connection lives.
 
+use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
@@ -35,8 +36,9 @@ use super::upstream::ClientBody;
 /// The most one read takes: a usual head in one read.
 const READ_SCRATCH: usize = 2048;
 
-/// Response bytes gathered before they are written: the head and a body
-/// in hand go out in one write, a streamed body in writes of up to this.
+/// Framing gathered before it is written: a batch over this goes out
+/// before more is added (a batch holds the head, framing and trailers, and
+/// one data frame, which is never copied).
 const WRITE_BATCH: usize = 64 * 1024;
 
 /// How the fast path ended.
@@ -70,7 +72,8 @@ struct Input {
 /// Serve requests from `first` (the bytes read when the protocol was
 /// told) until the connection ends or hyper must take it. A graceful
 /// shutdown (`ConnState::close_gracefully`) closes it between requests.
-pub async fn serve(conn: &FastConn<'_>, first: Bytes) -> Ended {
+/// (A `Result` that cannot fail, for `conn::supervise`.)
+pub async fn serve(conn: &FastConn<'_>, first: Bytes) -> Result<Ended, Infallible> {
     let mut line = LineGuard::new(conn.proxy.limits.max_uri_bytes);
     let mut input = Input {
         pending: first
@@ -81,18 +84,18 @@ pub async fn serve(conn: &FastConn<'_>, first: Bytes) -> Ended {
     conn.state.touch_read();
     if line.over_limit(&input.pending) {
         Box::pin(refuse(conn.stream, URI_TOO_LONG)).await;
-        return Ended::Closed;
+        return Ok(Ended::Closed);
     }
     loop {
         let (request, asked) = match next_head(conn, &mut input, &mut line).await {
             Next::Request(request, asked) => (request, asked),
-            Next::HandOver => return Ended::HandOver(input.pending.freeze()),
-            Next::Closed => return Ended::Closed,
+            Next::HandOver => return Ok(Ended::HandOver(input.pending.freeze())),
+            Next::Closed => return Ok(Ended::Closed),
         };
         let keep = begin(conn, request, asked, &mut input).await;
         if !keep || conn.state.closing() {
             let _ = SockRef::from(conn.stream).shutdown(std::net::Shutdown::Write);
-            return Ended::Closed;
+            return Ok(Ended::Closed);
         }
         if input.pending.is_empty() {
             // An emptied buffer still holds its allocation.
@@ -104,7 +107,7 @@ pub async fn serve(conn: &FastConn<'_>, first: Bytes) -> Ended {
             }
             if line.over_limit(&input.pending) {
                 Box::pin(refuse(conn.stream, URI_TOO_LONG)).await;
-                return Ended::Closed;
+                return Ok(Ended::Closed);
             }
         }
     }
@@ -318,13 +321,14 @@ async fn respond(
         }
     };
     drop(parts);
-    let mut body = pin!(body);
-    let mut sender = Sender::new(framing);
-    if length == BodyLength::Empty {
-        sender.end(&mut batch)?;
+    if length == BodyLength::Empty || framing == BodyFraming::None {
+        // Nothing of the body is sent (HEAD, 204, 304): it is dropped
+        // unread, as hyper drops it, rather than waited for.
         write_batch(conn, &mut batch).await?;
         return Ok(!closes);
     }
+    let mut body = pin!(body);
+    let mut sender = Sender::new(framing);
     loop {
         let next = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(Some(frame)),
@@ -345,7 +349,9 @@ async fn respond(
                 sender.frame(frame, &mut batch)?;
                 // A body in hand (most) ends with its frame: the head and
                 // the body go out in one write, with no poll to learn it.
-                if body.is_end_stream() {
+                // One whose length is all sent is done too, whenever its
+                // end comes (an HTTP/2 backend's END_STREAM may follow).
+                if body.is_end_stream() || sender.is_complete() {
                     sender.end(&mut batch)?;
                     write_batch(conn, &mut batch).await?;
                     return Ok(!closes);
@@ -430,6 +436,11 @@ impl Sender {
             left,
             ended: false,
         }
+    }
+
+    /// All of a Content-Length body has been sent.
+    fn is_complete(&self) -> bool {
+        matches!(self.framing, BodyFraming::Length(_)) && self.left == 0
     }
 
     /// Add a frame to `batch`, whose data part is free.
