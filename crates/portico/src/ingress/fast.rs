@@ -48,6 +48,9 @@ pub enum Ended {
     Closed,
     /// hyper serves the connection from here; these bytes first.
     HandOver(Bytes),
+    /// A head refused while it was read: this answer, then the close
+    /// (`netio::answer_and_close`).
+    Refused(&'static [u8]),
 }
 
 /// What a connection on this path shares with its requests.
@@ -83,14 +86,14 @@ pub async fn serve(conn: &FastConn<'_>, first: Bytes) -> Result<Ended, Infallibl
     };
     conn.state.touch_read();
     if line.over_limit(&input.pending) {
-        Box::pin(refuse(conn.stream, URI_TOO_LONG)).await;
-        return Ok(Ended::Closed);
+        return Ok(Ended::Refused(URI_TOO_LONG));
     }
     loop {
         let (request, asked) = match next_head(conn, &mut input, &mut line).await {
             Next::Request(request, asked) => (request, asked),
             Next::HandOver => return Ok(Ended::HandOver(input.pending.freeze())),
             Next::Closed => return Ok(Ended::Closed),
+            Next::Refused(answer) => return Ok(Ended::Refused(answer)),
         };
         let keep = begin(conn, request, asked, &mut input).await;
         if !keep || conn.state.closing() {
@@ -106,8 +109,7 @@ pub async fn serve(conn: &FastConn<'_>, first: Bytes) -> Result<Ended, Infallibl
                 line.arm();
             }
             if line.over_limit(&input.pending) {
-                Box::pin(refuse(conn.stream, URI_TOO_LONG)).await;
-                return Ok(Ended::Closed);
+                return Ok(Ended::Refused(URI_TOO_LONG));
             }
         }
     }
@@ -119,6 +121,7 @@ enum Next {
     Request(http::Request<()>, Asked),
     HandOver,
     Closed,
+    Refused(&'static [u8]),
 }
 
 /// The next request head: parsed from what is pending, reading more as
@@ -155,8 +158,7 @@ async fn next_head(conn: &FastConn<'_>, input: &mut Input, line: &mut LineGuard)
                 }
                 let at = input.pending.len() - n;
                 if line.over_limit(&input.pending[at..]) {
-                    Box::pin(refuse(conn.stream, URI_TOO_LONG)).await;
-                    return Next::Closed;
+                    return Next::Refused(URI_TOO_LONG);
                 }
             }
             Err(_) => return Next::Closed,
@@ -231,10 +233,6 @@ fn begin<'a>(
     asked: Asked,
     input: &'a mut Input,
 ) -> Pin<Box<impl Future<Output = bool> + 'a>> {
-    let asked = Asked {
-        close: asked.close || conn.state.closing(),
-        ..asked
-    };
     Box::pin(exchange(conn, request, asked, input))
 }
 
@@ -561,23 +559,6 @@ fn poll_write(
             written => return Poll::Ready(written),
         }
     }
-}
-
-/// Answer a refused head and close.
-async fn refuse(stream: &TcpStream, answer: &[u8]) {
-    let write = async {
-        let mut left = answer;
-        while !left.is_empty() {
-            stream.writable().await?;
-            match stream.try_write(left) {
-                Ok(n) => left = &left[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        SockRef::from(stream).shutdown(std::net::Shutdown::Write)
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
 }
 
 /// The Date field, formatted once a second per thread (as hyper caches it).

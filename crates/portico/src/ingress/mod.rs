@@ -424,7 +424,16 @@ async fn serve_client(
     };
     let (state, client) = client_state(peer, slot, false);
     let first = match h2 {
-        false => serve_fast(&stream, first, &state, &client, &serving, &proxy).await,
+        false => match serve_fast(&stream, first, &state, &client, &serving, &proxy).await {
+            Some(fast::Ended::HandOver(read)) => Some(read),
+            Some(fast::Ended::Refused(answer)) => {
+                // Boxed: its drain buffer would otherwise be part of every
+                // connection's future.
+                Box::pin(crate::netio::answer_and_close(&mut stream, answer)).await;
+                None
+            }
+            Some(fast::Ended::Closed) | None => None,
+        },
         true => Some(first),
     };
     if let Some(first) = first {
@@ -469,8 +478,8 @@ async fn sniff(
     Some((first, h2))
 }
 
-/// A plain HTTP/1.1 connection on our own path, under the watchdog; the
-/// bytes to hand hyper with the connection if it must take it.
+/// A plain HTTP/1.1 connection on our own path, under the watchdog; how
+/// it ended (`None`: a timeout or a failure closed it).
 async fn serve_fast(
     stream: &TcpStream,
     first: Bytes,
@@ -478,7 +487,7 @@ async fn serve_fast(
     client: &Client,
     serving: &Serving,
     proxy: &Arc<Shared>,
-) -> Option<Bytes> {
+) -> Option<fast::Ended> {
     let conn = fast::FastConn {
         stream,
         state,
@@ -493,10 +502,7 @@ async fn serve_fast(
     let graceful = |_: Pin<&mut _>| state.close_gracefully();
     let fast = pin!(fast::serve(&conn, first));
     let (timeouts, stop) = (&serving.timeouts, &serving.stop);
-    match conn::supervise(fast, graceful, state, timeouts, &client.addr, stop).await {
-        Some(fast::Ended::HandOver(read)) => Some(read),
-        Some(fast::Ended::Closed) | None => None,
-    }
+    conn::supervise(fast, graceful, state, timeouts, &client.addr, stop).await
 }
 
 /// A client connection's shared state, holding its slot, and what the
