@@ -160,11 +160,12 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
-    /// Connections a worker serves from its own queue between turns of the
-    /// shared one, 1-255 (default: tokio's, tuned near 31). Only matters
-    /// when the proxy is saturated: lower gives a shorter latency tail at
-    /// hundreds of busy connections and less peak throughput at thousands
-    /// (figures in docs/benchmarks.md).
+    /// With several threads: connections a worker serves from its own
+    /// queue between turns of the shared one, 1-255 (default: tokio's,
+    /// tuned near 31). Only matters when the proxy is saturated: lower gives
+    /// a shorter latency tail at hundreds of busy connections and less peak
+    /// throughput at thousands (figures in docs/benchmarks.md). One thread
+    /// has a single queue served in order, and ignores it.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=255))]
     pub fair_interval: Option<u32>,
 

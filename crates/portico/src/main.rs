@@ -46,14 +46,7 @@ fn main() -> ExitCode {
         // The Tower and the small clients need no more than one.
         Command::Tower(_) | Command::Register(_) | Command::Services(_) => (Some(1), None),
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        builder.worker_threads(n.max(1));
-    }
-    if let Some(n) = fair_interval {
-        builder.global_queue_interval(n);
-    }
-    let runtime = match builder.enable_all().build() {
+    let runtime = match runtime(threads, fair_interval).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portico: cannot start the async runtime: {e}");
@@ -67,6 +60,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One worker gets tokio's current-thread scheduler: one unbounded queue,
+/// served in the order tasks became ready, as nginx serves its epoll list.
+/// The work-stealing scheduler's lone worker keeps 256 ready tasks in its
+/// own queue, spills the rest to a shared one it visits once every 31
+/// tasks, and serves the ones it keeps first again when they are woken:
+/// under saturation the spilled connections waited 70 ms at 500 clients
+/// and 430 ms at 2,000 (docs/benchmarks.md). Several workers need that
+/// scheduler to spread connections, and take `--fair-interval`.
+fn runtime(threads: Option<usize>, fair_interval: Option<u32>) -> tokio::runtime::Builder {
+    let workers = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    if workers == 1 {
+        return tokio::runtime::Builder::new_current_thread();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(workers);
+    if let Some(n) = fair_interval {
+        builder.global_queue_interval(n);
+    }
+    builder
 }
 
 fn init_tracing(level: &str, format: LogFormat) {

@@ -234,8 +234,9 @@ impl Metrics {
         );
         registry.register(
             "runtime_shared_queue_depth",
-            "Tasks (mostly connections with work to do) waiting in the runtime's shared queue; \
-             staying above zero means the proxy is saturated (see --fair-interval)",
+            "Tasks (mostly connections with work to do) waiting in the runtime's shared queue, \
+             with several threads; staying above zero means the proxy is saturated (see \
+             --fair-interval). One thread has one queue, and this stays near zero",
             runtime_shared_queue_depth.clone(),
         );
         let unrouted = Arc::new(Self::stats_in(

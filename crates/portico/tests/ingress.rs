@@ -483,12 +483,21 @@ async fn header_and_idle_timeouts_close_connections() {
     );
 }
 
+/// On one thread (tokio's current-thread scheduler, where the signal, the
+/// accept loop and the connections share it) and on several.
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests() {
+    for threads in ["1", "2"] {
+        drains_in_flight_requests(threads).await;
+    }
+}
+
+async fn drains_in_flight_requests(threads: &str) {
     let t = tower("30s");
     let b = Backend::start("b").await;
     register(t.addr, "svc", b.addr);
-    let mut ing = ingress(t.addr, &["/:svc"], &["--drain-timeout", "10s"]);
+    let args = ["--drain-timeout", "10s", "--threads", threads];
+    let mut ing = ingress(t.addr, &["/:svc"], &args);
     let addr = ing.addr;
     let in_flight = tokio::spawn(async move { get(addr, "/gate").await });
     tokio::time::timeout(DEADLINE, b.arrived.notified())

@@ -751,6 +751,7 @@ async fn keep_alive_get(s: &mut tokio::net::TcpStream) {
 /// state, no read or write buffer (hyper's held 8 KiB and more each): the
 /// ingress's RSS grows by well under the 4 KiB of one buffer per
 /// connection held. Memory, not speed: the bound is set far from both.
+/// One thread, as the benchmark runs it (the current-thread scheduler).
 #[tokio::test]
 async fn idle_keep_alive_connections_hold_no_buffers() {
     const HELD: usize = 2_000;
@@ -762,7 +763,7 @@ async fn idle_keep_alive_connections_hold_no_buffers() {
     let t = tower("30s");
     let b = Backend::start("b").await;
     register(t.addr, "svc", b.addr);
-    let ing = ingress(t.addr, &["/:svc"], &[]);
+    let ing = ingress(t.addr, &["/:svc"], &["--threads", "1"]);
     let connect = || tokio::net::TcpStream::connect(ing.addr);
     let mut warm = connect().await.expect("connect");
     wait_for_value("routed", &true, Duration::from_millis(20), || async {
