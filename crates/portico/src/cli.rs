@@ -156,17 +156,14 @@ pub struct ProxyArgs {
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub pool_idle_timeout: Duration,
 
-    /// Worker threads (default: one per core).
+    /// Worker threads (default: one per core). Each serves the connections
+    /// it accepts, in the order they become ready, as nginx's workers do.
     #[arg(long)]
     pub threads: Option<usize>,
 
-    /// With several threads: connections a worker serves from its own
-    /// queue between turns of the shared one, 1-255 (default: tokio's,
-    /// tuned near 31). Only matters when the proxy is saturated: lower gives
-    /// a shorter latency tail at hundreds of busy connections and less peak
-    /// throughput at thousands (figures in docs/benchmarks.md). One thread
-    /// has a single queue served in order, and ignores it.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=255))]
+    /// No effect any more (each worker serves one queue in order): accepted
+    /// so that command lines with it still start, with a warning.
+    #[arg(long, hide = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=255))]
     pub fair_interval: Option<u32>,
 
     /// Active health check for a service, repeatable:

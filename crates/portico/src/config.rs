@@ -496,6 +496,16 @@ impl ProxyConfig {
                 });
             }
         }
+        let workers = a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        if a.fair_interval.is_some() {
+            tracing::warn!(
+                "--fair-interval has no effect any more: each worker thread serves its \
+                 connections from one queue, in the order they became ready; remove it"
+            );
+        }
         Ok(Self {
             listeners,
             redirect_https: a.redirect_https,
@@ -514,11 +524,13 @@ impl ProxyConfig {
                 proxy_protocol_from: crate::ingress::proxy_protocol::TrustedProxies::new(
                     a.proxy_protocol_from.clone(),
                 ),
+                workers,
             },
             pool: PoolSettings {
                 connect_timeout: a.connect_timeout,
                 max_idle_per_backend: a.pool_max_idle,
                 idle_timeout: a.pool_idle_timeout,
+                workers,
             },
             attempts: a.attempts,
             backend_timeout: a.backend_timeout,

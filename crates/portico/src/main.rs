@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
-use portico::cli::{Cli, Command, LogFormat};
+use portico::cli::{Cli, LogFormat};
 
 // Every request allocates a few blocks over glibc's per-thread cache limit
 // (1 KiB): the read buffers (8 KiB) of both connections and the request's
@@ -40,13 +40,12 @@ fn main() -> ExitCode {
     init_tracing(&cli.log_level, cli.log_format);
     raise_fd_limit();
 
-    let (threads, fair_interval) = match &cli.command {
-        Command::Ingress(a) => (a.proxy.threads, a.proxy.fair_interval),
-        Command::Up(a) => (a.proxy.threads, a.proxy.fair_interval),
-        // The Tower and the small clients need no more than one.
-        Command::Tower(_) | Command::Register(_) | Command::Services(_) => (Some(1), None),
-    };
-    let runtime = match runtime(threads, fair_interval).enable_all().build() {
+    // The main thread's runtime is the ingress's first worker; the
+    // ingress starts the others (`ingress::workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portico: cannot start the async runtime: {e}");
@@ -60,29 +59,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// One worker gets tokio's current-thread scheduler: one unbounded queue,
-/// served in the order tasks became ready, as nginx serves its epoll list.
-/// The work-stealing scheduler's lone worker keeps 256 ready tasks in its
-/// own queue, spills the rest to a shared one it visits once every 31
-/// tasks, and serves the ones it keeps first again when they are woken:
-/// under saturation the spilled connections waited 70 ms at 500 clients
-/// and 430 ms at 2,000 (docs/benchmarks.md). Several workers need that
-/// scheduler to spread connections, and take `--fair-interval`.
-fn runtime(threads: Option<usize>, fair_interval: Option<u32>) -> tokio::runtime::Builder {
-    let workers = threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
-    if workers == 1 {
-        return tokio::runtime::Builder::new_current_thread();
-    }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(workers);
-    if let Some(n) = fair_interval {
-        builder.global_queue_interval(n);
-    }
-    builder
 }
 
 fn init_tracing(level: &str, format: LogFormat) {

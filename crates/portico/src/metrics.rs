@@ -114,7 +114,10 @@ pub struct Metrics {
     pub config_reloads: Family<Labels, Counter>,
     pub upstream_connections: Counter,
     pub upstream_idle_connections: Gauge,
-    pub runtime_shared_queue_depth: Gauge,
+    /// Time the worker threads spent running tasks, as read from tokio at
+    /// the last scrape (`set_worker_busy`).
+    worker_busy: Counter<f64, AtomicU64>,
+    worker_busy_read: Mutex<()>,
     /// By `name`: when its certificate expires, as Unix time.
     pub tls_certificate_expiry: Family<Labels, Gauge>,
     /// By `result`: `issued` or `failed`.
@@ -142,7 +145,7 @@ impl Metrics {
         let config_reloads = Family::<Labels, Counter>::default();
         let upstream_connections = Counter::default();
         let upstream_idle_connections = Gauge::default();
-        let runtime_shared_queue_depth = Gauge::default();
+        let worker_busy = Counter::<f64, AtomicU64>::default();
         let tls_certificate_expiry = Family::<Labels, Gauge>::default();
         let acme_orders = Family::<Labels, Counter>::default();
         registry.register(
@@ -233,11 +236,10 @@ impl Metrics {
             upstream_idle_connections.clone(),
         );
         registry.register(
-            "runtime_shared_queue_depth",
-            "Tasks (mostly connections with work to do) waiting in the runtime's shared queue, \
-             with several threads; staying above zero means the proxy is saturated (see \
-             --fair-interval). One thread has one queue, and this stays near zero",
-            runtime_shared_queue_depth.clone(),
+            "worker_busy_seconds",
+            "Time the worker threads (--threads) spent serving; its rate over the thread count \
+             is how busy the proxy is, near 1 when saturated",
+            worker_busy.clone(),
         );
         let unrouted = Arc::new(Self::stats_in(
             &requests,
@@ -265,11 +267,24 @@ impl Metrics {
             config_reloads,
             upstream_connections,
             upstream_idle_connections,
-            runtime_shared_queue_depth,
+            worker_busy,
+            worker_busy_read: Mutex::new(()),
             tls_certificate_expiry,
             acme_orders,
             unrouted,
         })
+    }
+
+    /// Bring the busy-time counter up to `total`, tokio's reading of it.
+    pub fn set_worker_busy(&self, total: std::time::Duration) {
+        let _one_at_a_time = self
+            .worker_busy_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let behind = total.as_secs_f64() - self.worker_busy.get();
+        if behind > 0.0 {
+            self.worker_busy.inc_by(behind);
+        }
     }
 
     /// A connection closed for its PROXY protocol header (`reason`: a

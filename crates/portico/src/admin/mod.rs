@@ -162,11 +162,7 @@ async fn refresh_gauges(
     m.discovery_synced.set(i64::from(ready));
     m.upstream_idle_connections
         .set(i64::try_from(proxy.upstream.pool.idle_count()).unwrap_or(i64::MAX));
-    let queued = tokio::runtime::Handle::current()
-        .metrics()
-        .global_queue_depth();
-    m.runtime_shared_queue_depth
-        .set(i64::try_from(queued).unwrap_or(i64::MAX));
+    m.set_worker_busy(crate::ingress::workers::busy());
     m.discovery_age
         .set(proxy.discovery.last_update_age().unwrap_or(0.0));
 }

@@ -203,9 +203,7 @@ pub async fn serve(
             Some(_) => tracing::info!("ingress listening on {at} (TLS)"),
         }
     }
-    // On a worker thread, not the thread that blocks on main's future: a
-    // connection accepted there would be handed to a worker (a wake-up
-    // across threads) for every new connection.
+    // A task of its own, so that a panic in it is logged, not the process's.
     let serving = tokio::spawn(ingress::serve(
         listeners,
         proxy,

@@ -22,6 +22,7 @@ pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 pub mod websocket_h2;
+pub mod workers;
 
 use std::io;
 use std::net::SocketAddr;
@@ -53,6 +54,8 @@ pub struct ServeSettings {
     pub max_h2_streams: u32,
     /// Sources whose connections open with a PROXY protocol header.
     pub proxy_protocol_from: proxy_protocol::TrustedProxies,
+    /// Worker threads (`workers`), each accepting on every listener.
+    pub workers: usize,
 }
 
 /// TLS termination, and how long a handshake may take.
@@ -100,6 +103,8 @@ struct Serving {
     /// Our HTTP/1.1 path's limits on a request head, as hyper's.
     max_head: usize,
     max_headers: usize,
+    /// Whether other workers accept on the same listeners.
+    shared_accept: bool,
 }
 
 /// Serve clients from `listeners` until `shutdown` flips to true, then stop
@@ -112,6 +117,7 @@ pub async fn serve(
     front: Arc<front::FrontDoor>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let workers = workers::start(settings.workers);
     let serving = Arc::new(Serving {
         protocols: Protocols::new(&settings),
         front,
@@ -122,6 +128,7 @@ pub async fn serve(
         stop: Arc::new(conn::Shutdown::default()),
         max_head: settings.max_header_bytes.max(8192),
         max_headers: settings.max_headers,
+        shared_accept: workers.len() > 1,
     });
     let sweeper = tokio::spawn(sweep_pool(proxy.upstream.pool.clone()));
     let stop = serving.stop.clone();
@@ -131,17 +138,37 @@ pub async fn serve(
         let _ = signal.wait_for(|stop| *stop).await;
         stop.fire();
     });
-    let loops: Vec<_> = listeners
-        .into_iter()
-        .map(|l| {
-            tokio::spawn(accept_loop(
-                l,
-                serving.clone(),
-                proxy.clone(),
-                shutdown.clone(),
-            ))
-        })
-        .collect();
+    let mut loops = Vec::new();
+    for listener in listeners {
+        let tls = listener.tls.map(Arc::new);
+        // Every worker accepts on the same socket (a copy of its
+        // descriptor, in its own epoll): whichever is free first takes the
+        // connection, as nginx's workers share theirs.
+        for handle in &workers[1..] {
+            let socket = match socket2::SockRef::from(&listener.socket).try_clone() {
+                Ok(socket) => std::net::TcpListener::from(socket),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot share a listener with a worker thread; it serves the others");
+                    continue;
+                }
+            };
+            let (serving, proxy, shutdown) = (serving.clone(), proxy.clone(), shutdown.clone());
+            let tls = tls.clone();
+            loops.push(handle.spawn(async move {
+                match TcpListener::from_std(socket) {
+                    Ok(socket) => accept_loop(socket, tls, serving, proxy, shutdown).await,
+                    Err(e) => tracing::warn!(error = %e, "a worker thread cannot watch a listener; the others serve it"),
+                }
+            }));
+        }
+        loops.push(tokio::spawn(accept_loop(
+            listener.socket,
+            tls,
+            serving.clone(),
+            proxy.clone(),
+            shutdown.clone(),
+        )));
+    }
     for accepting in loops {
         if let Err(e) = accepting.await {
             tracing::error!(error = %e, "an accept loop ended abnormally");
@@ -170,17 +197,16 @@ pub async fn serve(
 }
 
 /// Accept on one listener until shutdown; the loop never ends on an error.
+/// `tls` is shared: every connection's task holds a pointer to it.
 async fn accept_loop(
-    listener: Listener,
+    listener: TcpListener,
+    tls: Option<Arc<TlsTermination>>,
     serving: Arc<Serving>,
     proxy: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut accept_shutdown = shutdown.clone();
     let mut backoff = Duration::from_millis(5);
-    // Shared: every connection's task holds a pointer to it, not a copy.
-    let tls = listener.tls.map(Arc::new);
-    let listener = listener.socket;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -219,9 +245,16 @@ async fn accept_loop(
                 let tls = tls.clone();
                 // The task's future is the connection's whole state, in
                 // the task's own allocation: each value in it once.
+                let shared_accept = serving.shared_accept;
                 tokio::spawn(serve_client(
                     stream, peer, from_proxy, slot, tls, serving, proxy,
                 ));
+                if shared_accept {
+                    // One connection per turn, as nginx's workers take one
+                    // per wake-up: a worker that emptied the queue alone
+                    // would keep a burst of keep-alive clients to itself.
+                    tokio::task::yield_now().await;
+                }
             }
             Err(_) => {
                 proxy.metrics.refused_at_capacity.inc();

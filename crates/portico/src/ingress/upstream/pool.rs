@@ -21,6 +21,8 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub max_idle_per_backend: usize,
     pub idle_timeout: Duration,
+    /// Worker threads: each has its own share of the idle connections.
+    pub workers: usize,
 }
 
 /// A connection that can wait in an `IdleSet`.
@@ -43,24 +45,41 @@ struct Idle<C> {
     since_ms: u64,
 }
 
-/// The idle connections of one client kind, newest first out.
+/// One worker's idle connections of a kind, by replica, newest last.
+type Share<C> = Mutex<ByBackend<Vec<Idle<C>>>>;
+
+/// The idle connections of one client kind, newest first out, in one share
+/// per worker thread: a worker reuses only the connections it opened, whose
+/// readiness its own epoll reports (another worker's would wake it from
+/// across threads on every read).
 pub struct IdleSet<C> {
-    conns: Mutex<ByBackend<Vec<Idle<C>>>>,
+    shares: Box<[Share<C>]>,
     max_per_backend: usize,
     idle_ms: u64,
 }
 
 impl<C: Pooled> IdleSet<C> {
-    pub fn new(max_per_backend: usize, idle_timeout: Duration) -> Self {
+    /// At most `max_per_backend` idle connections per replica in all, split
+    /// evenly (rounded up) over `workers` shares.
+    pub fn new(max_per_backend: usize, idle_timeout: Duration, workers: usize) -> Self {
+        let workers = workers.max(1);
         Self {
-            conns: Mutex::new(ByBackend::default()),
-            max_per_backend,
+            shares: (0..workers).map(|_| Mutex::default()).collect(),
+            max_per_backend: max_per_backend.div_ceil(workers),
             idle_ms: idle_timeout.as_millis() as u64,
         }
     }
 
+    /// The calling worker's share.
     fn lock(&self) -> MutexGuard<'_, ByBackend<Vec<Idle<C>>>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+        let share = &self.shares[crate::ingress::workers::index() % self.shares.len()];
+        share.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn all(&self) -> impl Iterator<Item = MutexGuard<'_, ByBackend<Vec<Idle<C>>>>> {
+        self.shares
+            .iter()
+            .map(|share| share.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn expired(&self, idle: &Idle<C>, now_ms: u64) -> bool {
@@ -92,16 +111,20 @@ impl<C: Pooled> IdleSet<C> {
 
     /// Drop connections that closed or idled too long, and empty entries.
     pub fn sweep(&self, now_ms: u64) {
-        self.lock().retain(|_, conns| {
-            conns.retain_mut(|c| {
-                now_ms.saturating_sub(c.since_ms) < self.idle_ms && c.conn.is_fit()
+        for mut share in self.all() {
+            share.retain(|_, conns| {
+                conns.retain_mut(|c| {
+                    now_ms.saturating_sub(c.since_ms) < self.idle_ms && c.conn.is_fit()
+                });
+                !conns.is_empty()
             });
-            !conns.is_empty()
-        });
+        }
     }
 
     pub(super) fn len(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+        self.all()
+            .map(|share| share.values().map(Vec::len).sum::<usize>())
+            .sum()
     }
 }
 
@@ -128,8 +151,8 @@ impl Pool {
         Arc::new(Self {
             settings,
             opened,
-            h1: IdleSet::new(max, idle),
-            hyper_h1: IdleSet::new(max, idle),
+            h1: IdleSet::new(max, idle, settings.workers),
+            hyper_h1: IdleSet::new(max, idle, settings.workers),
             h2: Mutex::new(ByBackend::default()),
         })
     }
@@ -196,7 +219,7 @@ mod tests {
 
     #[test]
     fn a_connection_idle_past_the_timeout_is_not_handed_out() {
-        let set = IdleSet::new(4, Duration::from_millis(100));
+        let set = IdleSet::new(4, Duration::from_millis(100), 1);
         let addr = fake(0, true).addr;
         set.park(fake(1, true), 1_000);
         assert!(set.checkout(addr, 1_100).is_none(), "100 ms idle: expired");
@@ -206,7 +229,7 @@ mod tests {
 
     #[test]
     fn the_newest_fit_connection_comes_out_and_unfit_ones_go() {
-        let set = IdleSet::new(4, Duration::from_secs(10));
+        let set = IdleSet::new(4, Duration::from_secs(10), 1);
         let addr = fake(0, true).addr;
         set.park(fake(1, true), 0);
         set.park(fake(2, false), 1);
@@ -216,16 +239,35 @@ mod tests {
 
     #[test]
     fn parking_stops_at_the_limit_per_replica() {
-        let set = IdleSet::new(2, Duration::from_secs(10));
+        let set = IdleSet::new(2, Duration::from_secs(10), 1);
         for id in 0..3 {
             set.park(fake(id, true), 0);
         }
         assert_eq!(set.len(), 2);
     }
 
+    #[tokio::test]
+    async fn a_worker_takes_only_the_connections_it_parked() {
+        let set = Arc::new(IdleSet::new(4, Duration::from_secs(10), 2));
+        let addr = fake(0, true).addr;
+        for id in 1..=3 {
+            set.park(fake(id, true), 0);
+        }
+        assert_eq!(set.len(), 2, "the limit of 4 is 2 for each of 2 workers");
+        let workers = crate::ingress::workers::start(2);
+        assert_eq!(workers.len(), 2);
+        let other = set.clone();
+        let taken = workers[1]
+            .spawn(async move { other.checkout(addr, 1).map(|c| c.id) })
+            .await
+            .unwrap();
+        assert_eq!(taken, None, "worker 1 parked none");
+        assert_eq!(set.checkout(addr, 1).map(|c| c.id), Some(2));
+    }
+
     #[test]
     fn sweep_drops_expired_and_unfit() {
-        let set = IdleSet::new(8, Duration::from_millis(50));
+        let set = IdleSet::new(8, Duration::from_millis(50), 1);
         set.park(fake(1, true), 0);
         set.park(fake(2, true), 40);
         set.park(fake(3, false), 40);

@@ -1,0 +1,86 @@
+//! The ingress's worker threads, one tokio current-thread runtime each, as
+//! nginx runs one process per core. A connection lives on the worker that
+//! accepted it, with the backend connections it borrows: its sockets'
+//! readiness comes from that worker's own epoll, and its task waits in that
+//! worker's one queue, served in the order tasks became ready.
+//!
+//! tokio's work-stealing scheduler was measured against this and lost on
+//! both counts (docs/benchmarks.md): a worker keeps 256 ready tasks in its
+//! own queue and spills the rest to a shared one it visits once every 31
+//! tasks, so under saturation the spilled connections waited 70-430 ms;
+//! and stealing moves a connection between cores, away from its caches.
+
+use std::cell::Cell;
+use std::io;
+use std::sync::{mpsc, OnceLock};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+
+/// The workers started, for their busy time on `/metrics`.
+static STARTED: OnceLock<Vec<Handle>> = OnceLock::new();
+
+thread_local! {
+    /// This thread's worker number; 0 on the thread that started them.
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The worker the calling thread is (0 off the worker threads): what picks
+/// a connection's share of per-worker state, such as the backend pool.
+pub fn index() -> usize {
+    INDEX.with(Cell::get)
+}
+
+/// Start `count - 1` worker threads beside the calling one (worker 0,
+/// whose runtime must be the current one), each running a current-thread
+/// runtime until the process exits. Their handles, the current one first;
+/// fewer if a thread could not start (logged: the others serve).
+pub fn start(count: usize) -> Vec<Handle> {
+    let mut handles = vec![Handle::current()];
+    for i in 1..count.max(1) {
+        match start_one(i) {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, serving = handles.len(), "cannot start a worker thread; serving on fewer");
+                break;
+            }
+        }
+    }
+    let _ = STARTED.set(handles.clone());
+    handles
+}
+
+/// Time the started workers have spent running tasks, all together.
+pub fn busy() -> Duration {
+    STARTED.get().map_or(Duration::ZERO, |workers| {
+        workers
+            .iter()
+            .map(|w| w.metrics().worker_total_busy_duration(0))
+            .sum()
+    })
+}
+
+fn start_one(i: usize) -> io::Result<Handle> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(format!("portico-worker-{i}"))
+        .spawn(move || {
+            INDEX.with(|index| index.set(i));
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(runtime.handle().clone()));
+            // Serves whatever is spawned on it; the process exits from
+            // worker 0, once the connections are drained.
+            runtime.block_on(std::future::pending::<()>());
+        })?;
+    rx.recv()
+        .map_err(|_| io::Error::other("the worker thread ended before its runtime started"))?
+}
