@@ -374,13 +374,14 @@ class Bench:
                 if front == "tls" else ["--listen", f"127.0.0.1:{port}"]
             argv = [a.portico, "ingress"] + listen + [
                 "--tower", f"127.0.0.1:{tower.port}", "--route", f"/:{tower.service}",
-                "--threads", "1", "--admin", "off", "--log-level", "warn",
+                "--threads", str(a.workers), "--admin", "off", "--log-level", "warn",
                 "--max-connections", str(a.nofile - 1000)]
             if name == "portico-lookup":
                 argv += ["--discovery", "lookup"]
             p = Proc(argv, a.proxy_cpu)
         elif name == "nginx":
             render("proxy.nginx.conf.in", os.path.join(d, "nginx.conf"), NOFILE=a.nofile,
+                   WORKERS=a.workers,
                    CONNS=a.nofile - 100, PORT=port, B1=b1, B2=b2,
                    LISTEN={"http": "", "tls": " ssl", "h2c": " http2"}[front],
                    # nginx before 1.23.4 leaves TLS 1.3 out of its default
@@ -391,7 +392,7 @@ class Bench:
         elif name == "haproxy":
             # HAProxy sizes its descriptors from maxconn (two per connection)
             # and refuses to start past the open-file limit.
-            render("proxy.haproxy.cfg.in", os.path.join(d, "haproxy.cfg"),
+            render("proxy.haproxy.cfg.in", os.path.join(d, "haproxy.cfg"), WORKERS=a.workers,
                    MAXCONN=self.haproxy_maxconn(), PORT=port, B1=b1, B2=b2,
                    BIND={"http": "", "tls": f" ssl crt {both}", "h2c": " proto h2"}[front])
             p = Proc(["haproxy", "-db", "-f", os.path.join(d, "haproxy.cfg")], a.proxy_cpu)
@@ -1278,7 +1279,8 @@ def summary(res, args):
         "",
         "Command: `" + res["command"] + "`",
         "",
-        f"Proxy pinned to CPU {args.proxy_cpu}, one worker each; wrk, the load generator and "
+        f"Proxy pinned to CPU {args.proxy_cpu}, {args.workers} worker(s) each; wrk, the load "
+        "generator and "
         f"two nginx backend replicas on CPU {args.load_cpu}. {args.body_bytes}-byte responses. "
         f"{args.duration} s per cell, median of {args.rounds} round(s). "
         "CPU is the proxy's utime+stime over the run divided by the responses.",
@@ -1793,6 +1795,10 @@ def main():
     # Portico's levels (crates/portico/src/ingress/compress.rs), given to nginx.
     ap.add_argument("--gzip-level", type=int, default=3)
     ap.add_argument("--brotli-level", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="worker threads or processes of each proxy under test (Portico "
+                         "--threads, nginx worker_processes, HAProxy nbthread); with more than "
+                         "one, give --proxy-cpu and --load-cpu a range such as 0-1")
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
     ap.add_argument("--discovery-sizes", default="1000,10000,40000,100000",
@@ -1852,6 +1858,7 @@ def main():
     res["command"] = os.environ.get("BENCH_COMMAND") or " ".join(["bench/bench.py"] + sys.argv[1:])
     res["settings"] = {k: getattr(a, k) for k in (
         "proxies", "modes", "conns", "duration", "rounds", "rate", "rate_conns", "latency_rounds",
+        "workers",
         "idle_conns",
         "churn_pairs", "body_bytes", "proxy_cpu", "load_cpu", "compress_conns", "gzip_level",
         "brotli_level", "discovery_sizes", "discovery_ingresses", "discovery_changes",
