@@ -148,7 +148,8 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 0)]
     pub max_requests_per_connection: u32,
 
-    /// Idle keep-alive connections kept per backend replica.
+    /// Idle keep-alive connections kept per backend replica, by each worker
+    /// thread (as nginx's `keepalive`, per worker process).
     #[arg(long, default_value_t = 256)]
     pub pool_max_idle: usize,
 

@@ -47,3 +47,4 @@ pub mod netio;
 pub mod registry;
 pub mod services_doc;
 pub mod units;
+pub mod worker;

@@ -232,13 +232,13 @@ impl Metrics {
         );
         registry.register(
             "upstream_idle_connections",
-            "Idle HTTP/1.1 backend connections pooled now (at most --pool-max-idle per replica)",
+            "Idle HTTP/1.1 backend connections pooled now (at most --pool-max-idle per replica and worker)",
             upstream_idle_connections.clone(),
         );
         registry.register(
             "worker_busy_seconds",
-            "Time the worker threads (--threads) spent serving; its rate over the thread count \
-             is how busy the proxy is, near 1 when saturated",
+            "Wall time the worker threads (--threads) spent serving, not waiting for work; its \
+             rate over the thread count is how busy the proxy is, near 1 when saturated",
             worker_busy.clone(),
         );
         let unrouted = Arc::new(Self::stats_in(

@@ -2,7 +2,8 @@
 //! nginx runs one process per core. A connection lives on the worker that
 //! accepted it, with the backend connections it borrows: its sockets'
 //! readiness comes from that worker's own epoll, and its task waits in that
-//! worker's one queue, served in the order tasks became ready.
+//! worker's one queue, served in the order tasks became ready. What
+//! outlives a request is kept per worker (`crate::worker`).
 //!
 //! tokio's work-stealing scheduler was measured against this and lost on
 //! both counts (docs/benchmarks.md): a worker keeps 256 ready tasks in its
@@ -10,7 +11,6 @@
 //! tasks, so under saturation the spilled connections waited 70-430 ms;
 //! and stealing moves a connection between cores, away from its caches.
 
-use std::cell::Cell;
 use std::io;
 use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
@@ -19,17 +19,6 @@ use tokio::runtime::Handle;
 
 /// The workers started, for their busy time on `/metrics`.
 static STARTED: OnceLock<Vec<Handle>> = OnceLock::new();
-
-thread_local! {
-    /// This thread's worker number; 0 on the thread that started them.
-    static INDEX: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The worker the calling thread is (0 off the worker threads): what picks
-/// a connection's share of per-worker state, such as the backend pool.
-pub fn index() -> usize {
-    INDEX.with(Cell::get)
-}
 
 /// Start `count - 1` worker threads beside the calling one (worker 0,
 /// whose runtime must be the current one), each running a current-thread
@@ -63,9 +52,10 @@ pub fn busy() -> Duration {
 fn start_one(i: usize) -> io::Result<Handle> {
     let (tx, rx) = mpsc::sync_channel(1);
     std::thread::Builder::new()
-        .name(format!("portico-worker-{i}"))
+        // Linux keeps 15 bytes of a thread's name: `top -H` tells these apart.
+        .name(format!("portico-w{i}"))
         .spawn(move || {
-            INDEX.with(|index| index.set(i));
+            crate::worker::set_index(i);
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

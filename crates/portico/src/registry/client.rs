@@ -46,7 +46,9 @@ pub struct TowerClient {
     addr: SocketAddr,
     timeout: Duration,
     tries: u32,
-    idle: Mutex<Vec<UdpSocket>>,
+    /// Each with the worker thread that opened it (`crate::worker`): a
+    /// socket is reused only there, where its event loop watches it.
+    idle: Mutex<Vec<(usize, UdpSocket)>>,
 }
 
 /// Sockets kept for reuse; more may be open at once under load, the rest are
@@ -171,8 +173,12 @@ impl TowerClient {
     }
 
     async fn socket(&self) -> Result<UdpSocket, TowerError> {
-        if let Some(s) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(s);
+        let worker = crate::worker::index();
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = idle.iter().rposition(|(opener, _)| *opener == worker) {
+                return Ok(idle.swap_remove(at).1);
+            }
         }
         let io_err = |source| TowerError::Io {
             addr: self.addr,
@@ -194,7 +200,7 @@ impl TowerClient {
         // socket; `exchange` drains it before the next request.
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_SOCKETS {
-            idle.push(socket);
+            idle.push((crate::worker::index(), socket));
         }
     }
 }

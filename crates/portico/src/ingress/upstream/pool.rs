@@ -15,6 +15,7 @@ use super::hyper_h1::HyperConn;
 use crate::ingress::conn::coarse_ms;
 use crate::ingress::error::UpstreamError;
 use crate::ingress::h1::client as h1;
+use crate::worker::PerWorker;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
@@ -49,37 +50,36 @@ struct Idle<C> {
 type Share<C> = Mutex<ByBackend<Vec<Idle<C>>>>;
 
 /// The idle connections of one client kind, newest first out, in one share
-/// per worker thread: a worker reuses only the connections it opened, whose
-/// readiness its own epoll reports (another worker's would wake it from
-/// across threads on every read).
+/// per worker thread (`crate::worker`): a worker reuses only the
+/// connections it opened. Each share keeps up to the limit, as each nginx
+/// worker keeps its own `keepalive` connections: a worker that carries more
+/// of the clients needs more of them.
 pub struct IdleSet<C> {
-    shares: Box<[Share<C>]>,
+    shares: PerWorker<Share<C>>,
     max_per_backend: usize,
     idle_ms: u64,
 }
 
+fn lock<T>(share: &Mutex<T>) -> MutexGuard<'_, T> {
+    share.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl<C: Pooled> IdleSet<C> {
-    /// At most `max_per_backend` idle connections per replica in all, split
-    /// evenly (rounded up) over `workers` shares.
     pub fn new(max_per_backend: usize, idle_timeout: Duration, workers: usize) -> Self {
-        let workers = workers.max(1);
         Self {
-            shares: (0..workers).map(|_| Mutex::default()).collect(),
-            max_per_backend: max_per_backend.div_ceil(workers),
+            shares: PerWorker::new(workers, Mutex::default),
+            max_per_backend,
             idle_ms: idle_timeout.as_millis() as u64,
         }
     }
 
     /// The calling worker's share.
     fn lock(&self) -> MutexGuard<'_, ByBackend<Vec<Idle<C>>>> {
-        let share = &self.shares[crate::ingress::workers::index() % self.shares.len()];
-        share.lock().unwrap_or_else(|p| p.into_inner())
+        lock(self.shares.mine())
     }
 
     fn all(&self) -> impl Iterator<Item = MutexGuard<'_, ByBackend<Vec<Idle<C>>>>> {
-        self.shares
-            .iter()
-            .map(|share| share.lock().unwrap_or_else(|p| p.into_inner()))
+        self.shares.iter().map(lock)
     }
 
     fn expired(&self, idle: &Idle<C>, now_ms: u64) -> bool {
@@ -134,7 +134,8 @@ pub struct Pool {
     opened: Counter,
     pub(super) h1: IdleSet<h1::Connection>,
     pub(super) hyper_h1: IdleSet<HyperConn>,
-    pub(super) h2: Mutex<ByBackend<H2Sender>>,
+    /// Each worker's HTTP/2 connection to each replica, driven on it.
+    pub(super) h2: PerWorker<Mutex<ByBackend<H2Sender>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -153,7 +154,7 @@ impl Pool {
             opened,
             h1: IdleSet::new(max, idle, settings.workers),
             hyper_h1: IdleSet::new(max, idle, settings.workers),
-            h2: Mutex::new(ByBackend::default()),
+            h2: PerWorker::new(settings.workers, Mutex::default),
         })
     }
 
@@ -171,13 +172,16 @@ impl Pool {
         Ok(stream)
     }
 
+    /// The calling worker's HTTP/2 connections.
     pub(super) fn h2_senders(&self) -> MutexGuard<'_, ByBackend<H2Sender>> {
-        self.h2.lock().unwrap_or_else(|p| p.into_inner())
+        lock(self.h2.mine())
     }
 
     /// Drop connections that closed or idled too long.
     pub fn sweep(&self) {
-        self.h2_senders().retain(|_, s| !s.is_closed());
+        for share in self.h2.iter() {
+            lock(share).retain(|_, s| !s.is_closed());
+        }
         let now = coarse_ms();
         self.h1.sweep(now);
         self.hyper_h1.sweep(now);
@@ -253,7 +257,7 @@ mod tests {
         for id in 1..=3 {
             set.park(fake(id, true), 0);
         }
-        assert_eq!(set.len(), 2, "the limit of 4 is 2 for each of 2 workers");
+        assert_eq!(set.len(), 3, "the limit is each worker's");
         let workers = crate::ingress::workers::start(2);
         assert_eq!(workers.len(), 2);
         let other = set.clone();
@@ -262,7 +266,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(taken, None, "worker 1 parked none");
-        assert_eq!(set.checkout(addr, 1).map(|c| c.id), Some(2));
+        assert_eq!(set.checkout(addr, 1).map(|c| c.id), Some(3));
     }
 
     #[test]
