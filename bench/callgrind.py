@@ -5,12 +5,15 @@ the machine is doing, where CPU time is not. For A/B comparisons of a
 change (docs/benchmarks.md), never for comparing with nginx.
 
     python3 bench/callgrind.py --portico A=target/release/portico \\
-        --portico B=/tmp/portico-before [--seconds 5] [--out DIR]
+        --portico B=/tmp/portico-before [--nginx] [--seconds 5] [--out DIR]
 
 Each binary runs `portico ingress` under valgrind with instrumentation
 off, in front of the benchmark's two nginx replicas and a Tower; after a
 warm-up, instrumentation is switched on for one wrk run per cell and off
-again, and the instructions are divided by the responses. Cells:
+again, and the instructions are divided by the responses. --nginx counts
+nginx as a proxy the same way (one process, the benchmark's proxy
+configuration with master_process off), for where a gap in user time
+lies; instructions are not time, so this is no CPU comparison. Cells:
   keep-alive 50     GET over 50 keep-alive connections (our HTTP/1.1 client)
   close 10          GET with a new connection per request
   post keep-alive   POST with a 1 KiB body over 10 connections (hyper's
@@ -66,14 +69,35 @@ def instructions(out_file):
     raise RuntimeError(f"no totals in {out_file}")
 
 
-def measure(name, portico, tower, backend_port, work, args):
+def portico_argv(portico, tower):
+    def argv(port, work):
+        return [portico, "ingress", "--listen", f"127.0.0.1:{port}",
+                "--tower", f"127.0.0.1:{tower.port}", "--route", f"/:{tower.service}",
+                "--threads", "1", "--admin", "off", "--log-level", "warn"]
+    return argv
+
+
+def nginx_argv(backend_ports):
+    def argv(port, work):
+        d = os.path.join(work, f"nginx-{port}")
+        os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+        conf = os.path.join(d, "nginx.conf")
+        bench.render("proxy.nginx.conf.in", conf, NOFILE=4096, WORKERS=1, CONNS=4000,
+                     PORT=port, B1=backend_ports[0], B2=backend_ports[1], LISTEN="", TLS="")
+        # One process, so that valgrind counts the one serving the requests.
+        with open(conf) as f:
+            text = f.read().replace("master_process on;", "master_process off;")
+        with open(conf, "w") as f:
+            f.write(text)
+        return ["nginx", "-p", d, "-c", "nginx.conf"]
+    return argv
+
+
+def measure(name, proxy_argv, work, args):
     port = bench.free_port()
     out_file = os.path.join(work, f"callgrind.{name}.out")
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-            f"--callgrind-out-file={out_file}",
-            portico, "ingress", "--listen", f"127.0.0.1:{port}",
-            "--tower", f"127.0.0.1:{tower.port}", "--route", f"/:{tower.service}",
-            "--threads", "1", "--admin", "off", "--log-level", "warn"]
+            f"--callgrind-out-file={out_file}"] + proxy_argv(port, work)
     proc = bench.Proc(argv, args.proxy_cpu)
     results = {}
     try:
@@ -115,6 +139,7 @@ def dumped(proc, out_file):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--portico", action="append", required=True, help="NAME=PATH, repeatable")
+    p.add_argument("--nginx", action="store_true", help="count nginx too")
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--rounds", type=int, default=1, help="alternate the binaries this many times")
     p.add_argument("--proxy-cpu", default="0")
@@ -136,11 +161,14 @@ def main():
         bench.wait_listening(port, proc)
         backends.append(proc)
     tower = bench.Tower(binaries[0][1], args.load_cpu, backend_ports)
+    proxies = [(name, portico_argv(path, tower)) for name, path in binaries]
+    if args.nginx:
+        proxies.append(("nginx", nginx_argv(backend_ports)))
     table = {}
     try:
         for r in range(args.rounds):
-            for name, path in binaries:
-                res = measure(f"{name}.{r}", path, tower, backend_ports[0], work, args)
+            for name, argv in proxies:
+                res = measure(f"{name}.{r}", argv, work, args)
                 for cell, ir in res.items():
                     table.setdefault(cell, {}).setdefault(name, []).append(ir)
                     print(f"{name} round {r + 1}: {cell}: {ir / 1000:.2f}k instructions/request",
@@ -150,10 +178,10 @@ def main():
         for b in backends:
             b.stop()
     print()
-    print("| cell | " + " | ".join(n for n, _ in binaries) + " |")
-    print("|---|" + "---|" * len(binaries))
+    print("| cell | " + " | ".join(n for n, _ in proxies) + " |")
+    print("|---|" + "---|" * len(proxies))
     for cell, by in table.items():
-        row = [", ".join(f"{v / 1000:.2f}k" for v in by.get(n, [])) for n, _ in binaries]
+        row = [", ".join(f"{v / 1000:.2f}k" for v in by.get(n, [])) for n, _ in proxies]
         print(f"| {cell} | " + " | ".join(row) + " |")
 
 
