@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,8 @@ pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Set when the log reader has read the last line (end of stderr).
+    log_done: Arc<AtomicBool>,
 }
 
 impl Proc {
@@ -71,6 +73,8 @@ impl Proc {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
+        let log_done = Arc::new(AtomicBool::new(false));
+        let done = log_done.clone();
         let wanted = marker.to_owned();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
@@ -85,6 +89,7 @@ impl Proc {
                 }
                 log2.lock().unwrap().push(line);
             }
+            done.store(true, Ordering::Release);
         });
         let addr = match rx.recv_timeout(DEADLINE) {
             Ok(a) => a.parse().expect("listen address"),
@@ -96,7 +101,12 @@ impl Proc {
                 );
             }
         };
-        Proc { child, addr, log }
+        Proc {
+            child,
+            addr,
+            log,
+            log_done,
+        }
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -104,10 +114,14 @@ impl Proc {
     }
 
     /// Wait for the process to exit, with a deadline.
+    /// Its last log lines are read too: the reader thread may lag the exit.
     pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                while !self.log_done.load(Ordering::Acquire) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return status;
             }
             assert!(
