@@ -35,7 +35,9 @@ impl<T> PerWorker<T> {
         }
     }
 
-    /// The calling worker's share.
+    /// The calling worker's share. With fewer shares than workers (a
+    /// client built for one thread, as the command-line tools are), the
+    /// workers share them round the count, never out of range.
     pub fn mine(&self) -> &T {
         &self.shares[index() % self.shares.len()]
     }

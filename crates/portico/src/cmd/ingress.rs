@@ -54,7 +54,7 @@ pub async fn run(
         .await;
     }
     let tower = resolve_tower(&args.tower)?;
-    let client = TowerClient::new(tower, args.tower_timeout, 2);
+    let client = TowerClient::new(tower, args.tower_timeout, 2).per_worker(config.serve.workers);
     let source = TowerSource::new(client);
     // The Tower may start after us: the watch keeps trying, and logs it.
     tokio::spawn(crate::discovery::watch::run(

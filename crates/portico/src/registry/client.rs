@@ -18,6 +18,8 @@ use portico_wire::{decode_reply, encode_request, ErrorReply, Reply, ReplyDecodeE
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
+use crate::worker::PerWorker;
+
 /// Why the Tower gave no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum TowerError {
@@ -46,13 +48,14 @@ pub struct TowerClient {
     addr: SocketAddr,
     timeout: Duration,
     tries: u32,
-    /// Each with the worker thread that opened it (`crate::worker`): a
-    /// socket is reused only there, where its event loop watches it.
-    idle: Mutex<Vec<(usize, UdpSocket)>>,
+    /// Kept per worker thread (`crate::worker`): a socket is reused only
+    /// where it was opened, where its event loop watches it, and one busy
+    /// worker cannot fill the others' room.
+    idle: PerWorker<Mutex<Vec<UdpSocket>>>,
 }
 
-/// Sockets kept for reuse; more may be open at once under load, the rest are
-/// closed after use.
+/// Sockets each worker keeps for reuse; more may be open at once under
+/// load, the rest are closed after use.
 const MAX_IDLE_SOCKETS: usize = 64;
 
 impl TowerClient {
@@ -61,7 +64,15 @@ impl TowerClient {
             addr,
             timeout,
             tries: tries.max(1),
-            idle: Mutex::new(Vec::new()),
+            idle: PerWorker::new(1, Mutex::default),
+        }
+    }
+
+    /// Keep idle sockets apart for each of `workers` worker threads.
+    pub fn per_worker(self, workers: usize) -> Self {
+        Self {
+            idle: PerWorker::new(workers, Mutex::default),
+            ..self
         }
     }
 
@@ -173,11 +184,10 @@ impl TowerClient {
     }
 
     async fn socket(&self) -> Result<UdpSocket, TowerError> {
-        let worker = crate::worker::index();
         {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(at) = idle.iter().rposition(|(opener, _)| *opener == worker) {
-                return Ok(idle.swap_remove(at).1);
+            let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(socket) = idle.pop() {
+                return Ok(socket);
             }
         }
         let io_err = |source| TowerError::Io {
@@ -198,9 +208,9 @@ impl TowerClient {
         // A reply that came after its request was answered (the Tower
         // answered a datagram twice, or someone forged one) waits in the
         // socket; `exchange` drains it before the next request.
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_SOCKETS {
-            idle.push((crate::worker::index(), socket));
+            idle.push(socket);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! HTTP/2 with prior knowledge (h2c) to backends: one multiplexed
-//! connection per replica, driven by a task of its own, its sender cloned
-//! by each request.
+//! connection per replica on each worker thread, driven by a task of its
+//! own on that worker, its sender cloned by each request there.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use crate::ingress::error::{AttemptError, BadRequest, UpstreamError};
 use crate::ingress::headers;
 use crate::ingress::quickack::QuickAck;
 
-/// HTTP/2 senders are clones of one multiplexed connection per replica.
+/// HTTP/2 senders are clones of one multiplexed connection per replica and worker.
 pub type H2Sender = hyper::client::conn::http2::SendRequest<UpstreamRequestBody>;
 
 /// Turn a request rewritten for HTTP/1.1 into its HTTP/2 form: the host in
