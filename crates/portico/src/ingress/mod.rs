@@ -138,7 +138,7 @@ pub async fn serve(
         let _ = signal.wait_for(|stop| *stop).await;
         stop.fire();
     });
-    let mut loops = Vec::new();
+    let mut loops = tokio::task::JoinSet::new();
     for listener in listeners {
         let tls = listener.tls.map(Arc::new);
         // Every worker accepts on the same socket (a copy of its
@@ -154,24 +154,29 @@ pub async fn serve(
             };
             let (serving, proxy, shutdown) = (serving.clone(), proxy.clone(), shutdown.clone());
             let tls = tls.clone();
-            loops.push(handle.spawn(async move {
-                match TcpListener::from_std(socket) {
-                    Ok(socket) => accept_loop(socket, tls, serving, proxy, shutdown).await,
-                    Err(e) => tracing::warn!(error = %e, "a worker thread cannot watch a listener; the others serve it"),
-                }
-            }));
+            loops.spawn_on(
+                async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(socket) => accept_loop(socket, tls, serving, proxy, shutdown).await,
+                        Err(e) => tracing::warn!(error = %e, "a worker thread cannot watch a listener; the others serve it"),
+                    }
+                },
+                handle,
+            );
         }
-        loops.push(tokio::spawn(accept_loop(
+        loops.spawn(accept_loop(
             listener.socket,
             tls,
             serving.clone(),
             proxy.clone(),
             shutdown.clone(),
-        )));
+        ));
     }
-    for accepting in loops {
-        if let Err(e) = accepting.await {
-            tracing::error!(error = %e, "an accept loop ended abnormally");
+    // Told as soon as it happens, not at shutdown: the other workers go on
+    // accepting on that listener meanwhile.
+    while let Some(ended) = loops.join_next().await {
+        if let Err(e) = ended {
+            tracing::error!(error = %e, "an accept loop ended abnormally; the other workers go on accepting");
         }
     }
     sweeper.abort();
