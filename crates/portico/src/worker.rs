@@ -7,6 +7,7 @@
 //! thread is worker 0. (leaf)
 
 use std::cell::Cell;
+use std::sync::{Mutex, MutexGuard};
 
 thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
@@ -41,8 +42,22 @@ impl<T> PerWorker<T> {
     pub fn mine(&self) -> &T {
         &self.shares[index() % self.shares.len()]
     }
+}
 
-    pub fn iter(&self) -> std::slice::Iter<'_, T> {
-        self.shares.iter()
+/// Shares behind locks: each is only ever held for a quick look, so a
+/// panic while one was held leaves nothing half-done worth refusing.
+impl<T> PerWorker<Mutex<T>> {
+    /// The calling worker's share, locked.
+    pub fn lock_mine(&self) -> MutexGuard<'_, T> {
+        relock(self.mine())
     }
+
+    /// Every worker's share in turn, each locked while it is looked at.
+    pub fn lock_each(&self) -> impl Iterator<Item = MutexGuard<'_, T>> {
+        self.shares.iter().map(relock)
+    }
+}
+
+fn relock<T>(share: &Mutex<T>) -> MutexGuard<'_, T> {
+    share.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -179,15 +179,7 @@ async fn metrics_parse_and_move_with_traffic() {
 /// clients reopened one per request.)
 #[tokio::test]
 async fn every_worker_reuses_its_backend_connections() {
-    let t = tower("30s");
-    let b = Backend::start("b").await;
-    register(t.addr, "svc", b.addr);
-    let ing = ingress(
-        t.addr,
-        &["/:svc"],
-        &["--threads", "2", "--pool-max-idle", "4"],
-    );
-    wait_synced(&ing, 1).await;
+    let (_t, _b, ing) = one_backend(&["--threads", "2", "--pool-max-idle", "4"]).await;
     let admin = admin(&ing);
     let addr = ing.addr;
     let clients: Vec<_> = (0..4)

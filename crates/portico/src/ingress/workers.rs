@@ -5,11 +5,10 @@
 //! worker's one queue, served in the order tasks became ready. What
 //! outlives a request is kept per worker (`crate::worker`).
 //!
-//! tokio's work-stealing scheduler was measured against this and lost on
-//! both counts (docs/benchmarks.md): a worker keeps 256 ready tasks in its
-//! own queue and spills the rest to a shared one it visits once every 31
-//! tasks, so under saturation the spilled connections waited 70-430 ms;
-//! and stealing moves a connection between cores, away from its caches.
+//! Not tokio's work-stealing scheduler: it spills ready tasks past its
+//! local queue to a shared one it visits rarely, so under saturation the
+//! spilled connections wait (the long p99), and stealing moves a
+//! connection between cores, away from its caches (docs/benchmarks.md).
 
 use std::io;
 use std::sync::{mpsc, OnceLock};

@@ -185,7 +185,7 @@ impl TowerClient {
 
     async fn socket(&self) -> Result<UdpSocket, TowerError> {
         {
-            let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = self.idle.lock_mine();
             if let Some(socket) = idle.pop() {
                 return Ok(socket);
             }
@@ -208,7 +208,7 @@ impl TowerClient {
         // A reply that came after its request was answered (the Tower
         // answered a datagram twice, or someone forged one) waits in the
         // socket; `exchange` drains it before the next request.
-        let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle.lock_mine();
         if idle.len() < MAX_IDLE_SOCKETS {
             idle.push(socket);
         }

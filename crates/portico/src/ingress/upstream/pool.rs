@@ -60,10 +60,6 @@ pub struct IdleSet<C> {
     idle_ms: u64,
 }
 
-fn lock<T>(share: &Mutex<T>) -> MutexGuard<'_, T> {
-    share.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl<C: Pooled> IdleSet<C> {
     pub fn new(max_per_backend: usize, idle_timeout: Duration, workers: usize) -> Self {
         Self {
@@ -75,11 +71,7 @@ impl<C: Pooled> IdleSet<C> {
 
     /// The calling worker's share.
     fn lock(&self) -> MutexGuard<'_, ByBackend<Vec<Idle<C>>>> {
-        lock(self.shares.mine())
-    }
-
-    fn all(&self) -> impl Iterator<Item = MutexGuard<'_, ByBackend<Vec<Idle<C>>>>> {
-        self.shares.iter().map(lock)
+        self.shares.lock_mine()
     }
 
     fn expired(&self, idle: &Idle<C>, now_ms: u64) -> bool {
@@ -111,7 +103,7 @@ impl<C: Pooled> IdleSet<C> {
 
     /// Drop connections that closed or idled too long, and empty entries.
     pub fn sweep(&self, now_ms: u64) {
-        for mut share in self.all() {
+        for mut share in self.shares.lock_each() {
             share.retain(|_, conns| {
                 conns.retain_mut(|c| {
                     now_ms.saturating_sub(c.since_ms) < self.idle_ms && c.conn.is_fit()
@@ -122,7 +114,8 @@ impl<C: Pooled> IdleSet<C> {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.all()
+        self.shares
+            .lock_each()
             .map(|share| share.values().map(Vec::len).sum::<usize>())
             .sum()
     }
@@ -174,13 +167,13 @@ impl Pool {
 
     /// The calling worker's HTTP/2 connections.
     pub(super) fn h2_senders(&self) -> MutexGuard<'_, ByBackend<H2Sender>> {
-        lock(self.h2.mine())
+        self.h2.lock_mine()
     }
 
     /// Drop connections that closed or idled too long.
     pub fn sweep(&self) {
-        for share in self.h2.iter() {
-            lock(share).retain(|_, s| !s.is_closed());
+        for mut share in self.h2.lock_each() {
+            share.retain(|_, s| !s.is_closed());
         }
         let now = coarse_ms();
         self.h1.sweep(now);
